@@ -1,0 +1,9 @@
+"""Functional expressive attention: the reference definition and the fast backends."""
+from .dispatch import BACKENDS, choose_backend, register_backend
+from .functional import KINDS, attention, expressive_attention
+from .reference import VARIANTS, expressive_weights, reference_attention, score_fn
+
+__all__ = [
+    "BACKENDS", "KINDS", "VARIANTS", "attention", "choose_backend", "expressive_attention",
+    "expressive_weights", "reference_attention", "register_backend", "score_fn",
+]

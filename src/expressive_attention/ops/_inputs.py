@@ -1,0 +1,178 @@
+"""Argument checking and shape normalisation shared by every backend.
+
+Public entry points accept SDPA's layouts: query (..., Hq, L, E), key (..., Hkv, S, E),
+value (..., Hkv, S, Ev). Backends only ever see the normalised 4-D problem below.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .reference import VARIANTS
+
+
+@dataclass
+class Problem:
+    """A checked attention call in 4-D form.
+
+    q (B, H, L, E); k (B, Hkv, S, E); v (B, Hkv, S, Ev) with H % Hkv == 0;
+    mask None or bool (Bm, Hm, Lm, S) with Bm in {1, B}, Hm in {1, H}, Lm in {1, L}.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Tensor | None
+    is_causal: bool
+    scale: float
+    variant: str
+    eps: float
+    dropout_p: float
+    out_shape: tuple[int, ...]
+
+    @property
+    def groups(self) -> int:
+        return self.q.shape[1] // self.k.shape[1]
+
+    @property
+    def requires_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def normalise(
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps
+) -> Problem:
+    """Validate the arguments of `expressive_attention` and bring them into `Problem` form."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(
+            "query, key and value must have the same number of dims, got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not (query.device == key.device == value.device):
+        raise ValueError("query, key and value must be on the same device")
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"query and key must have the same embedding size E, got {query.shape[-1]} and {key.shape[-1]}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"key and value must have the same length S, got {key.shape[-2]} and {value.shape[-2]}"
+        )
+    if key.shape[:-2] != value.shape[:-2]:
+        raise ValueError(
+            f"key and value must have the same leading dims, got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    if enable_gqa:
+        if query.dim() < 3:
+            raise ValueError("enable_gqa needs a heads dim: query must be (..., H, L, E)")
+        if query.shape[:-3] != key.shape[:-3]:
+            raise ValueError(
+                f"query and key batch dims differ: {tuple(query.shape[:-3])} vs {tuple(key.shape[:-3])}"
+            )
+        hq, hkv = query.shape[-3], key.shape[-3]
+        if hkv == 0 or hq % hkv != 0:
+            raise ValueError(
+                f"enable_gqa: the number of query heads ({hq}) must be a multiple of the number "
+                f"of key/value heads ({hkv})"
+            )
+    elif query.shape[:-2] != key.shape[:-2]:
+        raise ValueError(
+            f"query and key leading (batch, heads) dims differ: {tuple(query.shape[:-2])} vs "
+            f"{tuple(key.shape[:-2])} (pass enable_gqa=True for grouped-query attention)"
+        )
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if scale is not None and (not isinstance(scale, numbers.Real) or not math.isfinite(scale)):
+        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    if not isinstance(eps, numbers.Real) or not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    check_variant(variant)
+
+    L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("pass either attn_mask or is_causal=True, not both (as in SDPA)")
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a boolean torch.Tensor, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool:
+            raise TypeError(
+                f"attn_mask must be a boolean tensor (True = take part), got dtype {attn_mask.dtype}. "
+                "An additive float mask has no meaning for expressive attention: the score is "
+                "squared, so a large negative bias would make a masked key the strongest one. "
+                "Convert it with `attn_mask = float_mask == 0` or build a boolean mask."
+            )
+        if attn_mask.device != query.device:
+            raise ValueError("attn_mask must be on the same device as query")
+        target = (*query.shape[:-1], S)
+        try:
+            if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to (..., L, S) = {target}"
+            ) from None
+
+    # --- bring everything to 4-D: (B, H, L, E) ---
+    if query.dim() == 2:
+        q, k, v = query[None, None], key[None, None], value[None, None]
+    elif query.dim() == 3:
+        q, k, v = query[None], key[None], value[None]
+    else:
+        q = query.reshape(-1, *query.shape[-3:])
+        k = key.reshape(-1, *key.shape[-3:])
+        v = value.reshape(-1, *value.shape[-3:])
+    mask = None
+    if attn_mask is not None:
+        m = attn_mask.reshape((1,) * (query.dim() - attn_mask.dim()) + tuple(attn_mask.shape))
+        if m.dim() == 2:
+            m = m[None, None]
+        elif m.dim() == 3:
+            m = m[None]
+        elif m.dim() > 4:
+            lead = m.shape[:-3]
+            if all(d == 1 for d in lead):
+                m = m.reshape(1, *m.shape[-3:])
+            else:
+                m = m.expand(*query.shape[:-3], *m.shape[-3:]).reshape(-1, *m.shape[-3:])
+        mask = m.expand(*m.shape[:-1], S)
+    return Problem(
+        q=q,
+        k=k,
+        v=v,
+        mask=mask,
+        is_causal=bool(is_causal),
+        scale=float(E**-0.5 if scale is None else scale),
+        variant=variant,
+        eps=float(eps),
+        dropout_p=float(dropout_p),
+        out_shape=(*query.shape[:-1], value.shape[-1]),
+    )
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """(B, Hkv, S, E) -> (B, Hkv * groups, S, E): query head h uses key/value head h // groups."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)

@@ -1,0 +1,142 @@
+"""Memory-lean blocked expressive attention in plain PyTorch (any device, any float dtype).
+
+Queries are processed in row blocks, so no (L, S) matrix is ever held: the forward keeps one
+(block, S) tile at a time and saves only the output and the per-row normaliser Z for backward,
+which recomputes each tile. Causal calls skip the keys above the diagonal of each block.
+
+The backward is flash-attention shaped. With a_ij = f_ij / Z_i and D_i = dO_i . O_i:
+
+    dF_ij = (dO_i . v_j - D_i) / Z_i,   dS = f'(S) * dF,   dq = scale dS k,   dk = scale dS^T q,
+    dv = a^T dO.
+
+GQA is native: query heads are viewed as (Hkv, G) groups against one key/value head.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._inputs import Problem
+from .reference import compute_dtype
+
+# Elements per score tile (B * H * rows * S); 2**21 float32 values = 8 MiB.
+TILE_ELEMENTS = 2**21
+
+
+def _block_rows(n_bh: int, L: int, S: int) -> int:
+    rows = TILE_ELEMENTS // max(1, n_bh * max(S, 1))
+    rows = max(16, rows - rows % 16)
+    return min(L, rows)
+
+
+def _f_and_grad(s: Tensor, variant: str, need_grad: bool):
+    """In place on the score tile `s`: returns f(s) (reusing s's storage) and optionally f'(s)."""
+    if variant == "squared":
+        fprime = 2.0 * s if need_grad else None
+        return s.square_(), fprime
+    # saturating: f = s^2 / (1 + s^2) = 1 - 1/(1 + s^2),  f' = 2 s / (1 + s^2)^2
+    r = s.square().add_(1.0).reciprocal_()  # 1 / (1 + s^2)
+    fprime = (2.0 * s).mul_(r).mul_(r) if need_grad else None
+    f = r.neg_().add_(1.0)
+    return f, fprime
+
+
+def _views(p: Problem):
+    """5-D views: q (B, Hkv, G, L, E), k/v (B, Hkv, 1, S, *), mask (Bm, Hm', G', Lm, S) or None."""
+    B, H, L, E = p.q.shape
+    Hkv, G = p.k.shape[1], p.groups
+    q5 = p.q.view(B, Hkv, G, L, E)
+    k5, v5 = p.k[:, :, None], p.v[:, :, None]
+    m5 = None
+    if p.mask is not None:
+        m = p.mask
+        m5 = m.reshape(m.shape[0], Hkv, G, *m.shape[2:]) if m.shape[1] == H else m[:, :, None]
+    return q5, k5, v5, m5
+
+
+def _tile(q5, k5, m5, i0, i1, send, scale, variant, is_causal, need_grad):
+    """f (and f') of the tile rows [i0, i1) x keys [0, send), masked keys zeroed."""
+    s = torch.matmul(q5[..., i0:i1, :], k5[..., :send, :].transpose(-1, -2)).mul_(scale)
+    f, fp = _f_and_grad(s, variant, need_grad)
+    keep = None
+    if m5 is not None:
+        keep = m5[..., :send] if m5.shape[-2] == 1 else m5[..., i0:i1, :send]
+    if is_causal and send > i0:
+        diag = torch.ones(i1 - i0, send - i0, dtype=torch.bool, device=f.device).tril()
+        causal = torch.ones(i1 - i0, send, dtype=torch.bool, device=f.device)
+        causal[:, i0:] = diag
+        keep = causal if keep is None else keep & causal
+    if keep is not None:
+        f = f.masked_fill_(~keep, 0.0)
+        if fp is not None:
+            fp = fp.masked_fill_(~keep, 0.0)
+    return f, fp
+
+
+def _key_end(i1: int, S: int, is_causal: bool) -> int:
+    return min(S, i1) if is_causal else S
+
+
+class _BlockedEA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, is_causal, scale, variant, eps, groups):
+        B, H, L, E = q.shape
+        Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+        ct = compute_dtype(q.dtype)
+        p = Problem(q.to(ct), k.to(ct), v.to(ct), mask, is_causal, scale, variant, eps, 0.0, ())
+        q5, k5, v5, m5 = _views(p)
+        out = torch.zeros(B, Hkv, groups, L, Ev, dtype=ct, device=q.device)
+        z = torch.ones(B, Hkv, groups, L, 1, dtype=ct, device=q.device)
+        rows = _block_rows(B * H, L, S)
+        for i0 in range(0, L, rows):
+            i1 = min(L, i0 + rows)
+            send = _key_end(i1, S, is_causal)
+            if send == 0:
+                continue
+            f, _ = _tile(q5, k5, m5, i0, i1, send, scale, variant, is_causal, False)
+            zb = f.sum(-1, keepdim=True).add_(eps)
+            zb = torch.where(zb > 0, zb, torch.ones_like(zb))
+            out[..., i0:i1, :] = torch.matmul(f, v5[..., :send, :]).div_(zb)
+            z[..., i0:i1, :] = zb
+        out = out.view(B, H, L, Ev).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, z, mask)
+        ctx.args = (is_causal, scale, variant, eps, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, z, mask = ctx.saved_tensors
+        is_causal, scale, variant, eps, groups = ctx.args
+        B, H, L, E = q.shape
+        Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+        ct = compute_dtype(q.dtype)
+        p = Problem(q.to(ct), k.to(ct), v.to(ct), mask, is_causal, scale, variant, eps, 0.0, ())
+        q5, k5, v5, m5 = _views(p)
+        do5 = dout.to(ct).reshape(B, Hkv, groups, L, Ev)
+        o5 = out.to(ct).view(B, Hkv, groups, L, Ev)
+        dq = torch.zeros(B, Hkv, groups, L, E, dtype=ct, device=q.device)
+        dk = torch.zeros(B, Hkv, S, E, dtype=ct, device=q.device)
+        dv = torch.zeros(B, Hkv, S, Ev, dtype=ct, device=q.device)
+        rows = _block_rows(B * H, L, S)
+        for i0 in range(0, L, rows):
+            i1 = min(L, i0 + rows)
+            send = _key_end(i1, S, is_causal)
+            if send == 0:
+                continue
+            f, fp = _tile(q5, k5, m5, i0, i1, send, scale, variant, is_causal, True)
+            zb = z[..., i0:i1, :]
+            do_b = do5[..., i0:i1, :]
+            a = f.div_(zb)  # attention weights of the tile
+            dv[:, :, :send] += torch.matmul(a.transpose(-1, -2), do_b).sum(2)
+            d_i = (do_b * o5[..., i0:i1, :]).sum(-1, keepdim=True)
+            ds = torch.matmul(do_b, v5[..., :send, :].transpose(-1, -2)).sub_(d_i).div_(zb)
+            ds = ds.mul_(fp).mul_(scale)
+            dq[..., i0:i1, :] = torch.matmul(ds, k5[..., :send, :])
+            dk[:, :, :send] += torch.matmul(ds.transpose(-1, -2), q5[..., i0:i1, :]).sum(2)
+        dq = dq.view(B, H, L, E).to(q.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def blocked_attention(p: Problem) -> Tensor:
+    """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
+    return _BlockedEA.apply(p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant, p.eps, p.groups)

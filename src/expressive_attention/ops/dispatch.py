@@ -1,0 +1,74 @@
+"""Backend registry and the `backend="auto"` policy.
+
+A backend is a function `Problem -> Tensor (B, H, L, Ev)` plus a `supports(problem)` check that
+returns None when it can run the problem, or a reason string when it cannot. Backends register
+themselves with `register_backend`; `choose_backend` below is the one place that decides what
+`"auto"` runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+
+from ._inputs import Problem, repeat_kv
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    run: Callable[[Problem], Tensor]
+    supports: Callable[[Problem], "str | None"]
+    native_gqa: bool = True
+    description: str = ""
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def _no_dropout(p: Problem) -> "str | None":
+    return "dropout_p > 0 is only implemented by the reference backend" if p.dropout_p > 0 else None
+
+
+def choose_backend(p: Problem) -> Backend:
+    """The `"auto"` policy: the first backend in order of preference that supports `p`.
+
+    Preference: the reference for tiny problems and for dropout (the only backend with dropout),
+    then fused kernels, then the blocked PyTorch implementation.
+    """
+    L, S = p.q.shape[-2], p.k.shape[-2]
+    if p.dropout_p > 0 or L * S <= 64 * 64:
+        return BACKENDS["reference"]
+    for name in AUTO_ORDER:
+        b = BACKENDS.get(name)
+        if b is not None and b.supports(p) is None:
+            return b
+    return BACKENDS["reference"]
+
+
+# Order of preference for "auto" once the problem is not tiny; backends added by later work
+# (fused CPU, Triton, linear) slot in here.
+AUTO_ORDER = ["blocked"]
+
+
+def run_backend(name: str, p: Problem) -> Tensor:
+    if name == "auto":
+        backend = choose_backend(p)
+    else:
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
+        backend = BACKENDS[name]
+        reason = backend.supports(p)
+        if reason is not None:
+            raise ValueError(f"backend={name!r} cannot run this call: {reason}")
+    if not backend.native_gqa and p.groups > 1:
+        p.k, p.v = repeat_kv(p.k, p.groups), repeat_kv(p.v, p.groups)
+        if p.mask is not None and p.mask.shape[1] not in (1, p.q.shape[1]):
+            raise AssertionError("mask heads must be 1 or H")
+    return backend.run(p)

@@ -1,0 +1,96 @@
+"""The public functional API: `expressive_attention` (mirrors SDPA) and `attention` (one switch)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._inputs import Problem, normalise, repeat_kv
+from .blocked import blocked_attention
+from .dispatch import Backend, _no_dropout, register_backend, run_backend
+from .reference import reference_attention
+
+KINDS = ("ea", "dpa")
+
+
+def _reference(p: Problem) -> Tensor:
+    return reference_attention(
+        p.q, repeat_kv(p.k, p.groups), repeat_kv(p.v, p.groups), p.mask, p.dropout_p,
+        p.is_causal, p.scale, variant=p.variant, eps=p.eps,
+    )
+
+
+register_backend(Backend("reference", _reference, lambda p: None,
+                         description="materialised definition (the test oracle)"))
+register_backend(Backend("blocked", blocked_attention, _no_dropout,
+                         description="query-blocked PyTorch, O(block x S) memory, recomputing backward"))
+
+
+def expressive_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    variant: str = "saturating",
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> Tensor:
+    """Expressive attention (Gros, arXiv 2407.18601), a drop-in for `F.scaled_dot_product_attention`.
+
+    Computes, with ``s = scale * q . k`` and the sum over the keys the mask allows::
+
+        out_i = sum_j a_ij v_j,   a_ij = f(s_ij) / (eps + sum_l f(s_il))
+        f(s) = s^2 / (1 + s^2)  (variant="saturating", default)   or   s^2  (variant="squared")
+
+    Args mirror SDPA: query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev);
+    ``attn_mask`` boolean broadcastable to (..., L, S), True = take part (a float mask raises
+    TypeError: an additive bias has no meaning once scores are squared); ``is_causal`` masks
+    keys j > i, aligned top-left when L != S, like SDPA; ``scale`` defaults to 1/sqrt(E);
+    ``dropout_p`` drops attention weights (always applied when > 0, as in SDPA);
+    ``enable_gqa`` lets Hkv divide Hq. Rows with no key to attend to return zeros.
+
+    ``backend``: "auto" (fastest supported), "reference", "blocked", or any registered backend.
+    Returns (..., Hq, L, Ev) in the dtype of ``query``.
+    """
+    p = normalise(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    return run_backend(backend, p).reshape(p.out_shape)
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    kind: str = "ea",
+    variant: str = "saturating",
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> Tensor:
+    """One switch between mechanisms: ``kind="ea"`` is `expressive_attention`, ``kind="dpa"`` is
+    exactly `torch.nn.functional.scaled_dot_product_attention` (``variant``/``eps``/``backend``
+    then do not apply and must stay at their defaults)."""
+    if kind == "ea":
+        return expressive_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+            variant=variant, eps=eps, backend=backend,
+        )
+    if kind == "dpa":
+        if backend != "auto":
+            raise ValueError(f"backend={backend!r} applies to kind='ea' only; kind='dpa' runs SDPA")
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale, enable_gqa=enable_gqa,
+        )
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
