@@ -1,0 +1,9 @@
+"""Modules: multi-head attention (EA or DPA), a pre-norm block and a small decoder-only LM."""
+from .attention import MultiheadAttention, RotaryEmbedding
+from .cache import CACHE_KINDS, KVCache
+from .model import MLP, Block, DecoderLM, LMConfig, choose_cache_kind
+
+__all__ = [
+    "CACHE_KINDS", "MLP", "Block", "DecoderLM", "KVCache", "LMConfig", "MultiheadAttention",
+    "RotaryEmbedding", "choose_cache_kind",
+]

@@ -1,0 +1,109 @@
+"""Multi-head attention with one switch between expressive attention and dot-product attention."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..ops import KINDS, VARIANTS, BACKENDS, attention
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer), rotating pairs (i, i + E/2) of each head's features."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        # x (B, H, T, E), positions (T,)
+        angles = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]  # (T, E/2)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class MultiheadAttention(nn.Module):
+    """Self- or cross-attention; `attention="ea"|"dpa"` selects the weights, nothing else differs.
+
+    forward(x (B, T, C), context (B, S, C) | None) -> (B, T, C). With `context`, keys and values come
+    from it (cross-attention); otherwise from x. GQA when n_kv_heads < n_heads.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        *,
+        attention: str = "ea",
+        variant: str = "saturating",
+        eps: float = 1e-6,
+        backend: str = "auto",
+        dropout: float = 0.0,
+        bias: bool = False,
+        rope: RotaryEmbedding | None = None,
+    ):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
+        if attention not in KINDS:
+            raise ValueError(f"attention must be one of {KINDS}, got {attention!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
+        self.attention, self.variant, self.eps, self.backend = attention, variant, eps, backend
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.rope = rope
+        self.capture = False  # when True, forward stores (q, k) in self.captured for analysis
+        self.captured: tuple[Tensor, Tensor] | None = None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: bool = False) -> Tensor:
+        """The configured mechanism on (B, H, L, E) / (B, Hkv, S, E) tensors."""
+        extra = dict(variant=self.variant, eps=self.eps, backend=self.backend) if self.attention == "ea" else {}
+        return attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads, kind=self.attention, **extra,
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        cache=None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
+        B, T, C = x.shape
+        src = x if context is None else context
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
+        k = self.k_proj(src).view(B, src.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(src).view(B, src.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope is not None:
+            if context is not None:
+                raise ValueError("RoPE applies to self-attention only; pass rope=None for cross-attention")
+            if positions is None:
+                positions = torch.arange(T, device=x.device)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        if self.capture:
+            self.captured = (q.detach(), k.detach())
+        if cache is not None:
+            if attn_mask is not None or context is not None:
+                raise ValueError("a decoding cache supports causal self-attention only (no attn_mask/context)")
+            y = cache.attend(q, k, v, self.attend)
+        else:
+            y = self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, H, T, E)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))

@@ -1,0 +1,201 @@
+"""A small decoder-only language model (nanoGPT-shaped) whose attention is EA or DPA by config."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import MultiheadAttention, RotaryEmbedding
+from .cache import CACHE_KINDS, KVCache
+
+POSITIONS = ("learned", "rope")
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int
+    context_length: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # GQA when smaller than n_heads
+    pos: str = "learned"  # "learned" absolute positions or "rope"
+    attention: str = "ea"  # "ea" or "dpa"
+    variant: str = "saturating"  # EA variant: "saturating" or "squared"
+    eps: float = 1e-6
+    backend: str = "auto"  # EA backend
+    dropout: float = 0.0
+    mlp_ratio: int = 4
+    bias: bool = False
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.pos not in POSITIONS:
+            raise ValueError(f"pos must be one of {POSITIONS}, got {self.pos!r}")
+        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "mlp_ratio"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LMConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown LMConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: LMConfig, rope: RotaryEmbedding | None = None):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = MultiheadAttention(
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, attention=cfg.attention, variant=cfg.variant,
+            eps=cfg.eps, backend=cfg.backend, dropout=cfg.dropout, bias=cfg.bias, rope=rope,
+        )
+        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cache=None, positions: Tensor | None = None) -> Tensor:
+        # x (B, T, C); causal self-attention over x (and what `cache` holds)
+        x = x + self.drop(self.attn(self.ln1(x), is_causal=cache is None, cache=cache, positions=positions))
+        return x + self.mlp(self.ln2(x))
+
+
+class DecoderLM(nn.Module):
+    """GPT-style decoder. With `attention="dpa"` it is an ordinary GPT; with "ea" only the attention
+    weights differ."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.pos == "learned" else None
+        rope = RotaryEmbedding(cfg.d_model // cfg.n_heads) if cfg.pos == "rope" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, rope) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith(("attn.out_proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, self.cfg.init_std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, kind: str = "kv") -> list:
+        """One decoding cache per layer (see nn/cache.py); kind is a key of CACHE_KINDS."""
+        if kind not in CACHE_KINDS:
+            raise ValueError(f"cache kind must be one of {sorted(CACHE_KINDS)}, got {kind!r}")
+        return [CACHE_KINDS[kind](block.attn) if _takes_layer(CACHE_KINDS[kind]) else CACHE_KINDS[kind]()
+                for block in self.blocks]
+
+    def forward(self, idx: Tensor, cache: list | None = None) -> Tensor:
+        """idx (B, T) token ids -> logits (B, T, V). With `cache`, idx continues what it holds."""
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be a (B, T) long tensor, got shape {tuple(idx.shape)} dtype {idx.dtype}")
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"cache must hold one entry per layer ({len(self.blocks)}), got {len(cache)}")
+        B, T = idx.shape
+        past = cache[0].length if cache is not None else 0
+        if self.pos_emb is not None and past + T > self.cfg.context_length:
+            raise ValueError(
+                f"sequence length {past + T} exceeds context_length {self.cfg.context_length} (learned positions)"
+            )
+        positions = torch.arange(past, past + T, device=idx.device)  # (T,)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=None if cache is None else cache[i], positions=positions)
+        return self.head(self.ln_f(x))  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        cache: str | None = "kv",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Extend idx (B, T) by max_new_tokens tokens; greedy when temperature == 0.
+
+        cache: "kv" (keys/values of past tokens), another key of CACHE_KINDS, "auto" (the smallest
+        state that applies), or None (recompute the full forward pass every step).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if cache == "auto":
+            cache = choose_cache_kind(self.cfg, idx.shape[1] + max_new_tokens)
+        state = None if cache is None else self.new_cache(cache)
+        out = idx
+        step_input = idx
+        for _ in range(max_new_tokens):
+            logits = self(step_input, cache=state) if state is not None else self(out)
+            nxt = _sample(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
+            out = torch.cat([out, nxt], dim=1)
+            step_input = nxt
+        return out
+
+
+def _takes_layer(factory) -> bool:
+    return getattr(factory, "takes_layer", False)
+
+
+def choose_cache_kind(cfg: LMConfig, total_len: int) -> str:
+    """The `cache="auto"` policy: the KV cache unless a registered cache kind says it is smaller."""
+    best, best_size = "kv", KVCache.state_bytes(cfg, total_len)
+    for name, factory in CACHE_KINDS.items():
+        size_fn = getattr(factory, "state_bytes", None)
+        size = None if size_fn is None else size_fn(cfg, total_len)  # None: does not apply to cfg
+        if size is not None and size < best_size:
+            best, best_size = name, size
+    return best
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
+    if temperature == 0.0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
