@@ -1,0 +1,115 @@
+"""The public API: SDPA-compatible layouts, the kind switch, errors that name the argument, compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expressive_attention import attention, expressive_attention
+from expressive_attention.ops import BACKENDS, choose_backend
+from expressive_attention.ops._inputs import normalise
+
+
+def qkv(*lead, L=9, S=11, E=8, Ev=8, Hkv=None):
+    q = torch.randn(*lead, L, E)
+    kv_lead = lead if Hkv is None else (*lead[:-1], Hkv)
+    return q, torch.randn(*kv_lead, S, E), torch.randn(*kv_lead, S, Ev)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "causal", "bool"])
+def test_kind_dpa_is_exactly_sdpa(mask_kind):
+    q, k, v = qkv(2, 4, Hkv=2)
+    kw = {}
+    if mask_kind == "causal":
+        kw["is_causal"] = True
+    elif mask_kind == "bool":
+        kw["attn_mask"] = torch.rand(2, 1, 9, 11) > 0.5
+    got = attention(q, k, v, enable_gqa=True, kind="dpa", **kw)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+    assert torch.equal(got, want)
+
+
+def test_kind_ea_is_expressive_attention():
+    q, k, v = qkv(2, 3)
+    assert torch.equal(attention(q, k, v, kind="ea", variant="squared"),
+                       expressive_attention(q, k, v, variant="squared"))
+
+
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3), (2, 2, 3)])
+def test_layouts_match_per_head_computation(lead):
+    q, k, v = qkv(*lead)
+    mask = torch.rand(9, 11) > 0.3
+    for backend in ("reference", "blocked"):
+        out = expressive_attention(q, k, v, attn_mask=mask, backend=backend)
+        assert out.shape == (*lead, 9, 8)
+        flat = [expressive_attention(a, b, c, attn_mask=mask, backend="reference")
+                for a, b, c in zip(q.reshape(-1, 9, 8), k.reshape(-1, 11, 8), v.reshape(-1, 11, 8))]
+        torch.testing.assert_close(out.reshape(-1, 9, 8), torch.stack(flat), atol=1e-6, rtol=1e-5)
+
+
+def test_mask_broadcasting_over_leading_dims():
+    q, k, v = qkv(2, 2, 3)
+    mask = torch.rand(2, 1, 1, 9, 11) > 0.3  # varies over the first batch dim only
+    for backend in ("reference", "blocked"):
+        out = expressive_attention(q, k, v, attn_mask=mask, backend=backend)
+        for b in range(2):
+            ref = expressive_attention(q[b], k[b], v[b], attn_mask=mask[b, 0, 0], backend="reference")
+            torch.testing.assert_close(out[b], ref, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_backend_choice():
+    small = normalise(*qkv(1, 1), None, 0.0, False, None, False, "saturating", 1e-6)
+    big = normalise(*qkv(1, 1, L=300, S=300), None, 0.0, True, None, False, "saturating", 1e-6)
+    drop = normalise(*qkv(1, 1, L=300, S=300), None, 0.1, True, None, False, "saturating", 1e-6)
+    assert choose_backend(small).name == "reference"
+    assert choose_backend(big).name != "reference"
+    assert choose_backend(drop).name == "reference"
+
+
+@pytest.mark.parametrize(
+    "call,exc,words",
+    [
+        (lambda q, k, v: expressive_attention(q[0], k, v), ValueError, "same number of dims"),
+        (lambda q, k, v: expressive_attention(q[0, 0, 0, :1], k[0, 0, 0, :1], v[0, 0, 0, :1]), ValueError, "query must have at least 2 dims"),
+        (lambda q, k, v: expressive_attention(q, k[:, :2], v[:, :2]), ValueError, "enable_gqa"),
+        (lambda q, k, v: expressive_attention(q, k[:, :3], v[:, :3], enable_gqa=True), ValueError, "multiple of the number of key/value heads"),
+        (lambda q, k, v: expressive_attention(q, k[..., :4], v), ValueError, "embedding size E"),
+        (lambda q, k, v: expressive_attention(q, k, v[..., :5, :]), ValueError, "same length S"),
+        (lambda q, k, v: expressive_attention(q, k, v, attn_mask=torch.zeros(9, 11)), TypeError, "additive float mask"),
+        (lambda q, k, v: expressive_attention(q, k, v, attn_mask=torch.ones(9, 11, dtype=torch.int64)), TypeError, "attn_mask must be a boolean"),
+        (lambda q, k, v: expressive_attention(q, k, v, attn_mask=torch.ones(9, 10, dtype=torch.bool)), ValueError, "attn_mask of shape"),
+        (lambda q, k, v: expressive_attention(q, k, v, attn_mask=torch.ones(9, 11, dtype=torch.bool), is_causal=True), ValueError, "not both"),
+        (lambda q, k, v: expressive_attention(q, k, v, variant="cubic"), ValueError, "variant"),
+        (lambda q, k, v: expressive_attention(q, k, v, backend="cuda-magic"), ValueError, "backend"),
+        (lambda q, k, v: expressive_attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
+        (lambda q, k, v: expressive_attention(q, k, v, eps=-1.0), ValueError, "eps"),
+        (lambda q, k, v: expressive_attention(q, k, v, scale=float("nan")), ValueError, "scale"),
+        (lambda q, k, v: expressive_attention(q, k.double(), v), TypeError, "share a dtype"),
+        (lambda q, k, v: expressive_attention(q.long(), k, v), TypeError, "query must be a floating-point"),
+        (lambda q, k, v: expressive_attention(q, k, v, dropout_p=0.1, backend="blocked"), ValueError, "dropout"),
+        (lambda q, k, v: attention(q, k, v, kind="softmax"), ValueError, "kind"),
+        (lambda q, k, v: attention(q, k, v, kind="dpa", backend="blocked"), ValueError, "kind='ea' only"),
+    ],
+)
+def test_bad_input_names_the_argument(call, exc, words):
+    q, k, v = qkv(2, 4)
+    with pytest.raises(exc, match=words):
+        call(q, k, v)
+
+
+def test_backends_registered():
+    assert {"reference", "blocked"} <= set(BACKENDS)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_works_under_torch_compile(backend):
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, L=80, S=80, E=16, Ev=16))
+
+    def f(q, k, v):
+        return expressive_attention(q, k, v, is_causal=True, backend=backend).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager" if backend == "auto" else "inductor", fullgraph=backend == "reference")
+    got, want = compiled(q, k, v), f(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g1 = torch.autograd.grad(got, (q, k, v))
+    g2 = torch.autograd.grad(want, (q, k, v))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
