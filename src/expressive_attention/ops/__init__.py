@@ -2,6 +2,7 @@
 from .dispatch import BACKENDS, choose_backend, register_backend
 from .functional import KINDS, attention, expressive_attention
 from .reference import VARIANTS, expressive_weights, reference_attention, score_fn
+from . import triton_ea  # noqa: F401  (registers backend "triton"; imports without triton)
 
 __all__ = [
     "BACKENDS", "KINDS", "VARIANTS", "attention", "choose_backend", "expressive_attention",

@@ -46,6 +46,8 @@ def choose_backend(p: Problem) -> Backend:
     if p.dropout_p > 0 or L * S <= 64 * 64:
         return BACKENDS["reference"]
     for name in AUTO_ORDER:
+        if name == "triton" and not p.q.is_cuda:
+            continue  # Triton's CPU interpreter (TRITON_INTERPRET=1) is for tests, never "auto"
         b = BACKENDS.get(name)
         if b is not None and b.supports(p) is None:
             return b
@@ -54,7 +56,7 @@ def choose_backend(p: Problem) -> Backend:
 
 # Order of preference for "auto" once the problem is not tiny; backends added by later work
 # (fused CPU, Triton, linear) slot in here.
-AUTO_ORDER = ["blocked"]
+AUTO_ORDER = ["triton", "blocked"]
 
 
 def run_backend(name: str, p: Problem) -> Tensor:

@@ -1,0 +1,356 @@
+"""Triton expressive attention: flash-style forward and backward kernels (backend "triton").
+
+EA is simpler to fuse than softmax: f(s) >= 0 is bounded per element without a running max, so a
+query block just accumulates, over key blocks,
+
+    acc += f(S) V,     z += rowsum f(S),      and at the end   O = acc / (eps + z).
+
+Only Z = eps + z (one float per query row) is saved for backward, which recomputes each tile:
+
+    D_i = dO_i . O_i,   dF_ij = (dO_i . v_j - D_i) / Z_i,   dS = f'(S) * dF * scale,
+    dq = dS k,   dk = dS^T q,   dv = (F / Z)^T dO.
+
+Kernels: `_fwd` (grid: query blocks x B*H), `_bwd_dkdv` (key blocks x B*Hkv, loops over the G
+query heads of its group, so GQA needs no atomics) and `_bwd_dq` (query blocks x B*H).
+Scores, f, z and all accumulators are float32; the f V and dS k products feed the tensor cores
+in the input dtype like flash-attention (f <= 1 for "saturating"; for "squared" in fp16, where f
+can pass 65504, that product runs in tf32 instead). Masks remove keys (f := 0), causal is
+top-left aligned, fully masked rows give zeros and zero gradients.
+
+CPU: Triton reads TRITON_INTERPRET when a function is decorated with @triton.jit, and that
+includes triton.language's own helpers (tl.zeros, tl.sum), decorated when triton is imported. So
+the interpreter is on only when TRITON_INTERPRET=1 is set before triton is first imported; then
+these kernels run on CPU tensors (slowly: for tests and debugging). `supports()` says so when the
+mode does not allow a call. This module imports without triton; the backend then says why it
+cannot run.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._inputs import Problem
+from .dispatch import Backend, register_backend
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # the backend's supports() says so; the kernels are never launched
+    triton = tl = None
+
+    def _jit(fn):
+        return fn
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------- kernels
+# Layouts: q (B, H, L, E), k (B, Hkv, S, E),
+# v (B, Hkv, S, Ev), o / do (B, H, L, Ev), mask uint8 (Bm, Hm, Lm, S) with stride 0 on size-1
+# dims, Z / D float32 (B*H, L). Head h reads key/value head h // G.
+
+@_jit
+def _fwd(Q, K, V, M, O, Z,
+         sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve,
+         smb, smh, sml, sms, sob, soh, sol, soe,
+         H, G, L, S, E, EV, scale, eps,
+         SATURATING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+         F32_PV: tl.constexpr, PRECISION: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    row_ok = offs_m < L
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_e[None, :] * sqe,
+                mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # (BLOCK_M, BLOCK_E)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m_base = M + b * smb + h * smh
+    acc = tl.zeros((BLOCK_M, BLOCK_EV), dtype=tl.float32)
+    z = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    end = S
+    if CAUSAL:  # row i sees keys j <= i
+        end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for n0 in range(0, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < S
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_e[None, :] * ske,
+                    mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # (BLOCK_N, BLOCK_E)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
+        if SATURATING:  # f = s^2 / (1 + s^2) = 1 - 1 / (1 + s^2): finite even when s^2 overflows
+            f = 1.0 - 1.0 / (1.0 + s * s)
+        else:
+            f = s * s
+        keep = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        if HAS_MASK:
+            mk = tl.load(m_base + offs_m[:, None] * sml + offs_n[None, :] * sms, mask=keep, other=0)
+            keep = keep & (mk != 0)
+        f = tl.where(keep, f, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_ev[None, :] * sve,
+                    mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_EV)
+        if F32_PV:
+            acc += tl.dot(f, v.to(tl.float32), input_precision="tf32")
+        else:
+            acc += tl.dot(f.to(v.dtype), v, input_precision=PRECISION)
+        z += tl.sum(f, axis=1)
+    z = z + eps
+    z = tl.where(z > 0, z, 1.0)  # eps == 0 and nothing to attend to: 0 / 1
+    out = acc / z[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_ev[None, :] * soe,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_ev[None, :] < EV))
+    tl.store(Z + pid_bh.to(tl.int64) * L + offs_m, z, mask=row_ok)
+
+
+@_jit
+def _bwd_dkdv(Q, K, V, M, DO, Z, D, DK, DV,
+              sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve,
+              smb, smh, sml, sms, sdb, sdh, sdl, sde,
+              sdkb, sdkh, sdks, sdke, sdvb, sdvh, sdvs, sdve,
+              H, HKV, G, L, S, E, EV, scale,
+              SATURATING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+              PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+              BLOCK_EV: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // HKV).to(tl.int64)
+    hk = (pid_bk % HKV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    col_ok = offs_n < S
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_e[None, :] * ske,
+                mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # (BLOCK_N, BLOCK_E)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_ev[None, :] * sve,
+                mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_EV)
+    dk = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_EV), dtype=tl.float32)
+    start = 0
+    if CAUSAL:  # key j is seen by rows i >= j only
+        start = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in range(0, G):
+        h = hk * G + g
+        for m0 in range(start, L, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < L
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_e[None, :] * sqe,
+                        mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_ev[None, :] * sde,
+                         mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
+            zr = tl.load(Z + (b * H + h) * L + offs_m, mask=row_ok, other=1.0)
+            dr = tl.load(D + (b * H + h) * L + offs_m, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
+            if SATURATING:  # r = 1/(1+s^2): f = 1 - r, f' = 2 s r^2
+                r = 1.0 / (1.0 + s * s)
+                f = 1.0 - r
+                fp = 2.0 * s * r * r
+            else:
+                f = s * s
+                fp = 2.0 * s
+            keep = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            if HAS_MASK:
+                mk = tl.load(M + b * smb + h * smh + offs_m[:, None] * sml + offs_n[None, :] * sms,
+                             mask=keep, other=0)
+                keep = keep & (mk != 0)
+            a = tl.where(keep, f / zr[:, None], 0.0)  # attention weights of the tile
+            dv += tl.dot(tl.trans(a).to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dO_i . v_j
+            ds = tl.where(keep, (dp - dr[:, None]) / zr[:, None] * fp * scale, 0.0)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_e[None, :] * sdke,
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_e[None, :] < E))
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvs + offs_ev[None, :] * sdve,
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_ev[None, :] < EV))
+
+
+@_jit
+def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
+            sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve,
+            smb, smh, sml, sms, sdb, sdh, sdl, sde, sdqb, sdqh, sdql, sdqe,
+            H, G, L, S, E, EV, scale,
+            SATURATING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+            PRECISION: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+            BLOCK_EV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    row_ok = offs_m < L
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_e[None, :] * sqe,
+                mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_ev[None, :] * sde,
+                 mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
+    zr = tl.load(Z + pid_bh.to(tl.int64) * L + offs_m, mask=row_ok, other=1.0)
+    dr = tl.load(D + pid_bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m_base = M + b * smb + h * smh
+    dq = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    end = S
+    if CAUSAL:
+        end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for n0 in range(0, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < S
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_e[None, :] * ske,
+                    mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_ev[None, :] * sve,
+                    mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        if SATURATING:
+            r = 1.0 / (1.0 + s * s)
+            fp = 2.0 * s * r * r
+        else:
+            fp = 2.0 * s
+        keep = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        if HAS_MASK:
+            mk = tl.load(m_base + offs_m[:, None] * sml + offs_n[None, :] * sms, mask=keep, other=0)
+            keep = keep & (mk != 0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = tl.where(keep, (dp - dr[:, None]) / zr[:, None] * fp * scale, 0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_e[None, :] * sdqe,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < E))
+
+
+# ----------------------------------------------------------------------------- launching
+
+def interpreter_enabled() -> bool:
+    """True when these kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 was set before
+    triton was imported)."""
+    return triton is not None and not isinstance(_fwd, triton.runtime.JITFunction)
+
+
+def _strides(t: Tensor) -> tuple[int, ...]:
+    """Strides with 0 on size-1 dims, so broadcast dims index the same element."""
+    return tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride()))
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _config(E: int, Ev: int, backward: bool) -> dict:
+    """Tile sizes. Under the interpreter: 16 (small tests then cross block edges). On GPU:
+    flash-attention-like defaults, untuned (no GPU was available when this was written)."""
+    if interpreter_enabled():
+        return dict(BLOCK_M=16, BLOCK_N=16)
+    big = max(E, Ev) > 64
+    if backward:
+        return dict(BLOCK_M=32, BLOCK_N=32 if big else 64, num_warps=4, num_stages=1 if big else 2)
+    return dict(BLOCK_M=64, BLOCK_N=32 if big else 64, num_warps=4, num_stages=1 if big else 2)
+
+
+def _precision(dtype: torch.dtype):
+    """fp32 inputs follow torch's matmul TF32 switch (off by default: exact fp32 products)."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _mask_args(mask: Tensor | None, q: Tensor):
+    if mask is None:
+        return q, (0, 0, 0, 0)
+    m = mask.view(torch.uint8)  # same bytes as bool, a plain integer pointer in the kernel
+    return m, _strides(m)
+
+
+def _forward(q, k, v, mask, is_causal, scale, variant, eps):
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+    out = torch.empty(B, H, L, Ev, dtype=q.dtype, device=q.device)
+    z = torch.empty(B * H, L, dtype=torch.float32, device=q.device)
+    m, ms = _mask_args(mask, q)
+    cfg = _config(E, Ev, backward=False)
+    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    _fwd[grid](
+        q, k, v, m, out, z, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+        H, H // Hkv, L, S, E, Ev, scale, eps,
+        SATURATING=variant == "saturating", CAUSAL=is_causal, HAS_MASK=mask is not None,
+        F32_PV=variant == "squared" and q.dtype == torch.float16, PRECISION=_precision(q.dtype),
+        BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev), **cfg,
+    )
+    return out, z
+
+
+def _backward(q, k, v, mask, out, z, dout, is_causal, scale, variant):
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+    d = (dout.float() * out.float()).sum(-1).reshape(B * H, L).contiguous()  # D_i = dO_i . O_i
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    m, ms = _mask_args(mask, q)
+    cfg = _config(E, Ev, backward=True)
+    consts = dict(SATURATING=variant == "saturating", CAUSAL=is_causal, HAS_MASK=mask is not None,
+                  PRECISION=_precision(q.dtype), BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev), **cfg)
+    common = (*q.stride(), *k.stride(), *v.stride(), *ms, *dout.stride())
+    _bwd_dkdv[(triton.cdiv(S, cfg["BLOCK_N"]), B * Hkv)](
+        q, k, v, m, dout, z, d, dk, dv, *common, *dk.stride(), *dv.stride(),
+        H, Hkv, H // Hkv, L, S, E, Ev, scale, **consts,
+    )
+    _bwd_dq[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
+        q, k, v, m, dout, z, d, dq, *common, *dq.stride(),
+        H, H // Hkv, L, S, E, Ev, scale, **consts,
+    )
+    return dq, dk, dv
+
+
+class _TritonEA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, is_causal, scale, variant, eps):
+        out, z = _forward(q, k, v, mask, is_causal, scale, variant, eps)
+        ctx.save_for_backward(q, k, v, mask, out, z)
+        ctx.args = (is_causal, scale, variant)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, mask, out, z = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, mask, out, z, dout, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def triton_attention(p: Problem) -> Tensor:
+    """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
+    return _TritonEA.apply(p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant, p.eps)
+
+
+def supports(p: Problem) -> "str | None":
+    if triton is None:
+        return "triton is not installed (pip install 'expressive-attention[triton]')"
+    if p.dropout_p > 0:
+        return "dropout_p > 0 is only implemented by the reference backend"
+    dev = p.q.device.type
+    if dev != "cuda" and not (dev == "cpu" and interpreter_enabled()):
+        return (f"tensors are on {dev}: the Triton kernels need CUDA tensors (or CPU tensors "
+                "with TRITON_INTERPRET=1 set before triton is imported: the slow interpreter)")
+    if p.q.dtype not in DTYPES:
+        return f"dtype {p.q.dtype} is not supported (float16, bfloat16, float32)"
+    E, Ev = p.q.shape[-1], p.v.shape[-1]
+    if max(E, Ev) > MAX_HEAD_DIM:
+        return f"head dims E={E}, Ev={Ev}: at most {MAX_HEAD_DIM} are supported"
+    if min(p.q.shape[-2], p.k.shape[-2], E, Ev, p.q.shape[0], p.q.shape[1]) == 0:
+        return "empty tensors are not supported"
+    return None
+
+
+register_backend(Backend("triton", triton_attention, supports,
+                         description="Triton flash-style kernels (CUDA; CPU via TRITON_INTERPRET=1)"))
