@@ -1,0 +1,334 @@
+"""Expressive attention inside Hugging Face transformers models (needs the ``[hf]`` extra).
+
+    from expressive_attention.integrations.transformers import register
+    register()                                    # idempotent; registers the names below
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="expressive")
+    model.set_attn_implementation("expressive_squared")   # or back to "sdpa"
+
+Registered names (``register()``): ``"expressive"`` (f(s) = s^2/(1+s^2)) and ``"expressive_squared"``
+(f(s) = s^2), both with eps=1e-6. ``register("my_name", variant=..., eps=..., backend=...)`` adds
+more. Every model whose attention goes through transformers' ``AttentionInterface`` then runs EA
+in every attention layer, in training and in ``generate()`` with the KV cache.
+
+How the pieces fit (transformers 5.x):
+- An attention *function* is registered under the name; it receives q (B, Hq, Lq, E) and k/v
+  (B, Hkv, S, E) with RoPE applied and the cache concatenated, and returns (B, Lq, Hq, E).
+- A *mask* function is registered under the same name (SDPA's boolean mask builder). Without it,
+  transformers builds no mask for unknown names and padded batches silently lose their padding
+  mask. With it, the function gets a bool (B, 1, Lq, S) mask (True = attend) holding padding,
+  causality, sliding windows and packed-sequence boundaries, or None when the mask is plain
+  causal (Lq > 1, top-left aligned, exactly as SDPA reads it) or empty (one query, no padding).
+- transformers dispatches on substrings of the name, so names containing ``flash``, ``sdpa``,
+  ``flex``, ``eager``, ``paged`` or ``/`` are refused.
+- The name is not written to config.json: pass ``attn_implementation=`` again to
+  ``from_pretrained``. ``from_config`` writes the name into the config object it is given, so use
+  one config object per model.
+- Arguments EA cannot honour (``softcap``, attention sinks ``s_aux``/``sinks``, an additive
+  ``position_bias`` or additive float mask) raise ``UnsupportedAttentionError``.
+- Models whose attention does not go through the interface (older architectures such as Bloom,
+  GPT-Neo, GPT-J) would keep softmax while claiming EA: ``register()`` installs a guard so that
+  asking them for an EA name raises ``UnsupportedModelError``; ``count_calls()`` / ``verify()``
+  prove at run time that EA really ran.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..ops import expressive_attention, expressive_weights
+from ..ops._inputs import check_variant, repeat_kv
+
+try:
+    import transformers
+    from transformers import AttentionInterface, PreTrainedModel
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "expressive_attention.integrations.transformers needs Hugging Face transformers 5.x: "
+        "pip install 'expressive-attention[hf]'"
+    ) from e
+
+SUPPORTED_TRANSFORMERS = ">=5.0,<6"
+DEFAULT_NAMES = {"expressive": "saturating", "expressive_squared": "squared"}
+_FORBIDDEN = ("flash", "sdpa", "flex", "eager", "paged", "/", ":", "@")
+# kwargs some models pass that have no meaning once softmax is replaced
+_UNSUPPORTED = {
+    "softcap": "logit soft-capping (tanh before softmax)",
+    "s_aux": "attention sinks (an extra softmax logit per head)",
+    "sinks": "attention sinks (an extra softmax logit per head)",
+    "position_bias": "an additive position bias (T5 / ALiBi style) added to the logits",
+}
+
+
+_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+class UnsupportedAttentionError(ValueError):
+    """A model asked the EA attention function for something EA cannot honour."""
+
+
+class UnsupportedModelError(ValueError):
+    """A model does not route its attention through transformers' AttentionInterface."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    variant: str
+    eps: float
+    backend: str
+
+
+_REGISTRY: dict[str, Spec] = {}
+_COUNTERS: list[Counter] = []  # active count_calls() contexts
+
+
+def _check_transformers_version() -> None:
+    major = int(transformers.__version__.split(".")[0])
+    if major != 5:
+        raise ImportError(
+            f"expressive_attention.integrations.transformers supports transformers{SUPPORTED_TRANSFORMERS}, "
+            f"found {transformers.__version__}"
+        )
+
+
+# ---------------------------------------------------------------- masks
+
+
+def _bool_mask(mask: Tensor | None, S: int) -> Tensor | None:
+    """A 4-D mask from transformers -> bool (True = attend), cut to the S keys, or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise UnsupportedAttentionError(
+            f"attention_mask of type {type(mask).__name__} (e.g. a flex BlockMask) is not supported; "
+            "the expressive implementations use boolean masks"
+        )
+    mask = mask[..., :S]
+    if mask.dtype == torch.bool:
+        return mask
+    # An additive float mask (e.g. a custom 4-D mask): 0 = attend, very negative = masked.
+    keep = mask == 0
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool((keep | blocked).all()):
+        raise UnsupportedAttentionError(
+            "attention_mask holds an additive bias (values other than 0 and -inf/min): expressive "
+            "attention squares the scores, so a bias cannot be added to them. Pass a boolean mask."
+        )
+    return keep
+
+
+def _packed_without_mask(kwargs: dict) -> bool:
+    cu = kwargs.get("cu_seq_lens_q")
+    return cu is not None and cu.numel() > 2
+
+
+# ---------------------------------------------------------------- the attention function
+
+
+def _make_forward(name: str, spec: Spec):
+    def expressive_attention_forward(
+        module: torch.nn.Module,
+        query: Tensor,  # (B, Hq, Lq, E)
+        key: Tensor,  # (B, Hkv, S, E)
+        value: Tensor,  # (B, Hkv, S, Ev)
+        attention_mask: Tensor | None,  # bool (B, 1, Lq, S), or None
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        is_causal: bool | None = None,
+        **kwargs,
+    ) -> tuple[Tensor, Tensor | None]:
+        for arg, what in _UNSUPPORTED.items():
+            if kwargs.get(arg) is not None:
+                raise UnsupportedAttentionError(
+                    f"{type(module).__name__} passes `{arg}` ({what}), which attn_implementation={name!r} "
+                    "cannot honour: expressive attention has no softmax logits to modify"
+                )
+        for counter in _COUNTERS:
+            counter[id(module)] += 1
+        Lq, S = query.shape[2], key.shape[2]
+        mask = _bool_mask(attention_mask, S)
+        causal = False
+        if mask is None:
+            if _packed_without_mask(kwargs):
+                raise UnsupportedAttentionError(
+                    "packed sequences given by cu_seq_lens_* but no attention mask: pass position_ids "
+                    "that restart at 0 for each sequence so transformers builds the packed mask"
+                )
+            # As transformers' SDPA path: None means plain causal for Lq > 1, nothing for one query.
+            causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+            causal = causal and Lq > 1
+            if causal and S > Lq:  # empty static-cache prefill: top-left causal never reaches them
+                key, value = key[:, :, :Lq], value[:, :, :Lq]
+        out = expressive_attention(
+            query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal,
+            scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+            variant=spec.variant, eps=spec.eps, backend=spec.backend,
+        )  # (B, Hq, Lq, Ev)
+        weights = None
+        if kwargs.get("output_attentions"):
+            g = query.shape[1] // key.shape[1]
+            weights = expressive_weights(
+                query, repeat_kv(key, g), mask, causal, scaling, variant=spec.variant, eps=spec.eps
+            ).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), weights
+
+    expressive_attention_forward.__name__ = f"expressive_attention_forward[{name}]"
+    expressive_attention_forward.spec = spec
+    return expressive_attention_forward
+
+
+# ---------------------------------------------------------------- guard for old architectures
+
+
+def routes_through_interface(model_or_class) -> bool:
+    """True when the model class (and every PreTrainedModel inside an instance) calls its attention
+    through ``ALL_ATTENTION_FUNCTIONS`` (transformers' own source heuristic)."""
+    if isinstance(model_or_class, type):
+        return bool(model_or_class._can_set_attn_implementation())
+    return all(
+        type(m)._can_set_attn_implementation()
+        for m in model_or_class.modules()
+        if isinstance(m, PreTrainedModel)
+    )
+
+
+def _not_routed_error(cls_name: str, name: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{cls_name} does not route its attention through transformers' AttentionInterface, so "
+        f"attn_implementation={name!r} would be ignored and the model would keep softmax attention. "
+        "Expressive attention supports models written against the interface (Llama, Qwen2, "
+        "Mistral, GPT-2, ...); see docs/huggingface.md."
+    )
+
+
+def _install_guard() -> None:
+    """Make an EA name raise on model classes that would silently ignore it."""
+    get_correct = PreTrainedModel.get_correct_attn_implementation
+    if not getattr(get_correct, "_ea_guard", False):
+
+        @functools.wraps(get_correct)
+        def guarded_get_correct(self, requested_attention, is_init_check=False):
+            if requested_attention in _REGISTRY and not type(self)._can_set_attn_implementation():
+                raise _not_routed_error(type(self).__name__, requested_attention)
+            return get_correct(self, requested_attention, is_init_check)
+
+        guarded_get_correct._ea_guard = True
+        PreTrainedModel.get_correct_attn_implementation = guarded_get_correct
+
+    set_impl = PreTrainedModel.set_attn_implementation
+    if not getattr(set_impl, "_ea_guard", False):
+
+        @functools.wraps(set_impl)
+        def guarded_set(self, attn_implementation, *args, **kwargs):
+            names = attn_implementation.values() if isinstance(attn_implementation, dict) else [attn_implementation]
+            ours = [n for n in names if isinstance(n, str) and n in _REGISTRY]
+            if ours:
+                for m in self.modules():
+                    if isinstance(m, PreTrainedModel) and not type(m)._can_set_attn_implementation():
+                        raise _not_routed_error(type(m).__name__, ours[0])
+            return set_impl(self, attn_implementation, *args, **kwargs)
+
+        guarded_set._ea_guard = True
+        PreTrainedModel.set_attn_implementation = guarded_set
+
+
+# ---------------------------------------------------------------- public API
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    bad = [s for s in _FORBIDDEN if s in name.lower()]
+    if bad:
+        raise ValueError(
+            f"name={name!r} contains {bad[0]!r}: transformers dispatches on substrings of the "
+            f"implementation name, so names containing any of {_FORBIDDEN} would be misrouted"
+        )
+
+
+def register(
+    name: str | None = None, *, variant: str = "saturating", eps: float = 1e-6, backend: str = "auto"
+) -> str:
+    """Register expressive attention with transformers; returns the implementation name.
+
+    ``register()`` registers ``"expressive"`` (saturating) and ``"expressive_squared"``; with a
+    name it registers that one with the given ``variant``, ``eps`` and op ``backend``. Calling it
+    again with the same settings does nothing; the same name with other settings raises.
+    """
+    _check_transformers_version()
+    if name is None:
+        for n, v in DEFAULT_NAMES.items():
+            register(n, variant=v)
+        return "expressive"
+    _check_name(name)
+    check_variant(variant)
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    spec = Spec(variant, float(eps), backend)
+    if name in _REGISTRY:
+        if _REGISTRY[name] != spec:
+            raise ValueError(f"name={name!r} is already registered as {_REGISTRY[name]}, not {spec}")
+        return name
+    AttentionInterface.register(name, _make_forward(name, spec))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    _REGISTRY[name] = spec
+    _install_guard()
+    return name
+
+
+def registered() -> dict[str, Spec]:
+    """The EA implementation names registered so far, with their settings."""
+    return dict(_REGISTRY)
+
+
+def enable(model: PreTrainedModel, name: str = "expressive") -> PreTrainedModel:
+    """Switch ``model`` (in place) to expressive attention; raises on models that would ignore it."""
+    if name in DEFAULT_NAMES:
+        register()
+    if name not in _REGISTRY:
+        raise ValueError(f"{name!r} is not registered; call register({name!r}, ...) first")
+    if not routes_through_interface(model):
+        raise _not_routed_error(type(model).__name__, name)
+    model.set_attn_implementation(name)
+    return model
+
+
+@contextlib.contextmanager
+def count_calls():
+    """Count calls of the EA attention functions: yields a Counter {id(attention module): calls}."""
+    counter: Counter = Counter()
+    _COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTERS.remove(counter)
+
+
+@torch.no_grad()
+def verify(model: PreTrainedModel, input_ids: Tensor | None = None) -> int:
+    """Run one short forward and check that EA ran in every layer; returns the number of attention
+    modules that called it. Raises UnsupportedModelError when fewer than
+    ``config.num_hidden_layers`` modules did (hybrid models with non-attention layers excepted)."""
+    if input_ids is None:
+        input_ids = torch.tensor([[1, 2, 3]], device=model.device)
+    with count_calls() as counter:
+        model(input_ids=input_ids)
+    n = len(counter)
+    types = getattr(model.config, "layer_types", None)
+    if types:  # hybrid models: only the attention layers count
+        expected = sum(t in _ATTENTION_LAYER_TYPES for t in types)
+    else:
+        expected = getattr(model.config, "num_hidden_layers", 1)
+    if n == 0 or n < expected:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} called expressive attention in {n} module(s), expected "
+            f"{expected} (attn_implementation={model.config._attn_implementation!r})"
+        )
+    return n
