@@ -1,0 +1,351 @@
+// Fused expressive attention for CPU: a flash-attention-shaped forward and backward.
+//
+//   s_ij = scale * q_i . k_j,   f = s^2/(1+s^2) ("saturating") or s^2 ("squared")
+//   Z_i  = eps + sum_j keep_ij f_ij   (Z_i := 1 when that is 0),   out_i = sum_j keep_ij f_ij v_j / Z_i
+//
+// Forward: parallel over (batch, head, query block); each task walks the key blocks and
+// accumulates acc += f(Q K^T) V and z += rowsum f, dividing once at the end. Unlike softmax,
+// there is no running max and no rescaling of the accumulator. Only Z (one float per row) is
+// saved for backward.
+//
+// Backward (recomputing, one pass): with a = f/Z, D_i = dO_i . O_i,
+//   dP = dO V^T,  dS = keep * f'(s) * (dP - D_i) / Z_i * scale,
+//   dQ += dS K,   dK += dS^T Q,   dV += a^T dO.
+// Parallel over (batch, key/value head): each task owns its dK/dV rows, and loops over the G
+// query heads of its group (GQA) and all query blocks, so no two threads write the same memory.
+//
+// Block products go to the BLAS sgemm_/dgemm_ that libtorch exports (MKL on x86 wheels); if
+// the symbol is absent, a slower at::mm_out path is used. Inputs are float32/float64; bf16/fp16
+// are converted to float32 on entry and results cast back (accumulation is always >= fp32).
+// Tensors: q (B,H,L,E), k (B,Hkv,S,E), v (B,Hkv,S,Ev), rows may be strided, last dim contiguous;
+// mask bool (Bm,Hm,Lm,S) with any strides (broadcast dims of size 1 or stride 0).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+extern "C" {
+// Fortran BLAS, column-major. Weak: resolved from libtorch_cpu (MKL) when present.
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+namespace {
+
+constexpr int64_t kQBlock = 64;   // query rows per tile
+constexpr int64_t kKvBlock = 512;  // keys per tile
+
+template <typename T>
+at::ScalarType scalar_type_of();
+template <>
+at::ScalarType scalar_type_of<float>() { return at::kFloat; }
+template <>
+at::ScalarType scalar_type_of<double>() { return at::kDouble; }
+
+// Row-major C(m x n) = alpha * op(A)(m x k) @ op(B)(k x n) + beta * C.
+// A is stored (m x k) with leading dim lda, or (k x m) when ta; likewise B.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  // Column-major C^T = op(B)^T op(A)^T: hand B first.
+  const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+  const int ilda = static_cast<int>(std::max<int64_t>(ldb, 1));
+  const int ildb = static_cast<int>(std::max<int64_t>(lda, 1));
+  const int ildc = static_cast<int>(std::max<int64_t>(ldc, 1));
+  if (k == 0) {  // BLAS semantics, without relying on it for a degenerate call
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t c = 0; c < n; ++c) C[r * ldc + c] = beta == T(0) ? T(0) : beta * C[r * ldc + c];
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) {
+      sgemm_(&tra, &trb, &im, &in, &ik, &alpha, B, &ilda, A, &ildb, &beta, C, &ildc);
+      return;
+    }
+  } else {
+    if (dgemm_) {
+      dgemm_(&tra, &trb, &im, &in, &ik, &alpha, B, &ilda, A, &ildb, &beta, C, &ildc);
+      return;
+    }
+  }
+  // Fallback: ATen on non-owning views.
+  auto opts = at::TensorOptions().dtype(scalar_type_of<T>());
+  auto a = ta ? at::from_blob(const_cast<T*>(A), {k, m}, {lda, 1}, opts).t()
+              : at::from_blob(const_cast<T*>(A), {m, k}, {lda, 1}, opts);
+  auto b = tb ? at::from_blob(const_cast<T*>(B), {n, k}, {ldb, 1}, opts).t()
+              : at::from_blob(const_cast<T*>(B), {k, n}, {ldb, 1}, opts);
+  auto c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(c, c, a, b, beta, alpha);
+}
+
+// Strides of the 4-D problem (elements).
+struct Strides4 {
+  int64_t b, h, r;
+  explicit Strides4(const at::Tensor& t) : b(t.stride(0)), h(t.stride(1)), r(t.stride(2)) {}
+};
+
+struct MaskView {
+  const bool* data = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0, sj = 0;
+  MaskView() = default;
+  explicit MaskView(const at::Tensor& m) : data(m.data_ptr<bool>()) {
+    sb = m.size(0) == 1 ? 0 : m.stride(0);
+    sh = m.size(1) == 1 ? 0 : m.stride(1);
+    sl = m.size(2) == 1 ? 0 : m.stride(2);
+    sj = m.stride(3);
+  }
+  const bool* row(int64_t b, int64_t h, int64_t i, int64_t j0) const {
+    return data ? data + b * sb + h * sh + i * sl + j0 * sj : nullptr;
+  }
+};
+
+// Number of leading keys of [j0, j0 + n) that row i may see (causal: j <= i, top-left aligned).
+inline int64_t causal_count(bool is_causal, int64_t i, int64_t j0, int64_t n) {
+  if (!is_causal) return n;
+  return std::min(n, std::max<int64_t>(0, i + 1 - j0));
+}
+
+// f in place on one score row; returns the row sum. Keys past `cnt` and masked keys give 0.
+template <typename T, bool SAT>
+inline T f_row(T* s, int64_t n, int64_t cnt, const bool* m, int64_t mj) {
+  T sum = 0;
+  if (m == nullptr) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cnt; ++c) {
+      const T x2 = s[c] * s[c];
+      const T f = SAT ? x2 / (T(1) + x2) : x2;
+      s[c] = f;
+      sum += f;
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cnt; ++c) {
+      const T x2 = s[c] * s[c];
+      const T f = m[c * mj] ? (SAT ? x2 / (T(1) + x2) : x2) : T(0);
+      s[c] = f;
+      sum += f;
+    }
+  }
+  for (int64_t c = cnt; c < n; ++c) s[c] = 0;
+  return sum;
+}
+
+// Backward on one row: s <- a = f/Z, dp <- dS = f'(s) (dp - D) / Z * scale; masked -> 0.
+template <typename T, bool SAT>
+inline void grad_row(T* s, T* dp, int64_t n, int64_t cnt, const bool* m, int64_t mj, T D,
+                     T inv_z, T scale) {
+  const T g = inv_z * scale;
+#pragma omp simd
+  for (int64_t c = 0; c < cnt; ++c) {
+    const T x = s[c], x2 = x * x;
+    T f, fp;
+    if (SAT) {
+      const T r = T(1) / (T(1) + x2);
+      f = x2 * r;
+      fp = T(2) * x * r * r;
+    } else {
+      f = x2;
+      fp = T(2) * x;
+    }
+    const bool keep = m == nullptr || m[c * mj];
+    s[c] = keep ? f * inv_z : T(0);
+    dp[c] = keep ? fp * (dp[c] - D) * g : T(0);
+  }
+  for (int64_t c = cnt; c < n; ++c) s[c] = dp[c] = 0;
+}
+
+template <typename T, bool SAT>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskView& mv,
+                  bool is_causal, T scale, T eps, at::Tensor& out, at::Tensor& z) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), E = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), Ev = v.size(3), G = H / Hkv;
+  const Strides4 sq(q), sk(k), sv(v), so(out);
+  const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
+  T *od = out.data_ptr<T>(), *zd = z.data_ptr<T>();
+  const int64_t nqb = (L + kQBlock - 1) / kQBlock;
+
+  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sbuf(kQBlock * kKvBlock), acc(kQBlock * Ev), zrow(kQBlock);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / (H * nqb), h = (idx / nqb) % H, i0 = (idx % nqb) * kQBlock;
+      const int64_t m = std::min(kQBlock, L - i0), hk = h / G;
+      const int64_t kend = is_causal ? std::min(S, i0 + m) : S;
+      const T* qb = qd + b * sq.b + h * sq.h + i0 * sq.r;
+      const T* kb = kd + b * sk.b + hk * sk.h;
+      const T* vb = vd + b * sv.b + hk * sv.h;
+      std::fill(acc.begin(), acc.begin() + m * Ev, T(0));
+      std::fill(zrow.begin(), zrow.end(), T(0));
+      for (int64_t j0 = 0; j0 < kend; j0 += kKvBlock) {
+        const int64_t n = std::min(kKvBlock, kend - j0);
+        T* s = sbuf.data();
+        gemm<T>(false, true, m, n, E, scale, qb, sq.r, kb + j0 * sk.r, sk.r, T(0), s, n);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t i = i0 + r;
+          zrow[r] += f_row<T, SAT>(s + r * n, n, causal_count(is_causal, i, j0, n),
+                                   mv.row(b, h, i, j0), mv.sj);
+        }
+        gemm<T>(false, false, m, Ev, n, T(1), s, n, vb + j0 * sv.r, sv.r, T(1), acc.data(), Ev);
+      }
+      T* ob = od + b * so.b + h * so.h + i0 * so.r;
+      T* zb = zd + (b * H + h) * L + i0;
+      for (int64_t r = 0; r < m; ++r) {
+        T zr = eps + zrow[r];
+        zr = zr > T(0) ? zr : T(1);
+        zb[r] = zr;
+        const T inv = T(1) / zr;
+        for (int64_t c = 0; c < Ev; ++c) ob[r * so.r + c] = acc[r * Ev + c] * inv;
+      }
+    }
+  });
+}
+
+template <typename T, bool SAT>
+void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& z,
+                   const MaskView& mv, bool is_causal, T scale, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), E = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), Ev = v.size(3), G = H / Hkv;
+  const Strides4 sq(q), sk(k), sv(v), so(out), sdo(dout), sdq(dq), sdk(dk), sdv(dv);
+  const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
+  const T *od = out.data_ptr<T>(), *dod = dout.data_ptr<T>(), *zd = z.data_ptr<T>();
+  T *dqd = dq.data_ptr<T>(), *dkd = dk.data_ptr<T>(), *dvd = dv.data_ptr<T>();
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sbuf(kQBlock * kKvBlock), pbuf(kQBlock * kKvBlock), Drow(kQBlock);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / Hkv, hk = idx % Hkv;
+      const T* kb = kd + b * sk.b + hk * sk.h;
+      const T* vb = vd + b * sv.b + hk * sv.h;
+      T* dkb = dkd + b * sdk.b + hk * sdk.h;  // zero-initialised, accumulated with beta = 1
+      T* dvb = dvd + b * sdv.b + hk * sdv.h;
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        for (int64_t i0 = 0; i0 < L; i0 += kQBlock) {
+          const int64_t m = std::min(kQBlock, L - i0);
+          const int64_t kend = is_causal ? std::min(S, i0 + m) : S;
+          const T* qb = qd + b * sq.b + h * sq.h + i0 * sq.r;
+          const T* dob = dod + b * sdo.b + h * sdo.h + i0 * sdo.r;
+          const T* ob = od + b * so.b + h * so.h + i0 * so.r;
+          const T* zb = zd + (b * H + h) * L + i0;
+          T* dqb = dqd + b * sdq.b + h * sdq.h + i0 * sdq.r;
+          for (int64_t r = 0; r < m; ++r) {
+            T d = 0;
+            for (int64_t c = 0; c < Ev; ++c) d += dob[r * sdo.r + c] * ob[r * so.r + c];
+            Drow[r] = d;
+          }
+          for (int64_t j0 = 0; j0 < kend; j0 += kKvBlock) {
+            const int64_t n = std::min(kKvBlock, kend - j0);
+            T *s = sbuf.data(), *p = pbuf.data();
+            gemm<T>(false, true, m, n, E, scale, qb, sq.r, kb + j0 * sk.r, sk.r, T(0), s, n);
+            gemm<T>(false, true, m, n, Ev, T(1), dob, sdo.r, vb + j0 * sv.r, sv.r, T(0), p, n);
+            for (int64_t r = 0; r < m; ++r) {
+              const int64_t i = i0 + r;
+              grad_row<T, SAT>(s + r * n, p + r * n, n, causal_count(is_causal, i, j0, n),
+                               mv.row(b, h, i, j0), mv.sj, Drow[r], T(1) / zb[r], scale);
+            }
+            // dV[j] += a^T dO ; dK[j] += dS^T Q ; dQ[i] += dS K
+            gemm<T>(true, false, n, Ev, m, T(1), s, n, dob, sdo.r, T(1), dvb + j0 * sdv.r, sdv.r);
+            gemm<T>(true, false, n, E, m, T(1), p, n, qb, sq.r, T(1), dkb + j0 * sdk.r, sdk.r);
+            gemm<T>(false, false, m, E, n, T(1), p, n, kb + j0 * sk.r, sk.r, T(1), dqb, sdq.r);
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor last_dim_contiguous(const at::Tensor& t, at::ScalarType ct) {
+  auto x = t.to(ct);
+  return x.stride(-1) == 1 ? x : x.contiguous();
+}
+
+at::ScalarType compute_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "ea_cpu: query, key and value must be CPU tensors");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "ea_cpu: expected 4-D q, k, v");
+  TORCH_CHECK(q.size(0) == k.size(0) && k.size(0) == v.size(0), "ea_cpu: batch sizes differ");
+  TORCH_CHECK(k.size(1) == v.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "ea_cpu: query heads must be a multiple of key/value heads");
+  TORCH_CHECK(q.size(3) == k.size(3) && k.size(2) == v.size(2), "ea_cpu: shape mismatch");
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4, "ea_cpu: mask must be 4-D bool");
+    TORCH_CHECK((m.size(0) == 1 || m.size(0) == q.size(0)) &&
+                    (m.size(1) == 1 || m.size(1) == q.size(1)) &&
+                    (m.size(2) == 1 || m.size(2) == q.size(2)) && m.size(3) == k.size(2),
+                "ea_cpu: mask must be (1|B, 1|H, 1|L, S)");
+  }
+}
+
+// Returns (out in q's dtype, z in the compute dtype, shape (B, H, L)).
+std::vector<at::Tensor> ea_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                   const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
+                                   bool is_causal, double scale, bool saturating, double eps) {
+  check_inputs(q_in, k_in, v_in, mask);
+  const auto ct = compute_type(q_in);
+  auto q = last_dim_contiguous(q_in, ct), k = last_dim_contiguous(k_in, ct);
+  auto v = last_dim_contiguous(v_in, ct);
+  auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  auto z = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  MaskView mv = mask.has_value() ? MaskView(*mask) : MaskView();
+  AT_DISPATCH_FLOATING_TYPES(ct, "ea_forward", [&] {
+    if (saturating)
+      forward_impl<scalar_t, true>(q, k, v, mv, is_causal, scalar_t(scale), scalar_t(eps), out, z);
+    else
+      forward_impl<scalar_t, false>(q, k, v, mv, is_causal, scalar_t(scale), scalar_t(eps), out, z);
+  });
+  return {out.to(q_in.scalar_type()), z};
+}
+
+// Returns (dq, dk, dv) in the dtypes of q, k, v.
+std::vector<at::Tensor> ea_backward(const at::Tensor& dout_in, const at::Tensor& q_in,
+                                    const at::Tensor& k_in, const at::Tensor& v_in,
+                                    const at::Tensor& out_in, const at::Tensor& z_in,
+                                    const std::optional<at::Tensor>& mask, bool is_causal,
+                                    double scale, bool saturating) {
+  check_inputs(q_in, k_in, v_in, mask);
+  const auto ct = compute_type(q_in);
+  auto q = last_dim_contiguous(q_in, ct), k = last_dim_contiguous(k_in, ct);
+  auto v = last_dim_contiguous(v_in, ct), out = last_dim_contiguous(out_in, ct);
+  auto dout = last_dim_contiguous(dout_in, ct);
+  auto z = z_in.to(ct).contiguous();
+  TORCH_CHECK(z.dim() == 3 && z.size(0) == q.size(0) && z.size(1) == q.size(1) &&
+                  z.size(2) == q.size(2), "ea_cpu: z must be (B, H, L)");
+  TORCH_CHECK(dout.sizes() == out.sizes(), "ea_cpu: grad_out and out shapes differ");
+  auto dq = at::zeros(q.sizes(), q.options());
+  auto dk = at::zeros(k.sizes(), k.options());
+  auto dv = at::zeros(v.sizes(), v.options());
+  MaskView mv = mask.has_value() ? MaskView(*mask) : MaskView();
+  AT_DISPATCH_FLOATING_TYPES(ct, "ea_backward", [&] {
+    if (saturating)
+      backward_impl<scalar_t, true>(dout, q, k, v, out, z, mv, is_causal, scalar_t(scale), dq, dk, dv);
+    else
+      backward_impl<scalar_t, false>(dout, q, k, v, out, z, mv, is_causal, scalar_t(scale), dq, dk, dv);
+  });
+  return {dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), dv.to(v_in.scalar_type())};
+}
+
+bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &ea_forward, "fused expressive attention forward -> (out, z)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &ea_backward, "fused expressive attention backward -> (dq, dk, dv)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("has_blas", &has_blas, "True when the BLAS gemm from libtorch is used for block products");
+}
