@@ -1,0 +1,138 @@
+"""Time and peak memory of one attention call, measured in a fresh subprocess.
+
+Peak memory on CPU is the growth of the process's resident set while the case runs: the kernel's
+high-water mark (VmHWM) is reset through /proc/self/clear_refs after the inputs are built and a warm-up
+run has initialised the libraries, and the case's peak is VmHWM minus the resident size at that point.
+The subprocess runs with MALLOC_MMAP_THRESHOLD_=65536 so that every buffer of 64 KiB or more is a fresh
+mapping returned to the system when freed: the high-water mark then follows live memory instead of
+the allocator's recycled heap. This counts every allocation, including scratch buffers inside fused
+C++ kernels that a tensor-level tracker would miss. On CUDA it is torch.cuda.max_memory_allocated().
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Case:
+    impl: str  # "sdpa" or "ea"
+    B: int
+    H: int
+    L: int
+    E: int
+    causal: bool = True
+    mode: str = "fwdbwd"  # "fwd" or "fwdbwd"
+    variant: str = "saturating"
+    backend: str = "auto"
+    dtype: str = "float32"
+    device: str = "cpu"
+    repeats: int = 3
+
+    @property
+    def flops(self) -> float:
+        """Matmul flops: 2 products of 2*L*S*E each forward (halved when causal); backward ~2.5x."""
+        f = 4.0 * self.B * self.H * self.L * self.L * self.E * (0.5 if self.causal else 1.0)
+        return f * (3.5 if self.mode == "fwdbwd" else 1.0)
+
+
+def _call(case: Case, q, k, v):
+    if case.impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+    from expressive_attention import expressive_attention
+
+    return expressive_attention(q, k, v, is_causal=case.causal, variant=case.variant, backend=case.backend)
+
+
+def _step(case: Case, q, k, v, do):
+    out = _call(case, q, k, v)
+    if case.mode == "fwdbwd":
+        out.backward(do)
+        q.grad = k.grad = v.grad = None
+    return out
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+)", f.read()).group(1)) / 1024.0  # kB -> MiB
+
+
+def _reset_peak_rss() -> float:
+    """Reset the resident-set high-water mark (Linux >= 4.0); returns the current resident MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
+def run_in_process(case: Case) -> dict:
+    dtype = getattr(torch, case.dtype)
+    g = torch.Generator().manual_seed(0)
+    shape = (case.B, case.H, case.L, case.E)
+    need_grad = case.mode == "fwdbwd"
+    q, k, v, do = (torch.randn(shape, generator=g).to(case.device, dtype) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(need_grad)
+    # warm-up on a small slice: loads kernels / builds extensions without touching the peak
+    _step(case, q, k, v, do)  # warm-up: loads kernels, builds extensions, first-call caches
+    _sync(case.device)
+    if case.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _reset_peak_rss()
+    _step(case, q, k, v, do)  # measured run
+    _sync(case.device)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if case.device.startswith("cuda") else _status_mb("VmHWM")) - base
+    times = []
+    for _ in range(case.repeats):
+        _sync(case.device)
+        t0 = time.perf_counter()
+        _step(case, q, k, v, do)
+        _sync(case.device)
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return {**asdict(case), "time_ms": 1e3 * t, "peak_mb": max(peak, 0.0), "gflops": case.flops / t / 1e9}
+
+
+def run_case(case: Case, timeout: float = 900.0) -> dict:
+    """Run `case` in a fresh Python process (clean memory high-water mark); returns its record."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "expressive_attention.bench.measure", json.dumps(asdict(case))],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    if proc.returncode != 0:
+        return {**asdict(case), "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 3) -> float:
+    """This machine's float32 matmul throughput, the roofline the attention kernels are held to."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_in_process(Case(**json.loads(sys.argv[1])))))
