@@ -2,6 +2,7 @@
 from .attention import MultiheadAttention, RotaryEmbedding
 from .cache import CACHE_KINDS, KVCache
 from .model import MLP, Block, DecoderLM, LMConfig, choose_cache_kind
+from .recurrent import RecurrentEAState  # noqa: F401  registers CACHE_KINDS["recurrent"]
 
 __all__ = [
     "CACHE_KINDS", "MLP", "Block", "DecoderLM", "KVCache", "LMConfig", "MultiheadAttention",

@@ -45,6 +45,12 @@ def choose_backend(p: Problem) -> Backend:
     L, S = p.q.shape[-2], p.k.shape[-2]
     if p.dropout_p > 0 or L * S <= 64 * 64:
         return BACKENDS["reference"]
+    lin = BACKENDS.get("linear")  # EA-squared above the measured crossover length (ops/linear.py)
+    if lin is not None and lin.supports(p) is None:
+        from .linear import linear_pays_off
+
+        if linear_pays_off(p):
+            return lin
     for name in AUTO_ORDER:
         if name == "triton" and not p.q.is_cuda:
             continue  # Triton's CPU interpreter (TRITON_INTERPRET=1) is for tests, never "auto"

@@ -1,0 +1,84 @@
+"""Recurrent decoding for EA-squared: a constant-size state per layer instead of a KV cache.
+
+For variant="squared" the attention of token i is phi(scale q_i)^T S_i with
+S_i = sum_{j<=i} phi(k_j) [v_j, 1]^T and phi(x) = x (x) x (see ops/linear.py). The state S,
+(B * Hkv, E*E, Ev+1) per layer, replaces the keys and values of the past: a decode step costs
+O(H E^2 Ev) whatever the context length. The prompt is prefilled with the chunked linear form.
+
+    model.generate(idx, n, cache="recurrent")   # or cache="auto": chosen when smaller than a KV cache
+
+Inference only: the state update is not differentiable here (train with backend="linear").
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..ops.linear import causal_forward, default_chunk
+from ..ops.reference import compute_dtype
+from .cache import CACHE_KINDS
+
+
+class RecurrentEAState:
+    """Per-layer decoding state of the exact linear form of EA-squared (cache kind "recurrent")."""
+
+    takes_layer = True  # constructed as RecurrentEAState(layer) by DecoderLM.new_cache
+
+    def __init__(self, layer) -> None:
+        if getattr(layer, "attention", None) != "ea" or getattr(layer, "variant", None) != "squared":
+            raise ValueError(
+                "the recurrent cache needs attention='ea' with variant='squared' (got "
+                f"attention={getattr(layer, 'attention', None)!r}, variant={getattr(layer, 'variant', None)!r}): "
+                "only the squared variant has an exact linear (recurrent) form; use cache='kv'"
+            )
+        self.scale = layer.head_dim**-0.5  # the layer calls attention with scale=None = 1/sqrt(E)
+        self.eps = float(layer.eps)
+        self.state: Tensor | None = None  # (B * Hkv, E*E, Ev+1), float32 (float64 for float64 models)
+        self.length = 0
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attend_fn: Callable[..., Tensor] | None = None) -> Tensor:
+        """q (B, H, T, E), k/v (B, Hkv, T, E|Ev) of the T new tokens -> (B, H, T, Ev). `attend_fn`
+        (the layer's quadratic mechanism) is not needed: the state replaces it."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise RuntimeError(
+                "RecurrentEAState is for inference (generate runs under torch.no_grad()); "
+                "to train on long contexts use backend='linear'"
+            )
+        B, H, T, E = q.shape
+        Hkv, Ev = k.shape[1], v.shape[-1]
+        if H % Hkv:
+            raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+        ct = compute_dtype(q.dtype)
+        N = B * Hkv
+        if self.state is None:
+            self.state = torch.zeros(N, E * E, Ev + 1, dtype=ct, device=q.device)
+        elif self.state.shape != (N, E * E, Ev + 1):
+            raise ValueError(
+                f"batch/heads changed mid-sequence: state holds {tuple(self.state.shape)}, new tokens "
+                f"need {(N, E * E, Ev + 1)}"
+            )
+        qs = (q.to(ct) * self.scale).reshape(N, H // Hkv, T, E)
+        k3 = k.to(ct).reshape(N, T, E)
+        v1 = torch.cat([v.to(ct).reshape(N, T, Ev), v.new_ones(N, T, 1, dtype=ct)], dim=-1)
+        out, _ = causal_forward(qs, k3, v1, self.state, self.eps, default_chunk(E))
+        self.length += T
+        return out.view(B, H, T, Ev).to(q.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes this layer's state takes now (independent of the context length)."""
+        return 0 if self.state is None else self.state.numel() * self.state.element_size()
+
+    @staticmethod
+    def state_bytes(cfg, total_len: int) -> int | None:
+        """Bytes per sequence (float32) over all layers, or None when cfg is not EA-squared.
+        Constant in `total_len` (E^2 (E+1) floats per key/value head and layer)."""
+        if getattr(cfg, "attention", None) != "ea" or getattr(cfg, "variant", None) != "squared":
+            return None
+        n_kv = cfg.n_kv_heads or cfg.n_heads
+        E = cfg.d_model // cfg.n_heads
+        return cfg.n_layers * n_kv * E * E * (E + 1) * 4
+
+
+CACHE_KINDS["recurrent"] = RecurrentEAState

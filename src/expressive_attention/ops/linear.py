@@ -1,0 +1,333 @@
+"""Exact linear-time expressive attention for the squared variant (backend="linear").
+
+With s = scale q.k, the squared variant's weight is f = s^2 = <phi(scale q), phi(k)> where
+phi(x) = x (x) x (the E*E outer product, flattened). So EA-squared *is* linear attention with a
+degree-2 polynomial feature map, exactly:
+
+    num_i = sum_{j<=i} f_ij [v_j, 1] = phi(q_i)^T S_i,   S_i = sum_{j<=i} phi(k_j) [v_j, 1]^T
+    out_i = num_i[:Ev] / (eps + num_i[Ev])
+
+The value gets a column of ones so that the normaliser rides along in the same state
+S (F x (Ev+1), F = E*E). The causal form is chunked (C rows): inside a chunk the quadratic
+form (s^2 masked by tril), across chunks the running state. Time O(L (C E + E^2 Ev)),
+memory O(L): backward recomputes the chunk features instead of keeping them, in two sweeps
+(forward order for dq, which needs the prefix state; reverse order for dk/dv, which need the
+suffix sum dS = sum_{later i} phi(q_i) g_i^T).
+
+Backward, with g_i = [dO_i / Z_i, -(dO_i . O_i) / Z_i]:
+    inside a chunk (as in blocked.py): dF = g v'^T, ds = 2 s dF;
+    across chunks: dq_i = 2 (q_i (x) g_i) . S_i^(a,(b,v)),  dk_j = 2 (k_j (x) v'_j) . dS^(a,(b,v)),
+    dv'_j = phi(k_j)^T dS,  using that S and dS are symmetric in their two feature indices.
+
+The unpacked E*E map costs 2x the flops of the symmetric E(E+1)/2 packing but is built by one
+broadcast multiply into a reused buffer; packing needs a gather or E slice ops per chunk.
+
+The saturating variant f = s^2/(1+s^2) has no finite feature map: this backend refuses it.
+Key-padding masks (bool, shape (B|1, H|Hkv|1, 1, S)) zero the masked keys, which is exact
+(f = (q.0)^2 = 0). Full (L, S) masks are not supported (a causal-plus-padding mask would have to
+be recognised in O(L^2)); use is_causal=True with a model that needs no padding, or another backend.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._inputs import Problem, repeat_kv
+from .dispatch import Backend, register_backend
+from .reference import compute_dtype
+
+
+def default_chunk(E: int) -> int:
+    """Chunk rows: the quadratic intra-chunk cost 4 C E per row is balanced against the state
+    cost 4 E^2 (E+1) per row when C ~ E^2; clamped to [64, 256] (measured on CPU, see docs/linear.md)."""
+    return int(min(256, max(64, E * E // 2)))
+
+
+def supports(p: Problem) -> "str | None":
+    """None when the linear backend can run `p`, else the reason."""
+    if p.variant != "squared":
+        return (
+            f"variant={p.variant!r} has no finite feature map: the linear (recurrent) form exists "
+            "only for variant='squared', where (q.k)^2 = <q(x)q, k(x)k>"
+        )
+    if p.dropout_p > 0:
+        return "dropout_p > 0 is only implemented by the reference backend"
+    L, S = p.q.shape[2], p.k.shape[2]
+    if p.is_causal and L != S:
+        return f"is_causal needs L == S in the linear backend, got L={L}, S={S}"
+    if p.mask is not None and p.mask.shape[2] != 1:
+        return (
+            "the linear backend takes only key-padding masks (shape (B|1, H|1, 1, S)); a mask that "
+            "varies per query row (e.g. causal plus padding) needs a quadratic backend"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks on 3-D tensors: N = B * Hkv heads, G query heads per key/value head.
+
+
+class _Outer:
+    """Row-wise outer products x (N, n, a), y (N, n, b) -> (N, n, a*b), written into a buffer
+    that is reused across chunks (fresh multi-MB allocations per chunk are 3-5x slower on CPU)."""
+
+    def __init__(self):
+        self.buf: Tensor | None = None
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        N, n, a = x.shape
+        b = y.shape[-1]
+        need = N * n * a * b
+        if self.buf is None or self.buf.numel() < need or self.buf.dtype != x.dtype:
+            self.buf = x.new_empty(need)
+        out = self.buf[:need].view(N, n, a, b)
+        torch.mul(x[..., :, None], y[..., None, :], out=out)
+        return out.view(N, n, a * b)
+
+
+def _causal_tril(n: int, dtype, device) -> Tensor:
+    return torch.ones(n, n, dtype=dtype, device=device).tril()
+
+
+def _normalise(num: Tensor, Ev: int, eps: float):
+    """num (..., Ev+1) -> (out (..., Ev), z (..., 1)) with z = eps + den, z <= 0 -> 1 (reference)."""
+    z = num[..., Ev:] + eps
+    z = torch.where(z > 0, z, torch.ones_like(z))
+    return num[..., :Ev] / z, z
+
+
+@torch.no_grad()
+def causal_forward(qs: Tensor, k: Tensor, v1: Tensor, state: Tensor, eps: float, chunk: int):
+    """Causal linear EA over n tokens that follow the tokens summarised in `state`.
+
+    qs (N, G, n, E) queries already multiplied by scale; k (N, n, E); v1 (N, n, Ev+1) values with a
+    ones column; state (N, E*E, Ev+1), updated in place. Returns out (N, G, n, Ev), z (N, G, n, 1).
+    """
+    N, G, L, E = qs.shape
+    Ev = v1.shape[-1] - 1
+    out = qs.new_empty(N, G, L, Ev)
+    zs = qs.new_empty(N, G, L, 1)
+    outer = _Outer()
+    tril = _causal_tril(min(chunk, L), qs.dtype, qs.device)
+    for c0 in range(0, L, chunk):
+        c1 = min(L, c0 + chunk)
+        n = c1 - c0
+        qc = qs[:, :, c0:c1].reshape(N, G * n, E)
+        kc, vc = k[:, c0:c1], v1[:, c0:c1]
+        s = torch.bmm(qc, kc.transpose(1, 2))  # (N, G*n, n)
+        s.square_().view(N, G, n, n).mul_(tril[:n, :n])
+        num = torch.bmm(s, vc)  # (N, G*n, Ev+1)
+        num.baddbmm_(outer(qc, qc), state)
+        state.baddbmm_(outer(kc, kc).transpose(1, 2), vc)
+        o, z = _normalise(num.view(N, G, n, Ev + 1), Ev, eps)
+        out[:, :, c0:c1] = o
+        zs[:, :, c0:c1] = z
+    return out, zs
+
+
+@torch.no_grad()
+def _global_state(k: Tensor, v1: Tensor, chunk: int) -> Tensor:
+    """sum_j phi(k_j) v1_j^T over all keys: (N, E*E, Ev+1)."""
+    N, S, E = k.shape
+    state = k.new_zeros(N, E * E, v1.shape[-1])
+    outer = _Outer()
+    for c0 in range(0, S, chunk):
+        kc, vc = k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk]
+        state.baddbmm_(outer(kc, kc).transpose(1, 2), vc)
+    return state
+
+
+@torch.no_grad()
+def full_forward(qs: Tensor, k: Tensor, v1: Tensor, eps: float, chunk: int):
+    """Non-causal: every query sees every key through one global state."""
+    N, G, L, E = qs.shape
+    Ev = v1.shape[-1] - 1
+    state = _global_state(k, v1, chunk)
+    out = qs.new_empty(N, G, L, Ev)
+    zs = qs.new_empty(N, G, L, 1)
+    outer = _Outer()
+    for c0 in range(0, L, chunk):
+        c1 = min(L, c0 + chunk)
+        n = c1 - c0
+        qc = qs[:, :, c0:c1].reshape(N, G * n, E)
+        num = torch.bmm(outer(qc, qc), state)
+        o, z = _normalise(num.view(N, G, n, Ev + 1), Ev, eps)
+        out[:, :, c0:c1] = o
+        zs[:, :, c0:c1] = z
+    return out, zs
+
+
+def _grad_rows(do: Tensor, o: Tensor, z: Tensor) -> Tensor:
+    """g = [dO / Z, -(dO . O) / Z]: the gradient w.r.t. the un-normalised [num, den]. (..., Ev+1)"""
+    return torch.cat([do, -(do * o).sum(-1, keepdim=True)], dim=-1).div_(z)
+
+
+@torch.no_grad()
+def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
+    """Gradients w.r.t. qs (N, G, L, E), k (N, S, E), v (N, S, Ev); see the module docstring."""
+    N, G, L, E = qs.shape
+    S, Ev1 = k.shape[1], v1.shape[-1]
+    Ev = Ev1 - 1
+    dqs = torch.zeros_like(qs)
+    dk = torch.zeros_like(k)
+    dv1 = torch.zeros_like(v1)
+    outer = _Outer()
+
+    def g_of(c0, c1):
+        n = c1 - c0
+        return _grad_rows(do[:, :, c0:c1], o[:, :, c0:c1], z[:, :, c0:c1]).reshape(N, G * n, Ev1)
+
+    if not is_causal:
+        state = _global_state(k, v1, chunk)
+        st_t = state.view(N, E, E * Ev1).transpose(1, 2)  # [(b, v), a]
+        dstate = k.new_zeros(N, E * E, Ev1)
+        for c0 in range(0, L, chunk):
+            c1 = min(L, c0 + chunk)
+            n = c1 - c0
+            qc, g = qs[:, :, c0:c1].reshape(N, G * n, E), g_of(c0, c1)
+            dqs[:, :, c0:c1] = torch.bmm(outer(qc, g), st_t).mul_(2.0).view(N, G, n, E)
+            dstate.baddbmm_(outer(qc, qc).transpose(1, 2), g)
+        dst_t = dstate.view(N, E, E * Ev1).transpose(1, 2)
+        for c0 in range(0, S, chunk):
+            kc, vc = k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk]
+            dk[:, c0 : c0 + chunk] = torch.bmm(outer(kc, vc), dst_t).mul_(2.0)
+            dv1[:, c0 : c0 + chunk] = torch.bmm(outer(kc, kc), dstate)
+        return dqs, dk, dv1[..., :Ev]
+
+    tril = _causal_tril(min(chunk, L), qs.dtype, qs.device)
+    # sweep 1, forward order: the quadratic part inside each chunk, and dq from the prefix state
+    state = k.new_zeros(N, E * E, Ev1)
+    st_t = state.view(N, E, E * Ev1).transpose(1, 2)
+    for c0 in range(0, L, chunk):
+        c1 = min(L, c0 + chunk)
+        n = c1 - c0
+        qc, g = qs[:, :, c0:c1].reshape(N, G * n, E), g_of(c0, c1)
+        kc, vc = k[:, c0:c1], v1[:, c0:c1]
+        s = torch.bmm(qc, kc.transpose(1, 2))  # (N, G*n, n)
+        m = tril[:n, :n]
+        ds = torch.bmm(g, vc.transpose(1, 2))  # dF
+        ds.view(N, G, n, n).mul_(m).mul_(s.view(N, G, n, n)).mul_(2.0)  # dF * f'(s), masked
+        f = s.square_()
+        f.view(N, G, n, n).mul_(m)
+        dv1[:, c0:c1] += torch.bmm(f.transpose(1, 2), g)
+        dk[:, c0:c1] += torch.bmm(ds.transpose(1, 2), qc)
+        dq = torch.bmm(ds, kc)  # (N, G*n, E)
+        if c0 > 0:
+            dq.baddbmm_(outer(qc, g), st_t, alpha=2.0)
+        dqs[:, :, c0:c1] = dq.view(N, G, n, E)
+        state.baddbmm_(outer(kc, kc).transpose(1, 2), vc)
+    # sweep 2, reverse order: keys of chunk c reach the queries of later chunks through dS
+    dstate = k.new_zeros(N, E * E, Ev1)
+    dst_t = dstate.view(N, E, E * Ev1).transpose(1, 2)
+    starts = list(range(0, L, chunk))
+    for c0 in reversed(starts):
+        c1 = min(L, c0 + chunk)
+        n = c1 - c0
+        kc, vc = k[:, c0:c1], v1[:, c0:c1]
+        if c0 != starts[-1]:
+            dk[:, c0:c1].baddbmm_(outer(kc, vc), dst_t, alpha=2.0)
+            dv1[:, c0:c1].baddbmm_(outer(kc, kc), dstate)
+        if c0 > 0:
+            qc, g = qs[:, :, c0:c1].reshape(N, G * n, E), g_of(c0, c1)
+            dstate.baddbmm_(outer(qc, qc).transpose(1, 2), g)
+    return dqs, dk, dv1[..., :Ev]
+
+
+def _ones_column(v: Tensor) -> Tensor:
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+
+
+class _LinearEA(torch.autograd.Function):
+    """q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) -> (B, H, L, Ev); saves only inputs,
+    output and normaliser."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, is_causal, scale, eps, chunk):
+        B, H, L, E = q.shape
+        Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+        G, N = H // Hkv, B * Hkv
+        ct = compute_dtype(q.dtype)
+        qs = (q.to(ct) * scale).reshape(N, G, L, E)
+        k3 = k.to(ct).reshape(N, S, E)
+        v1 = _ones_column(v.to(ct).reshape(N, S, Ev))
+        if is_causal:
+            state = k3.new_zeros(N, E * E, Ev + 1)
+            out, z = causal_forward(qs, k3, v1, state, eps, chunk)
+        else:
+            out, z = full_forward(qs, k3, v1, eps, chunk)
+        ctx.save_for_backward(q, k, v, out, z)
+        ctx.args = (is_causal, scale, eps, chunk)
+        return out.view(B, H, L, Ev).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, z = ctx.saved_tensors
+        is_causal, scale, eps, chunk = ctx.args
+        B, H, L, E = q.shape
+        Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+        G, N = H // Hkv, B * Hkv
+        ct = compute_dtype(q.dtype)
+        qs = (q.to(ct) * scale).reshape(N, G, L, E)
+        k3 = k.to(ct).reshape(N, S, E)
+        v1 = _ones_column(v.to(ct).reshape(N, S, Ev))
+        do = dout.to(ct).reshape(N, G, L, Ev)
+        dqs, dk, dv = _backward(qs, k3, v1, out, z, do, eps, chunk, is_causal)
+        dq = dqs.mul_(scale).view(B, H, L, E).to(q.dtype)
+        return dq, dk.view(B, Hkv, S, E).to(k.dtype), dv.reshape(B, Hkv, S, Ev).to(v.dtype), None, None, None, None
+
+
+def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
+    """Backend entry point: a checked 4-D `Problem` (see `supports`) -> output (B, H, L, Ev)."""
+    reason = supports(p)
+    if reason is not None:
+        raise ValueError(f"backend='linear' cannot run this call: {reason}")
+    q, k, v = p.q, p.k, p.v
+    if p.mask is not None:
+        keep = p.mask[:, :, 0, :]  # (Bm, Hm, S)
+        if keep.shape[1] != 1 and p.groups > 1:  # per-query-head padding: one state per query head
+            k, v = repeat_kv(k, p.groups), repeat_kv(v, p.groups)
+        k = k * keep[..., None].to(k.dtype)  # a masked key scores (q.0)^2 = 0: exactly removed
+    chunk = default_chunk(q.shape[-1]) if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return _LinearEA.apply(q, k, v, p.is_causal, p.scale, p.eps, chunk)
+
+
+register_backend(Backend(
+    "linear", linear_attention, supports,
+    description="exact chunked linear form of variant='squared' (O(L) time and memory)",
+))
+
+
+# Sequence length above which backend="auto" runs the linear form on CPU, by head dim E, for
+# causal forward+backward (training) and forward only (inference). Measured on a 2-core AVX2
+# CPU against the fastest quadratic EA backend and SDPA: `python benchmarks/bench_long.py --crossover`.
+CROSSOVER_TRAIN = {16: 2048, 32: 5120, 64: 16384}
+CROSSOVER_INFER = {16: 2048, 32: 5120, 64: 10240}
+
+
+def crossover_length(E: int, train: bool) -> float:
+    """The measured crossover for E, geometric interpolation between measured E, ~E^2 beyond."""
+    table = CROSSOVER_TRAIN if train else CROSSOVER_INFER
+    Es = sorted(table)
+    if E <= Es[0]:
+        return table[Es[0]] * E / Es[0]
+    if E >= Es[-1]:
+        return table[Es[-1]] * (E / Es[-1]) ** 2
+    hi = next(e for e in Es if e >= E)
+    lo = Es[Es.index(hi) - 1]
+    t = math.log(E / lo) / math.log(hi / lo)
+    return table[lo] * (table[hi] / table[lo]) ** t
+
+
+def linear_pays_off(p: Problem) -> bool:
+    """The `backend="auto"` rule: EA-squared on CPU, long enough that the linear form is faster.
+    (On GPU the crossover is unmeasured, so "auto" keeps the quadratic kernels there.)"""
+    if supports(p) is not None or p.q.device.type != "cpu":
+        return False
+    L, S, E = p.q.shape[2], p.k.shape[2], p.q.shape[3]
+    # causal: quadratic work ~ L^2/2; bidirectional ~ L*S vs linear ~ (L + S): effective length
+    n = L if p.is_causal else 4.0 * L * S / (L + S)
+    return n >= crossover_length(E, p.requires_grad)

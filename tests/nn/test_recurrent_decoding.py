@@ -1,0 +1,84 @@
+"""Recurrent EA-squared decoding (cache="recurrent") gives the tokens and logits of full forward passes."""
+import pytest
+import torch
+
+from expressive_attention.nn import CACHE_KINDS, DecoderLM, KVCache, LMConfig, choose_cache_kind
+from expressive_attention.nn.recurrent import RecurrentEAState
+
+
+def model(pos="learned", n_kv_heads=None, variant="squared", attention="ea", seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    # init_std large enough that scores are of order one: EA then differs clearly from uniform weights
+    cfg = LMConfig(vocab_size=17, context_length=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
+                   pos=pos, attention=attention, variant=variant, init_std=0.3)
+    return DecoderLM(cfg).to(dtype).eval()
+
+
+@pytest.mark.parametrize("pos,n_kv_heads", [("learned", None), ("rope", 2), ("rope", 1)])
+def test_same_tokens_and_logits_as_full_forward(pos, n_kv_heads):
+    m = model(pos, n_kv_heads)
+    idx = torch.randint(0, 17, (3, 9), generator=torch.Generator().manual_seed(1))
+    rec = m.generate(idx, 24, cache="recurrent")
+    full = m.generate(idx, 24, cache=None)
+    assert torch.equal(rec, full)
+    assert torch.equal(rec, m.generate(idx, 24, cache="kv"))
+    with torch.no_grad():
+        ref = m(rec)  # (B, T, V) one full forward pass
+        caches = m.new_cache("recurrent")
+        parts = [m(rec[:, :9], cache=caches)]  # prefill with the chunked linear form
+        parts += [m(rec[:, t : t + 1], cache=caches) for t in range(9, rec.shape[1])]  # O(1) steps
+        got = torch.cat(parts, dim=1)
+    assert caches[0].length == rec.shape[1]
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    assert (ref.std(-1) > 0.5).all()  # the check is not trivially passed by flat logits
+
+
+def test_float64_prefill_in_uneven_pieces_matches():
+    m = model("rope", 2, dtype=torch.float64)
+    idx = torch.randint(0, 17, (2, 90), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = m(idx)
+        caches = m.new_cache("recurrent")
+        got = torch.cat([m(idx[:, a:b], cache=caches) for a, b in [(0, 1), (1, 40), (40, 41), (41, 90)]], dim=1)
+    torch.testing.assert_close(got, ref, atol=1e-11, rtol=1e-11)
+
+
+def test_state_size_is_constant_and_reported():
+    m = model(n_kv_heads=2)
+    caches = m.new_cache("recurrent")
+    E = 32 // 4
+    with torch.no_grad():
+        m(torch.zeros(2, 5, dtype=torch.long), cache=caches)
+        size = caches[0].nbytes()
+        assert size == 2 * 2 * E * E * (E + 1) * 4  # (B * Hkv, E*E, Ev+1) float32
+        m(torch.zeros(2, 50, dtype=torch.long), cache=caches)
+        assert caches[0].nbytes() == size
+    assert RecurrentEAState.state_bytes(m.cfg, 10) == RecurrentEAState.state_bytes(m.cfg, 10**6) == 2 * size // 2
+
+
+def test_auto_cache_choice():
+    sq = model().cfg
+    E = sq.d_model // sq.n_heads
+    crossover = E * (E + 1) // 2  # recurrent E^2 (E+1) floats vs KV 2 E per token
+    assert CACHE_KINDS["recurrent"] is RecurrentEAState
+    assert choose_cache_kind(sq, crossover - 1) == "kv"
+    assert choose_cache_kind(sq, crossover + 1) == "recurrent"
+    assert RecurrentEAState.state_bytes(sq, crossover + 1) < KVCache.state_bytes(sq, crossover + 1)
+    assert choose_cache_kind(model(variant="saturating").cfg, 10**6) == "kv"
+    assert choose_cache_kind(model(attention="dpa").cfg, 10**6) == "kv"
+    m = model()
+    idx = torch.randint(0, 17, (1, 4), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(m.generate(idx, 8, cache="auto"), m.generate(idx, 8, cache=None))
+
+
+@pytest.mark.parametrize("variant,attention", [("saturating", "ea"), ("squared", "dpa")])
+def test_recurrent_needs_ea_squared(variant, attention):
+    m = model(variant=variant, attention=attention)
+    with pytest.raises(ValueError, match="squared"):
+        m.generate(torch.zeros(1, 3, dtype=torch.long), 2, cache="recurrent")
+
+
+def test_recurrent_refuses_gradients():
+    m = model().train()
+    with pytest.raises(RuntimeError, match="inference"):
+        m(torch.zeros(1, 3, dtype=torch.long), cache=m.new_cache("recurrent"))
