@@ -48,9 +48,9 @@ MAX_HEAD_DIM = 256
 
 
 # ----------------------------------------------------------------------------- kernels
-# Layouts: q (B, H, L, E), k (B, Hkv, S, E),
-# v (B, Hkv, S, Ev), o / do (B, H, L, Ev), mask uint8 (Bm, Hm, Lm, S) with stride 0 on size-1
-# dims, Z / D float32 (B*H, L). Head h reads key/value head h // G.
+# Layouts: q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), o / do (B, H, L, Ev),
+# mask uint8 (Bm, Hm, Lm, S) with stride 0 on size-1 dims, Z / D float32 (B*H, L).
+# Head h reads key/value head h // G. DOT is the dtype tiles enter tl.dot in (`_dot_dtype`).
 
 @_jit
 def _fwd(Q, K, V, M, O, Z,
@@ -58,8 +58,9 @@ def _fwd(Q, K, V, M, O, Z,
          smb, smh, sml, sms, sob, soh, sol, soe,
          H, G, L, S, E, EV, scale, eps,
          SATURATING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-         F32_PV: tl.constexpr, PRECISION: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr):
+         F32_PV: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+         BLOCK_EV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -69,8 +70,9 @@ def _fwd(Q, K, V, M, O, Z,
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
     row_ok = offs_m < L
+    # (BLOCK_M, BLOCK_E)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_e[None, :] * sqe,
-                mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # (BLOCK_M, BLOCK_E)
+                mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     m_base = M + b * smb + h * smh
@@ -82,8 +84,9 @@ def _fwd(Q, K, V, M, O, Z,
     for n0 in range(0, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < S
+        # (BLOCK_N, BLOCK_E)
         k = tl.load(k_base + offs_n[:, None] * sks + offs_e[None, :] * ske,
-                    mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # (BLOCK_N, BLOCK_E)
+                    mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
         if SATURATING:  # f = s^2 / (1 + s^2) = 1 - 1 / (1 + s^2): finite even when s^2 overflows
             f = 1.0 - 1.0 / (1.0 + s * s)
@@ -96,12 +99,13 @@ def _fwd(Q, K, V, M, O, Z,
             mk = tl.load(m_base + offs_m[:, None] * sml + offs_n[None, :] * sms, mask=keep, other=0)
             keep = keep & (mk != 0)
         f = tl.where(keep, f, 0.0)
+        # (BLOCK_N, BLOCK_EV)
         v = tl.load(v_base + offs_n[:, None] * svs + offs_ev[None, :] * sve,
-                    mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_EV)
+                    mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0).to(DOT)
         if F32_PV:
             acc += tl.dot(f, v.to(tl.float32), input_precision="tf32")
         else:
-            acc += tl.dot(f.to(v.dtype), v, input_precision=PRECISION)
+            acc += tl.dot(f.to(Q.dtype.element_ty).to(DOT), v, input_precision=PRECISION)
         z += tl.sum(f, axis=1)
     z = z + eps
     z = tl.where(z > 0, z, 1.0)  # eps == 0 and nothing to attend to: 0 / 1
@@ -118,7 +122,7 @@ def _bwd_dkdv(Q, K, V, M, DO, Z, D, DK, DV,
               sdkb, sdkh, sdks, sdke, sdvb, sdvh, sdvs, sdve,
               H, HKV, G, L, S, E, EV, scale,
               SATURATING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-              PRECISION: tl.constexpr,
+              PRECISION: tl.constexpr, DOT: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
               BLOCK_EV: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -129,10 +133,12 @@ def _bwd_dkdv(Q, K, V, M, DO, Z, D, DK, DV,
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
     col_ok = offs_n < S
+    # (BLOCK_N, BLOCK_E)
     k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_e[None, :] * ske,
-                mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # (BLOCK_N, BLOCK_E)
+                mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
+    # (BLOCK_N, BLOCK_EV)
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_ev[None, :] * sve,
-                mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_EV)
+                mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0).to(DOT)
     dk = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_EV), dtype=tl.float32)
     start = 0
@@ -144,9 +150,9 @@ def _bwd_dkdv(Q, K, V, M, DO, Z, D, DK, DV,
             offs_m = m0 + tl.arange(0, BLOCK_M)
             row_ok = offs_m < L
             q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_e[None, :] * sqe,
-                        mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+                        mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
             do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_ev[None, :] * sde,
-                         mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
+                         mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0).to(DOT)
             zr = tl.load(Z + (b * H + h) * L + offs_m, mask=row_ok, other=1.0)
             dr = tl.load(D + (b * H + h) * L + offs_m, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
@@ -165,10 +171,10 @@ def _bwd_dkdv(Q, K, V, M, DO, Z, D, DK, DV,
                              mask=keep, other=0)
                 keep = keep & (mk != 0)
             a = tl.where(keep, f / zr[:, None], 0.0)  # attention weights of the tile
-            dv += tl.dot(tl.trans(a).to(do.dtype), do, input_precision=PRECISION)
+            dv += tl.dot(tl.trans(a).to(Q.dtype.element_ty).to(DOT), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dO_i . v_j
             ds = tl.where(keep, (dp - dr[:, None]) / zr[:, None] * fp * scale, 0.0)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds).to(Q.dtype.element_ty).to(DOT), q, input_precision=PRECISION)
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_e[None, :] * sdke,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_e[None, :] < E))
     tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvs + offs_ev[None, :] * sdve,
@@ -181,7 +187,7 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
             smb, smh, sml, sms, sdb, sdh, sdl, sde, sdqb, sdqh, sdql, sdqe,
             H, G, L, S, E, EV, scale,
             SATURATING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-            PRECISION: tl.constexpr,
+            PRECISION: tl.constexpr, DOT: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
             BLOCK_EV: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -194,9 +200,9 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
     offs_ev = tl.arange(0, BLOCK_EV)
     row_ok = offs_m < L
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_e[None, :] * sqe,
-                mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+                mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_ev[None, :] * sde,
-                 mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
+                 mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0).to(DOT)
     zr = tl.load(Z + pid_bh.to(tl.int64) * L + offs_m, mask=row_ok, other=1.0)
     dr = tl.load(D + pid_bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * skb + hk * skh
@@ -210,9 +216,9 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < S
         k = tl.load(k_base + offs_n[:, None] * sks + offs_e[None, :] * ske,
-                    mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+                    mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
         v = tl.load(v_base + offs_n[:, None] * svs + offs_ev[None, :] * sve,
-                    mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
+                    mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0).to(DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         if SATURATING:
             r = 1.0 / (1.0 + s * s)
@@ -227,7 +233,7 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
             keep = keep & (mk != 0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = tl.where(keep, (dp - dr[:, None]) / zr[:, None] * fp * scale, 0.0)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += tl.dot(ds.to(Q.dtype.element_ty).to(DOT), k, input_precision=PRECISION)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_e[None, :] * sdqe,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < E))
 
@@ -267,6 +273,16 @@ def _precision(dtype: torch.dtype):
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def _dot_dtype(dtype: torch.dtype):
+    """The dtype tiles enter tl.dot in: the input dtype, except bf16 under the interpreter, whose
+    bf16 dot is wrong in Triton 3.9 (it multiplies the raw uint16 storage); there the bf16 values
+    are widened to fp32 first: the same products as a bf16 MMA with fp32 accumulation."""
+    if dtype == torch.bfloat16 and interpreter_enabled():
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float32: tl.float32}[dtype]
+
+
 def _mask_args(mask: Tensor | None, q: Tensor):
     if mask is None:
         return q, (0, 0, 0, 0)
@@ -287,7 +303,7 @@ def _forward(q, k, v, mask, is_causal, scale, variant, eps):
         H, H // Hkv, L, S, E, Ev, scale, eps,
         SATURATING=variant == "saturating", CAUSAL=is_causal, HAS_MASK=mask is not None,
         F32_PV=variant == "squared" and q.dtype == torch.float16, PRECISION=_precision(q.dtype),
-        BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev), **cfg,
+        DOT=_dot_dtype(q.dtype), BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev), **cfg,
     )
     return out, z
 
@@ -300,7 +316,8 @@ def _backward(q, k, v, mask, out, z, dout, is_causal, scale, variant):
     m, ms = _mask_args(mask, q)
     cfg = _config(E, Ev, backward=True)
     consts = dict(SATURATING=variant == "saturating", CAUSAL=is_causal, HAS_MASK=mask is not None,
-                  PRECISION=_precision(q.dtype), BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev), **cfg)
+                  PRECISION=_precision(q.dtype), DOT=_dot_dtype(q.dtype),
+                  BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev), **cfg)
     common = (*q.stride(), *k.stride(), *v.stride(), *ms, *dout.stride())
     _bwd_dkdv[(triton.cdiv(S, cfg["BLOCK_N"]), B * Hkv)](
         q, k, v, m, dout, z, d, dk, dv, *common, *dk.stride(), *dv.stride(),
@@ -338,10 +355,6 @@ def supports(p: Problem) -> "str | None":
         return "triton is not installed (pip install 'expressive-attention[triton]')"
     if p.dropout_p > 0:
         return "dropout_p > 0 is only implemented by the reference backend"
-    dev = p.q.device.type
-    if dev != "cuda" and not (dev == "cpu" and interpreter_enabled()):
-        return (f"tensors are on {dev}: the Triton kernels need CUDA tensors (or CPU tensors "
-                "with TRITON_INTERPRET=1 set before triton is imported: the slow interpreter)")
     if p.q.dtype not in DTYPES:
         return f"dtype {p.q.dtype} is not supported (float16, bfloat16, float32)"
     E, Ev = p.q.shape[-1], p.v.shape[-1]
@@ -349,8 +362,13 @@ def supports(p: Problem) -> "str | None":
         return f"head dims E={E}, Ev={Ev}: at most {MAX_HEAD_DIM} are supported"
     if min(p.q.shape[-2], p.k.shape[-2], E, Ev, p.q.shape[0], p.q.shape[1]) == 0:
         return "empty tensors are not supported"
+    dev = p.q.device.type
+    if dev != "cuda" and not (dev == "cpu" and interpreter_enabled()):
+        return (f"tensors are on {dev}: the Triton kernels need CUDA tensors (or CPU tensors "
+                "with TRITON_INTERPRET=1 set before triton is imported: the slow interpreter)")
     return None
 
 
-register_backend(Backend("triton", triton_attention, supports,
-                         description="Triton flash-style kernels (CUDA; CPU via TRITON_INTERPRET=1)"))
+register_backend(Backend(
+    "triton", triton_attention, supports,
+    description="Triton flash-style kernels (CUDA; CPU via TRITON_INTERPRET=1)"))

@@ -1,0 +1,203 @@
+"""The Triton backend against the reference, run on CPU by Triton's interpreter.
+
+Triton picks interpreter or compiler as @triton.jit decorates a function (TRITON_INTERPRET),
+and triton.language's own helpers (tl.zeros, tl.sum) are decorated when triton is first imported.
+By the time pytest reaches this module other modules have imported triton in compiled mode, so the
+kernel checks run in a fresh interpreter-mode Python: `TRITON_INTERPRET=1 python <this file> GROUP`
+(one pytest test per group, so xdist spreads them; a failing check prints its name and traceback).
+Shapes are tiny (the interpreter runs numpy per tile) but cross its 16-wide tiles.
+"""
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+
+import triton  # noqa: F401  (a dev dependency: a missing triton must fail here, not skip)
+from expressive_attention.ops import BACKENDS, choose_backend, expressive_attention
+from expressive_attention.ops import dispatch
+from expressive_attention.ops._inputs import normalise
+from expressive_attention.ops.triton_ea import interpreter_enabled, supports
+
+VARIANTS = ("saturating", "squared")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _inputs(B, H, Hkv, L, S, E, Ev, dtype=torch.float32, seed=0, qk_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, H, L, E, generator=g) * qk_scale).to(dtype).requires_grad_()
+    k = (torch.randn(B, Hkv, S, E, generator=g) * qk_scale).to(dtype).requires_grad_()
+    v = torch.randn(B, Hkv, S, Ev, generator=g).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def _run(backend, q, k, v, dout, **kw):
+    out = expressive_attention(q, k, v, backend=backend, **kw)
+    return out, torch.autograd.grad(out, (q, k, v), dout)
+
+
+def _assert_close(got, ref, tol, what):
+    """max |got - ref| <= tol * max(1, max |ref|): relative to the tensor's scale."""
+    assert torch.isfinite(got).all(), f"{what}: not finite"
+    err = (got.float() - ref.float()).abs().max().item()
+    bound = tol * max(1.0, ref.float().abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+def _check(q, k, v, tol=2e-5, **kw):
+    """Triton vs reference: output and all three gradients (a random dO)."""
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(*q.shape[:-1], v.shape[-1], generator=g).to(q.dtype)
+    out, grads = _run("triton", q, k, v, dout, **kw)
+    ref, ref_grads = _run("reference", q, k, v, dout, **kw)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    _assert_close(out, ref, tol, "out")
+    for name, gt, gr in zip("qkv", grads, ref_grads):
+        assert gt.dtype == gr.dtype and gt.shape == gr.shape
+        _assert_close(gt, gr, 5 * tol, f"d{name}")
+    return out, grads
+
+
+def _problem(**kw):
+    args = dict(query=torch.randn(1, 2, 70, 16), key=torch.randn(1, 2, 70, 16),
+                value=torch.randn(1, 2, 70, 16), attn_mask=None, dropout_p=0.0, is_causal=False,
+                scale=None, enable_gqa=False, variant="saturating", eps=1e-6)
+    args.update(kw)
+    return normalise(**args)
+
+
+# ----------------------------------------------------------------------------- interpreter checks
+# Each check runs in the child process; GROUPS maps a pytest test to its checks.
+
+def check_shapes_and_causal():
+    # E, Ev not powers of two (padded to 32 / 16); L != S both ways under causal; L = 1.
+    cases = [(2, 1, 7, 33, False), (1, 2, 33, 20, True), (1, 1, 20, 33, True), (2, 1, 1, 7, False),
+             (1, 1, 1, 1, True)]
+    for variant in VARIANTS:
+        for B, H, L, S, causal in cases:
+            q, k, v = _inputs(B, H, H, L, S, 20, 12, seed=L * 100 + S)
+            _check(q, k, v, is_causal=causal, variant=variant)
+
+
+def check_gqa():
+    # H=4 query heads on Hkv=2 with a (1, H, L, S) mask: head h must read mask head h.
+    for variant in VARIANTS:
+        q, k, v = _inputs(1, 4, 2, 17, 17, 16, 16, seed=3)
+        mask = torch.rand(1, 4, 17, 17, generator=torch.Generator().manual_seed(4)) > 0.4
+        _check(q, k, v, attn_mask=mask, enable_gqa=True, variant=variant)
+    q, k, v = _inputs(1, 3, 1, 17, 17, 16, 8, seed=5)  # one key/value head, causal
+    _check(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def check_masks_and_empty_rows():
+    # (B, 1, L, S) mask broadcast over heads; rows 0 (all b) and 9 (b = 1) see no key at all.
+    B, H, L, S = 2, 2, 17, 19
+    mask = torch.rand(B, 1, L, S, generator=torch.Generator().manual_seed(6)) > 0.5
+    mask[:, :, 0] = False
+    mask[1, :, 9] = False
+    for variant, eps in (("saturating", 0.0), ("squared", 1e-6)):
+        q, k, v = _inputs(B, H, H, L, S, 16, 16, seed=7)
+        out, grads = _check(q, k, v, attn_mask=mask, variant=variant, eps=eps)
+        assert (out[:, :, 0] == 0).all() and (out[1, :, 9] == 0).all(), "empty row not zero"
+        assert (grads[0][:, :, 0] == 0).all(), "empty row has a query gradient"
+    # (B, 1, 1, S) key-padding mask: the Hm = 1 and Lm = 1 broadcast paths.
+    q, k, v = _inputs(2, 2, 2, 9, 21, 16, 16, seed=8)
+    mask = torch.ones(2, 1, 1, 21, dtype=torch.bool)
+    mask[0, ..., 15:] = False
+    mask[1, ..., :3] = False
+    _check(q, k, v, attn_mask=mask, variant="squared")
+
+
+def check_half_precision_large_scores():
+    # |s| in the hundreds: s^2 passes fp16's 65504; nothing may overflow (squared in fp16 too).
+    for dtype in (torch.bfloat16, torch.float16):
+        for variant in VARIANTS:
+            q, k, v = _inputs(1, 1, 1, 17, 18, 16, 16, dtype=dtype, seed=9, qk_scale=12.0)
+            s = (q.float() @ k.float().transpose(-1, -2)) / 4
+            assert s.abs().max() > 300
+            _check(q, k, v, tol=3e-2, is_causal=True, variant=variant)
+
+
+def check_strides_3d_and_expanded_grad():
+    # (B, L, H, E) storage seen as (B, H, L, E), a strided value, a custom scale; out.sum()'s
+    # expanded (all-zero-stride) dO; 3-D inputs without a batch dim.
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(2, 19, 2, 16, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 21, 2, 16, generator=g).transpose(1, 2).requires_grad_()
+    v = torch.randn(2, 21, 2, 32, generator=g)[..., ::2].transpose(1, 2).requires_grad_()
+    _check(q, k, v, scale=0.7)
+    got = torch.autograd.grad(expressive_attention(q, k, v, backend="triton").sum(), (q, k, v))
+    ref = torch.autograd.grad(expressive_attention(q, k, v, backend="reference").sum(), (q, k, v))
+    for name, a, b in zip("qkv", got, ref):
+        _assert_close(a, b, 1e-4, f"d{name} of out.sum()")
+    q3, k3, v3 = (t.detach()[0].clone().requires_grad_() for t in (q, k, v))
+    _check(q3, k3, v3, is_causal=True, variant="squared")
+
+
+def check_auto_and_supports_under_interpreter():
+    # The interpreter runs CPU tensors on request, but "auto" keeps Triton for CUDA tensors.
+    assert interpreter_enabled()
+    p = _problem()
+    assert supports(p) is None
+    assert BACKENDS["triton"].supports(p) is None
+    order = dispatch.AUTO_ORDER[:]
+    dispatch.AUTO_ORDER[:] = ["triton"]  # ask no other backend (a fused one may build itself)
+    try:
+        assert choose_backend(p).name == "reference"
+    finally:
+        dispatch.AUTO_ORDER[:] = order
+
+
+GROUPS = {  # two groups: one child process per xdist worker
+    "shapes_gqa": [check_shapes_and_causal, check_gqa, check_auto_and_supports_under_interpreter],
+    "masks_precision_strides": [check_masks_and_empty_rows, check_half_precision_large_scores,
+                                check_strides_3d_and_expanded_grad],
+}
+
+
+def _main(group: str) -> int:
+    """Child process: run one group's checks, print each result; exit status 1 if any failed."""
+    torch.set_num_threads(1)
+    failed = 0
+    for check in GROUPS[group]:
+        t0 = time.perf_counter()
+        try:
+            check()
+            print(f"ok   {check.__name__} ({time.perf_counter() - t0:.1f}s)")
+        except Exception:
+            failed += 1
+            print(f"FAIL {check.__name__}\n{traceback.format_exc()}")
+    return int(failed > 0)
+
+
+# ----------------------------------------------------------------------------- pytest
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_interpreter_matches_reference(group):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, __file__, group], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, f"checks failed under TRITON_INTERPRET=1:\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert r.stdout.count("ok   ") == len(GROUPS[group]), r.stdout
+
+
+def test_supports_reasons():
+    assert "dropout" in supports(_problem(dropout_p=0.1))
+    x = torch.randn(1, 2, 8, 16, dtype=torch.float64)
+    assert "float64" in supports(_problem(query=x, key=x, value=x))
+    big = torch.randn(1, 2, 8, 512)
+    assert "head dims" in supports(_problem(query=big, key=big, value=big))
+    if interpreter_enabled():  # this pytest itself was started with TRITON_INTERPRET=1
+        assert supports(_problem()) is None
+    else:
+        assert "TRITON_INTERPRET" in supports(_problem())
+        with pytest.raises(ValueError, match="backend='triton' cannot run"):
+            expressive_attention(*(torch.randn(1, 8, 16) for _ in range(3)), backend="triton")
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1]))
