@@ -9,6 +9,8 @@ import sys
 # module path (relative to this package) of each subcommand, in the order `ea --help` lists them
 SUBCOMMANDS = [
     "benchmarks_cli",
+    "ladder_cli",
+    "lm_cli",
 ]
 
 
