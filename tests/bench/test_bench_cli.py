@@ -32,3 +32,11 @@ def test_table_ratios_are_relative_to_sdpa_on_the_same_shape():
     format_table(recs, peak=100.0)
     assert (recs[1]["time_ratio"], recs[1]["mem_ratio"]) == (1.5, 0.5)
     assert (recs[3]["time_ratio"], recs[3]["mem_ratio"]) == (0.5, 2.0)
+
+
+def test_model_step_timing_compares_same_model_both_kinds():
+    from expressive_attention.bench.model_step import time_training_steps
+
+    r = time_training_steps(dict(context_length=16, d_model=32), batch=2, steps=1, warmup=1)
+    assert r["dpa_ms"] > 0 and r["ea_ms"] > 0
+    assert abs(r["ratio"] - r["ea_ms"] / r["dpa_ms"]) < 1e-9 and r["params"] > 0

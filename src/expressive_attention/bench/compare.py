@@ -87,10 +87,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-causal", action="store_true", help="full attention instead of causal")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median reported)")
     p.add_argument("--json", metavar="PATH", help="also write all records as JSON")
+    p.add_argument("--model", action="store_true",
+                   help="instead: time a DecoderLM training step with EA vs DPA (quick-ladder size and a long context)")
 
 
 def main(args) -> int:
     from expressive_attention.ops._inputs import check_variant
+
+    if args.model:
+        from .model_step import main as model_main
+
+        return model_main(args)
 
     for v in args.variants:
         check_variant(v)
