@@ -38,8 +38,15 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 
 namespace {
 
-constexpr int64_t kQBlock = 64;   // query rows per tile
-constexpr int64_t kKvBlock = 512;  // keys per tile
+int64_t kQBlock = 64;    // query rows per tile (set_block_sizes changes them, for tuning)
+int64_t kKvBlock = 512;  // keys per tile
+// Problems below this many multiply-adds per thread run on one thread (no fork/join cost).
+constexpr int64_t kMinWorkPerThread = 1 << 18;
+
+// parallel_for grain (in tasks) so that each thread gets at least kMinWorkPerThread.
+inline int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_task));
+}
 
 template <typename T>
 at::ScalarType scalar_type_of();
@@ -172,7 +179,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   T *od = out.data_ptr<T>(), *zd = z.data_ptr<T>();
   const int64_t nqb = (L + kQBlock - 1) / kQBlock;
 
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(std::min(kQBlock, L) * S * (E + Ev));
+  at::parallel_for(0, B * H * nqb, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> sbuf(kQBlock * kKvBlock), acc(kQBlock * Ev), zrow(kQBlock);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / (H * nqb), h = (idx / nqb) % H, i0 = (idx % nqb) * kQBlock;
@@ -219,7 +227,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const T *od = out.data_ptr<T>(), *dod = dout.data_ptr<T>(), *zd = z.data_ptr<T>();
   T *dqd = dq.data_ptr<T>(), *dkd = dk.data_ptr<T>(), *dvd = dv.data_ptr<T>();
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(G * L * S * (3 * E + 2 * Ev));
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> sbuf(kQBlock * kKvBlock), pbuf(kQBlock * kKvBlock), Drow(kQBlock);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / Hkv, hk = idx % Hkv;
@@ -338,6 +347,12 @@ std::vector<at::Tensor> ea_backward(const at::Tensor& dout_in, const at::Tensor&
   return {dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), dv.to(v_in.scalar_type())};
 }
 
+void set_block_sizes(int64_t q_block, int64_t kv_block) {
+  TORCH_CHECK(q_block > 0 && kv_block > 0, "block sizes must be positive");
+  kQBlock = q_block;
+  kKvBlock = kv_block;
+}
+
 bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
 }  // namespace
@@ -347,5 +362,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("backward", &ea_backward, "fused expressive attention backward -> (dq, dk, dv)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("set_block_sizes", &set_block_sizes, "tile sizes (query rows, keys); for tuning only");
   m.def("has_blas", &has_blas, "True when the BLAS gemm from libtorch is used for block products");
 }
