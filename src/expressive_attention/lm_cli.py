@@ -35,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "attention implementation on the same text, with the same initial weights, batches and "
                     "steps; report held-out loss and bits per byte. Writes OUT/lm_curves.csv, "
                     "OUT/lm_curves.png and OUT/lm_summary.json. The default run (Python stdlib source, "
-                    "byte-level) takes about 6-8 minutes on 2 CPU cores.")
+                    "byte-level) takes about 5 minutes on 2 idle CPU cores, up to 10 on a busy one.")
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="text files or directories (default: the Python standard library's source)")
     p.add_argument("--glob", default=d.glob, help=f"files taken from directories (default: {d.glob})")
@@ -53,7 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=_positive, default=d.eval_every, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument("--threads", type=_positive, default=None,
-                   help="torch threads (default: torch's choice; 1 is often faster on a busy machine)")
+                   help="torch threads (default: 1 if the load average >= cores, else torch's default)")
     p.add_argument("--out", default=d.out, help="output directory (default: %(default)s)")
     p.set_defaults(func=run_lm_cmd)
     return p

@@ -370,3 +370,41 @@ def test_installed_transformers_within_the_pinned_extra():
     spec = SpecifierSet(pin.removeprefix("transformers"))
     assert Version(transformers.__version__) in spec
     assert str(spec) == str(SpecifierSet(eah.SUPPORTED_TRANSFORMERS))
+
+
+# ---------------------------------------------------------------- the supported-models table (docs/huggingface.md)
+
+ROUTED = ["llama", "qwen2", "qwen3", "mistral", "mixtral", "gpt2", "gemma", "gemma3_text", "phi", "phi3", "olmo2",
+          "starcoder2", "stablelm", "granite", "cohere", "gpt_neox", "gptj", "codegen", "opt", "gpt_bigcode",
+          "biogpt", "smollm3"]
+NOT_ROUTED = ["bloom", "falcon", "gpt_neo", "mpt", "xglm"]
+
+
+def _auto_config(model_type, **extra):
+    cfg = transformers.AutoConfig.for_model(model_type)
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                 intermediate_size=32, vocab_size=VOCAB, max_position_embeddings=64, rotary_dim=8, pad_token_id=0)
+    for k, v in {**sizes, **extra}.items():
+        try:
+            setattr(cfg, k, v)
+        except (AttributeError, TypeError, ValueError):
+            pass
+    return cfg
+
+
+@pytest.mark.parametrize("model_type", ROUTED)
+def test_table_routed_architectures_run_ea_in_every_layer(model_type):
+    model = AutoModelForCausalLM.from_config(_auto_config(model_type), attn_implementation="expressive").eval()
+    assert eah.verify(model) == 2
+
+
+def test_table_gemma2_needs_softcapping_off():
+    model = AutoModelForCausalLM.from_config(_auto_config("gemma2", attn_logit_softcapping=None),
+                                             attn_implementation="expressive").eval()
+    assert eah.verify(model) == 2
+
+
+@pytest.mark.parametrize("model_type", NOT_ROUTED)
+def test_table_unrouted_architectures_are_refused(model_type):
+    with pytest.raises(eah.UnsupportedModelError, match="keep softmax"):
+        AutoModelForCausalLM.from_config(_auto_config(model_type), attn_implementation="expressive")

@@ -43,13 +43,13 @@ class LMConfig:
     kv_heads: int = 2
     context: int = 128
     batch_size: int = 16
-    steps: int = 600
+    steps: int = 500
     lr: float = 2e-3  # peak; linear warmup over the first 10% of steps, cosine to 10%
     eval_every: int = 50
     eval_windows: int = 128
     impls: tuple[str, ...] = ("sdpa", "expressive")
     seed: int = 0
-    threads: int | None = None  # torch threads (None: torch's default)
+    threads: int | None = None  # torch threads; None: 1 on a busy machine, else torch's default
     out: str = "runs/lm"
 
     def check(self) -> None:
@@ -70,6 +70,16 @@ class LMConfig:
         for name in ("max_bytes", "context", "batch_size", "steps", "eval_every", "eval_windows", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def auto_threads() -> int:
+    """torch's default thread count, or 1 when the machine is already busy (load average >= cores):
+    OpenMP threads spinning against other processes can make each step many times slower."""
+    try:
+        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except OSError:
+        busy = False
+    return 1 if busy else torch.get_num_threads()
 
 
 # ---------------------------------------------------------------- text
@@ -283,8 +293,7 @@ def write_outputs(rows: list[dict], summary: dict, out: Path) -> dict[str, Path]
 def run(cfg: LMConfig, progress: bool = True, log=print) -> dict:
     """Train every implementation in ``cfg.impls``; write CSV/PNG/JSON to ``cfg.out``; return the summary."""
     cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or auto_threads())
     train, val, n_files = load_text(cfg)
     train_ids, val_ids, vocab, bytes_per_token = tokenize(train, val, cfg.tokenizer)
     windows = eval_windows(val_ids, cfg)

@@ -321,11 +321,10 @@ def verify(model: PreTrainedModel, input_ids: Tensor | None = None) -> int:
     with count_calls() as counter:
         model(input_ids=input_ids)
     n = len(counter)
+    expected = getattr(model.config, "num_hidden_layers", 1)
     types = getattr(model.config, "layer_types", None)
     if types:  # hybrid models: only the attention layers count
-        expected = sum(t in _ATTENTION_LAYER_TYPES for t in types)
-    else:
-        expected = getattr(model.config, "num_hidden_layers", 1)
+        expected = sum(t in _ATTENTION_LAYER_TYPES for t in types[:expected])
     if n == 0 or n < expected:
         raise UnsupportedModelError(
             f"{type(model).__name__} called expressive attention in {n} module(s), expected "
