@@ -62,7 +62,7 @@ def choose_backend(p: Problem) -> Backend:
 
 # Order of preference for "auto" once the problem is not tiny; backends added by later work
 # (fused CPU, Triton, linear) slot in here.
-AUTO_ORDER = ["triton", "blocked"]
+AUTO_ORDER = ["triton", "fused_cpu", "blocked"]
 
 
 def run_backend(name: str, p: Problem) -> Tensor:
