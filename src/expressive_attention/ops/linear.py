@@ -87,6 +87,13 @@ class _Outer:
         return out.view(N, n, a * b)
 
 
+def _add_to_state(state: Tensor, x: Tensor, y: Tensor, outer: _Outer) -> None:
+    """state (N, E*E, Ev1) += phi(x)^T y, computed as x^T (x (x) y) on the (N, E, E*Ev1) view of
+    the same memory: a wide GEMM, ~2x faster on CPU than the skinny phi(x)^T y."""
+    N, n, E = x.shape
+    state.view(N, E, -1).baddbmm_(x.transpose(1, 2), outer(x, y))
+
+
 def _causal_tril(n: int, dtype, device) -> Tensor:
     return torch.ones(n, n, dtype=dtype, device=device).tril()
 
@@ -120,7 +127,7 @@ def causal_forward(qs: Tensor, k: Tensor, v1: Tensor, state: Tensor, eps: float,
         s.square_().view(N, G, n, n).mul_(tril[:n, :n])
         num = torch.bmm(s, vc)  # (N, G*n, Ev+1)
         num.baddbmm_(outer(qc, qc), state)
-        state.baddbmm_(outer(kc, kc).transpose(1, 2), vc)
+        _add_to_state(state, kc, vc, outer)
         o, z = _normalise(num.view(N, G, n, Ev + 1), Ev, eps)
         out[:, :, c0:c1] = o
         zs[:, :, c0:c1] = z
@@ -134,8 +141,7 @@ def _global_state(k: Tensor, v1: Tensor, chunk: int) -> Tensor:
     state = k.new_zeros(N, E * E, v1.shape[-1])
     outer = _Outer()
     for c0 in range(0, S, chunk):
-        kc, vc = k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk]
-        state.baddbmm_(outer(kc, kc).transpose(1, 2), vc)
+        _add_to_state(state, k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk], outer)
     return state
 
 
@@ -188,7 +194,7 @@ def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
             n = c1 - c0
             qc, g = qs[:, :, c0:c1].reshape(N, G * n, E), g_of(c0, c1)
             dqs[:, :, c0:c1] = torch.bmm(outer(qc, g), st_t).mul_(2.0).view(N, G, n, E)
-            dstate.baddbmm_(outer(qc, qc).transpose(1, 2), g)
+            _add_to_state(dstate, qc, g, outer)
         dst_t = dstate.view(N, E, E * Ev1).transpose(1, 2)
         for c0 in range(0, S, chunk):
             kc, vc = k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk]
@@ -217,7 +223,7 @@ def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
         if c0 > 0:
             dq.baddbmm_(outer(qc, g), st_t, alpha=2.0)
         dqs[:, :, c0:c1] = dq.view(N, G, n, E)
-        state.baddbmm_(outer(kc, kc).transpose(1, 2), vc)
+        _add_to_state(state, kc, vc, outer)
     # sweep 2, reverse order: keys of chunk c reach the queries of later chunks through dS
     dstate = k.new_zeros(N, E * E, Ev1)
     dst_t = dstate.view(N, E, E * Ev1).transpose(1, 2)
@@ -227,11 +233,12 @@ def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
         n = c1 - c0
         kc, vc = k[:, c0:c1], v1[:, c0:c1]
         if c0 != starts[-1]:
-            dk[:, c0:c1].baddbmm_(outer(kc, vc), dst_t, alpha=2.0)
-            dv1[:, c0:c1].baddbmm_(outer(kc, kc), dstate)
+            # (bmm into a temporary: baddbmm_ on a strided slice falls back to per-matrix addmm)
+            dk[:, c0:c1] += torch.bmm(outer(kc, vc), dst_t).mul_(2.0)
+            dv1[:, c0:c1] += torch.bmm(outer(kc, kc), dstate)
         if c0 > 0:
             qc, g = qs[:, :, c0:c1].reshape(N, G * n, E), g_of(c0, c1)
-            dstate.baddbmm_(outer(qc, qc).transpose(1, 2), g)
+            _add_to_state(dstate, qc, g, outer)
     return dqs, dk, dv1[..., :Ev]
 
 
