@@ -125,8 +125,12 @@ class Task(ABC):
             s, d = self._sample_raw(batch_size, generator)
             return _pairs(s, d)
         want_eval = split == "eval"
-        seqs, dets, have = [], [], 0
+        seqs, dets, have, rounds = [], [], 0, 0
         while have < batch_size:
+            rounds += 1
+            if rounds > 200:
+                raise RuntimeError(f"{self.describe()}: found only {have} of {batch_size} {split}-split sequences "
+                                   f"in 200 rounds; the task has too few distinct sequences for a train/eval split")
             n = 2 * (batch_size - have) + 16
             s, d = self._sample_raw(n, generator)
             keep = (in_eval_split(s[:, :-1]) == want_eval).numpy().nonzero()[0][: batch_size - have]
