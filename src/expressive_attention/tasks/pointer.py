@@ -5,6 +5,7 @@ fresh uniform token replaces the rule with probability p (those steps are not sc
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import Task, check_int, register_task
@@ -31,14 +32,12 @@ class PointerTask(Task):
 
     def _sample_raw(self, n, generator):
         L1, T = self.seq_len + 1, self.T
-        x = torch.randint(0, self.V, (n, L1), generator=generator)  # start + fresh tokens
-        fresh = torch.rand((n, L1), generator=generator) < self.p  # (n, L+1)
-        xs, fr = x.numpy(), fresh.numpy()  # share memory with x, fresh
-        rows = torch.arange(n).numpy()
+        x = torch.randint(0, self.V, (L1, n), generator=generator)  # time-major; start + fresh tokens
+        fresh = torch.rand((L1, n), generator=generator) < self.p  # (L+1, n)
+        xs, ruled = x.numpy(), (~fresh).numpy()  # numpy views: per-step numpy ops are cheaper than torch's
+        rows = np.arange(n)
         for t in range(T, L1):  # sequential: the lag of step t depends on x_{t-1}
-            prev = xs[:, t - 1]
-            ruled = xs[rows, t - 1 - prev % T]
-            xs[:, t] = (fr[:, t] * xs[:, t]) + (~fr[:, t] * ruled)
+            np.copyto(xs[t], xs[t - 1 - xs[t - 1] % T, rows], where=ruled[t])
         det = ~fresh
-        det[:, :T] = False
-        return x, det
+        det[:T] = False
+        return x.t(), det.t()  # (n, L+1)
