@@ -55,6 +55,8 @@ def test_notoken_variant_and_ladder():
     (dict(tasks=[{"name": "pointer", "seq_len": 10}, {"name": "recall", "seq_len": 12}]), "one seq_len"),
     (dict(tasks=[{"name": "pointer", "seq_len": 10}], seq_len=10), "does not match"),
     (dict(tasks=SPECS, weights=[1, 2]), "weights"),
+    (dict(tasks=SPECS, weights=3), "weights"),
+    (dict(tasks=SPECS, weights=[1, -1, 1]), "weights"),
     (dict(tasks=SPECS, task_token=1), "task_token"),
 ])
 def test_errors(kw, err):

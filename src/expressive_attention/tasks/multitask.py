@@ -41,7 +41,7 @@ class MultiTask(Task):
         if weights is None:
             self.weights = None
         else:
-            if len(weights) != len(self.tasks) or any(not isinstance(w, (int, float)) or w < 0 for w in weights) \
+            if not isinstance(weights, (list, tuple)) or len(weights) != len(self.tasks) or any(not isinstance(w, (int, float)) or w < 0 for w in weights) \
                     or sum(weights) <= 0:
                 raise ValueError(f"weights must be {len(self.tasks)} non-negative numbers with a positive sum, got {weights!r}")
             self.weights = [float(w) for w in weights]
