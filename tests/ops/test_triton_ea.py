@@ -1,10 +1,11 @@
-"""The Triton backend against the reference, run on CPU by Triton's interpreter.
+"""The Triton backend against the reference, run on CPU by Triton's interpreter, and its GPU
+build compiled ahead of time (no GPU needed).
 
 Triton picks interpreter or compiler as @triton.jit decorates a function (TRITON_INTERPRET),
 and triton.language's own helpers (tl.zeros, tl.sum) are decorated when triton is first imported.
 By the time pytest reaches this module other modules have imported triton in compiled mode, so the
-kernel checks run in a fresh interpreter-mode Python: `TRITON_INTERPRET=1 python <this file> GROUP`
-(one pytest test per group, so xdist spreads them; a failing check prints its name and traceback).
+kernel checks run in fresh Pythons: `TRITON_INTERPRET=1 python <this file> GROUP` (one pytest test
+per group, so xdist spreads them; a failing check prints its name and traceback).
 Shapes are tiny (the interpreter runs numpy per tile) but cross its 16-wide tiles.
 """
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,10 +154,45 @@ def check_auto_and_supports_under_interpreter():
         dispatch.AUTO_ORDER[:] = order
 
 
-GROUPS = {  # two groups: one child process per xdist worker
-    "shapes_gqa": [check_shapes_and_causal, check_gqa, check_auto_and_supports_under_interpreter],
-    "masks_precision_strides": [check_masks_and_empty_rows, check_half_precision_large_scores,
-                                check_strides_3d_and_expanded_grad],
+def check_kernels_compile_for_sm90():
+    # No GPU here, but ptxas ships with triton: compile the kernels ahead of time to an sm_90
+    # cubin, so the compiled path (not only the interpreter) is known to build. bf16 with causal
+    # and a mask; fp16 "squared" (its f V product runs in tf32).
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from expressive_attention.ops import triton_ea as te
+
+    assert not interpreter_enabled()
+    target = GPUTarget("cuda", 90, 32)
+    for dtype, variant in ((torch.bfloat16, "saturating"), (torch.float16, "squared")):
+        dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        for fn, backward in ((te._fwd, False), (te._bwd_dkdv, True), (te._bwd_dq, True)):
+            if dtype == torch.float16 and backward:
+                continue
+            cfg = te._config(64, 64, dtype, True, backward)
+            consts = dict(SATURATING=variant == "saturating", CAUSAL=dtype == torch.bfloat16,
+                          HAS_MASK=True, PRECISION=None, DOT=te._dot_dtype(dtype), BLOCK_E=64,
+                          BLOCK_EV=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+            if fn is te._fwd:
+                consts["F32_PV"] = variant == "squared" and dtype == torch.float16
+            types = {"M": "*u8", "Z": "*fp32", "D": "*fp32", "scale": "fp32", "eps": "fp32",
+                     **{t: "*" + dt for t in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}}
+            sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+            kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
+                                    options=dict(num_warps=cfg["num_warps"],
+                                                 num_stages=cfg["num_stages"]))
+            assert kernel.asm["cubin"], fn.__name__
+            assert kernel.metadata.shared <= 227 * 1024, (fn.__name__, kernel.metadata.shared)
+
+
+GROUPS = {  # name: (run under the interpreter?, checks); one child process each
+    "shapes_gqa": (True, [check_shapes_and_causal, check_gqa,
+                          check_auto_and_supports_under_interpreter]),
+    "masks_precision_strides": (True, [check_masks_and_empty_rows,
+                                       check_half_precision_large_scores,
+                                       check_strides_3d_and_expanded_grad]),
+    "compile_sm90": (False, [check_kernels_compile_for_sm90]),
 }
 
 
@@ -163,7 +200,7 @@ def _main(group: str) -> int:
     """Child process: run one group's checks, print each result; exit status 1 if any failed."""
     torch.set_num_threads(1)
     failed = 0
-    for check in GROUPS[group]:
+    for check in GROUPS[group][1]:
         t0 = time.perf_counter()
         try:
             check()
@@ -177,12 +214,18 @@ def _main(group: str) -> int:
 # ----------------------------------------------------------------------------- pytest
 
 @pytest.mark.parametrize("group", sorted(GROUPS))
-def test_interpreter_matches_reference(group):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+def test_triton_checks(group, tmp_path):
+    interpret, checks = GROUPS[group]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, write nothing outside tmp_path
+    src = str(Path(expressive_attention.__code__.co_filename).parents[2])  # the package under test
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     r = subprocess.run([sys.executable, __file__, group], env=env, capture_output=True, text=True,
                        timeout=600)
-    assert r.returncode == 0, f"checks failed under TRITON_INTERPRET=1:\n{r.stdout}\n{r.stderr[-3000:]}"
-    assert r.stdout.count("ok   ") == len(GROUPS[group]), r.stdout
+    assert r.returncode == 0, f"{group} failed:\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert r.stdout.count("ok   ") == len(checks), r.stdout
 
 
 def test_supports_reasons():

@@ -255,15 +255,27 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _config(E: int, Ev: int, backward: bool) -> dict:
-    """Tile sizes. Under the interpreter: 16 (small tests then cross block edges). On GPU:
-    flash-attention-like defaults, untuned (no GPU was available when this was written)."""
+def _config(E: int, Ev: int, dtype: torch.dtype, has_mask: bool, backward: bool) -> dict:
+    """Tile sizes. Under the interpreter: 16 (small tests then cross block edges). On GPU: chosen
+    without a GPU (speed unmeasured) so that every kernel compiles for sm_80/sm_90 without register
+    spills (ptxas via `cuobjdump -res-usage`, see docs/kernels-triton.md); a mask tile costs
+    registers, fp32 tiles go through FMA (no tensor cores) and need smaller tiles."""
     if interpreter_enabled():
         return dict(BLOCK_M=16, BLOCK_N=16)
-    big = max(E, Ev) > 64
+    d = max(E, Ev)
+    if dtype == torch.float32:
+        if d <= 64:
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+        if d <= 128:
+            return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if backward:
-        return dict(BLOCK_M=32, BLOCK_N=32 if big else 64, num_warps=4, num_stages=1 if big else 2)
-    return dict(BLOCK_M=64, BLOCK_N=32 if big else 64, num_warps=4, num_stages=1 if big else 2)
+        if d <= 64:
+            return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if d <= 128 else 8, num_stages=1)
+    if d <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=32 if has_mask else 64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64 if d <= 128 else 32, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
 def _precision(dtype: torch.dtype):
@@ -296,7 +308,7 @@ def _forward(q, k, v, mask, is_causal, scale, variant, eps):
     out = torch.empty(B, H, L, Ev, dtype=q.dtype, device=q.device)
     z = torch.empty(B * H, L, dtype=torch.float32, device=q.device)
     m, ms = _mask_args(mask, q)
-    cfg = _config(E, Ev, backward=False)
+    cfg = _config(E, Ev, q.dtype, mask is not None, backward=False)
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
     _fwd[grid](
         q, k, v, m, out, z, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
@@ -314,7 +326,7 @@ def _backward(q, k, v, mask, out, z, dout, is_causal, scale, variant):
     d = (dout.float() * out.float()).sum(-1).reshape(B * H, L).contiguous()  # D_i = dO_i . O_i
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     m, ms = _mask_args(mask, q)
-    cfg = _config(E, Ev, backward=True)
+    cfg = _config(E, Ev, q.dtype, mask is not None, backward=True)
     consts = dict(SATURATING=variant == "saturating", CAUSAL=is_causal, HAS_MASK=mask is not None,
                   PRECISION=_precision(q.dtype), DOT=_dot_dtype(q.dtype),
                   BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev), **cfg)
