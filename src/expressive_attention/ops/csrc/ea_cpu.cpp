@@ -38,8 +38,9 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 
 namespace {
 
-int64_t kQBlock = 64;    // query rows per tile (set_block_sizes changes them, for tuning)
-int64_t kKvBlock = 512;  // keys per tile
+// Tile sizes (query rows x keys) of the forward and the backward; set_block_sizes is for tuning.
+int64_t kQBlock = 64, kKvBlock = 512;
+int64_t kBwdQBlock = 128, kBwdKvBlock = 512;
 // Problems below this many multiply-adds per thread run on one thread (no fork/join cost).
 constexpr int64_t kMinWorkPerThread = 1 << 18;
 
@@ -90,7 +91,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A
   auto b = tb ? at::from_blob(const_cast<T*>(B), {n, k}, {ldb, 1}, opts).t()
               : at::from_blob(const_cast<T*>(B), {k, n}, {ldb, 1}, opts);
   auto c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
-  at::addmm_out(c, c, a, b, beta, alpha);
+  c.addmm_(a, b, beta, alpha);
 }
 
 // Strides of the 4-D problem (elements).
@@ -174,25 +175,26 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   bool is_causal, T scale, T eps, at::Tensor& out, at::Tensor& z) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), E = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), Ev = v.size(3), G = H / Hkv;
+  const int64_t QB = kQBlock, KB = kKvBlock;
   const Strides4 sq(q), sk(k), sv(v), so(out);
   const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
   T *od = out.data_ptr<T>(), *zd = z.data_ptr<T>();
-  const int64_t nqb = (L + kQBlock - 1) / kQBlock;
+  const int64_t nqb = (L + QB - 1) / QB;
 
-  const int64_t grain = grain_for(std::min(kQBlock, L) * S * (E + Ev));
+  const int64_t grain = grain_for(std::min(QB, L) * S * (E + Ev));
   at::parallel_for(0, B * H * nqb, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> sbuf(kQBlock * kKvBlock), acc(kQBlock * Ev), zrow(kQBlock);
+    std::vector<T> sbuf(QB * KB), acc(QB * Ev), zrow(QB);
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / (H * nqb), h = (idx / nqb) % H, i0 = (idx % nqb) * kQBlock;
-      const int64_t m = std::min(kQBlock, L - i0), hk = h / G;
+      const int64_t b = idx / (H * nqb), h = (idx / nqb) % H, i0 = (idx % nqb) * QB;
+      const int64_t m = std::min(QB, L - i0), hk = h / G;
       const int64_t kend = is_causal ? std::min(S, i0 + m) : S;
       const T* qb = qd + b * sq.b + h * sq.h + i0 * sq.r;
       const T* kb = kd + b * sk.b + hk * sk.h;
       const T* vb = vd + b * sv.b + hk * sv.h;
       std::fill(acc.begin(), acc.begin() + m * Ev, T(0));
       std::fill(zrow.begin(), zrow.end(), T(0));
-      for (int64_t j0 = 0; j0 < kend; j0 += kKvBlock) {
-        const int64_t n = std::min(kKvBlock, kend - j0);
+      for (int64_t j0 = 0; j0 < kend; j0 += KB) {
+        const int64_t n = std::min(KB, kend - j0);
         T* s = sbuf.data();
         gemm<T>(false, true, m, n, E, scale, qb, sq.r, kb + j0 * sk.r, sk.r, T(0), s, n);
         for (int64_t r = 0; r < m; ++r) {
@@ -222,6 +224,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    at::Tensor& dv) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), E = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), Ev = v.size(3), G = H / Hkv;
+  const int64_t QB = kBwdQBlock, KB = kBwdKvBlock;
   const Strides4 sq(q), sk(k), sv(v), so(out), sdo(dout), sdq(dq), sdk(dk), sdv(dv);
   const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
   const T *od = out.data_ptr<T>(), *dod = dout.data_ptr<T>(), *zd = z.data_ptr<T>();
@@ -229,7 +232,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 
   const int64_t grain = grain_for(G * L * S * (3 * E + 2 * Ev));
   at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> sbuf(kQBlock * kKvBlock), pbuf(kQBlock * kKvBlock), Drow(kQBlock);
+    std::vector<T> sbuf(QB * KB), pbuf(QB * KB), Drow(QB);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / Hkv, hk = idx % Hkv;
       const T* kb = kd + b * sk.b + hk * sk.h;
@@ -237,8 +240,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       T* dkb = dkd + b * sdk.b + hk * sdk.h;  // zero-initialised, accumulated with beta = 1
       T* dvb = dvd + b * sdv.b + hk * sdv.h;
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-        for (int64_t i0 = 0; i0 < L; i0 += kQBlock) {
-          const int64_t m = std::min(kQBlock, L - i0);
+        for (int64_t i0 = 0; i0 < L; i0 += QB) {
+          const int64_t m = std::min(QB, L - i0);
           const int64_t kend = is_causal ? std::min(S, i0 + m) : S;
           const T* qb = qd + b * sq.b + h * sq.h + i0 * sq.r;
           const T* dob = dod + b * sdo.b + h * sdo.h + i0 * sdo.r;
@@ -250,8 +253,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             for (int64_t c = 0; c < Ev; ++c) d += dob[r * sdo.r + c] * ob[r * so.r + c];
             Drow[r] = d;
           }
-          for (int64_t j0 = 0; j0 < kend; j0 += kKvBlock) {
-            const int64_t n = std::min(kKvBlock, kend - j0);
+          for (int64_t j0 = 0; j0 < kend; j0 += KB) {
+            const int64_t n = std::min(KB, kend - j0);
             T *s = sbuf.data(), *p = pbuf.data();
             gemm<T>(false, true, m, n, E, scale, qb, sq.r, kb + j0 * sk.r, sk.r, T(0), s, n);
             gemm<T>(false, true, m, n, Ev, T(1), dob, sdo.r, vb + j0 * sv.r, sv.r, T(0), p, n);
@@ -347,10 +350,13 @@ std::vector<at::Tensor> ea_backward(const at::Tensor& dout_in, const at::Tensor&
   return {dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), dv.to(v_in.scalar_type())};
 }
 
-void set_block_sizes(int64_t q_block, int64_t kv_block) {
-  TORCH_CHECK(q_block > 0 && kv_block > 0, "block sizes must be positive");
+void set_block_sizes(int64_t q_block, int64_t kv_block, int64_t bwd_q_block, int64_t bwd_kv_block) {
+  TORCH_CHECK(q_block > 0 && kv_block > 0 && bwd_q_block > 0 && bwd_kv_block > 0,
+              "block sizes must be positive");
   kQBlock = q_block;
   kKvBlock = kv_block;
+  kBwdQBlock = bwd_q_block;
+  kBwdKvBlock = bwd_kv_block;
 }
 
 bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
@@ -362,6 +368,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("backward", &ea_backward, "fused expressive attention backward -> (dq, dk, dv)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("set_block_sizes", &set_block_sizes, "tile sizes (query rows, keys); for tuning only");
+  m.def("set_block_sizes", &set_block_sizes, "tile sizes (forward q rows, keys, backward q rows, keys); for tuning");
   m.def("has_blas", &has_blas, "True when the BLAS gemm from libtorch is used for block products");
 }
