@@ -154,6 +154,19 @@ def check_auto_and_supports_under_interpreter():
         dispatch.AUTO_ORDER[:] = order
 
 
+def check_double_backward_raises():
+    # The backward is not itself differentiable: say so instead of returning wrong zeros.
+    q, k, v = _inputs(1, 1, 1, 5, 6, 16, 16, seed=11)
+    out = expressive_attention(q, k, v, backend="triton")
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    try:
+        dq.sum().backward()
+    except RuntimeError as e:
+        assert "once_differentiable" in str(e), e
+    else:
+        raise AssertionError("double backward did not raise")
+
+
 def check_kernels_compile_for_sm90():
     # No GPU here, but ptxas ships with triton: compile the kernels ahead of time to an sm_90
     # cubin, so the compiled path (not only the interpreter) is known to build. bf16 with causal
@@ -188,7 +201,8 @@ def check_kernels_compile_for_sm90():
 
 GROUPS = {  # name: (run under the interpreter?, checks); one child process each
     "shapes_gqa": (True, [check_shapes_and_causal, check_gqa,
-                          check_auto_and_supports_under_interpreter]),
+                          check_auto_and_supports_under_interpreter,
+                          check_double_backward_raises]),
     "masks_precision_strides": (True, [check_masks_and_empty_rows,
                                        check_half_precision_large_scores,
                                        check_strides_3d_and_expanded_grad]),

@@ -10,8 +10,8 @@ Only Z = eps + z (one float per query row) is saved for backward, which recomput
     D_i = dO_i . O_i,   dF_ij = (dO_i . v_j - D_i) / Z_i,   dS = f'(S) * dF * scale,
     dq = dS k,   dk = dS^T q,   dv = (F / Z)^T dO.
 
-Kernels: `_fwd` (grid: query blocks x B*H), `_bwd_dkdv` (key blocks x B*Hkv, loops over the G
-query heads of its group, so GQA needs no atomics) and `_bwd_dq` (query blocks x B*H).
+Kernels: `_fwd` (grid: query blocks x H x B), `_bwd_dkdv` (key blocks x Hkv x B, loops over the
+G query heads of its group, so GQA needs no atomics) and `_bwd_dq` (query blocks x H x B).
 Scores, f, z and all accumulators are float32; the f V and dS k products feed the tensor cores
 in the input dtype like flash-attention (f <= 1 for "saturating"; for "squared" in fp16, where f
 can pass 65504, that product runs in tf32 instead). Masks remove keys (f := 0), causal is
@@ -26,8 +26,11 @@ cannot run.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._inputs import Problem
 from .dispatch import Backend, register_backend
@@ -62,9 +65,8 @@ def _fwd(Q, K, V, M, O, Z,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
          BLOCK_EV: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     hk = h // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
@@ -112,7 +114,7 @@ def _fwd(Q, K, V, M, O, Z,
     out = acc / z[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_ev[None, :] * soe,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_ev[None, :] < EV))
-    tl.store(Z + pid_bh.to(tl.int64) * L + offs_m, z, mask=row_ok)
+    tl.store(Z + (b * H + h) * L + offs_m, z, mask=row_ok)
 
 
 @_jit
@@ -120,15 +122,14 @@ def _bwd_dkdv(Q, K, V, M, DO, Z, D, DK, DV,
               sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve,
               smb, smh, sml, sms, sdb, sdh, sdl, sde,
               sdkb, sdkh, sdks, sdke, sdvb, sdvh, sdvs, sdve,
-              H, HKV, G, L, S, E, EV, scale,
+              H, G, L, S, E, EV, scale,
               SATURATING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
               PRECISION: tl.constexpr, DOT: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
               BLOCK_EV: tl.constexpr):
     pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    b = (pid_bk // HKV).to(tl.int64)
-    hk = (pid_bk % HKV).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -191,9 +192,8 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
             BLOCK_EV: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     hk = h // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
@@ -203,8 +203,8 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
                 mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_ev[None, :] * sde,
                  mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0).to(DOT)
-    zr = tl.load(Z + pid_bh.to(tl.int64) * L + offs_m, mask=row_ok, other=1.0)
-    dr = tl.load(D + pid_bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    zr = tl.load(Z + (b * H + h) * L + offs_m, mask=row_ok, other=1.0)
+    dr = tl.load(D + (b * H + h) * L + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     m_base = M + b * smb + h * smh
@@ -309,7 +309,7 @@ def _forward(q, k, v, mask, is_causal, scale, variant, eps):
     z = torch.empty(B * H, L, dtype=torch.float32, device=q.device)
     m, ms = _mask_args(mask, q)
     cfg = _config(E, Ev, q.dtype, mask is not None, backward=False)
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    grid = (triton.cdiv(L, cfg["BLOCK_M"]), H, B)
     _fwd[grid](
         q, k, v, m, out, z, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
         H, H // Hkv, L, S, E, Ev, scale, eps,
@@ -331,29 +331,37 @@ def _backward(q, k, v, mask, out, z, dout, is_causal, scale, variant):
                   PRECISION=_precision(q.dtype), DOT=_dot_dtype(q.dtype),
                   BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev), **cfg)
     common = (*q.stride(), *k.stride(), *v.stride(), *ms, *dout.stride())
-    _bwd_dkdv[(triton.cdiv(S, cfg["BLOCK_N"]), B * Hkv)](
+    _bwd_dkdv[(triton.cdiv(S, cfg["BLOCK_N"]), Hkv, B)](
         q, k, v, m, dout, z, d, dk, dv, *common, *dk.stride(), *dv.stride(),
-        H, Hkv, H // Hkv, L, S, E, Ev, scale, **consts,
+        H, H // Hkv, L, S, E, Ev, scale, **consts,
     )
-    _bwd_dq[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
+    _bwd_dq[(triton.cdiv(L, cfg["BLOCK_M"]), H, B)](
         q, k, v, m, dout, z, d, dq, *common, *dq.stride(),
         H, H // Hkv, L, S, E, Ev, scale, **consts,
     )
     return dq, dk, dv
 
 
+def _on_device(t: Tensor):
+    """Launch on the tensor's GPU (not the current one); no-op for CPU (interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class _TritonEA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal, scale, variant, eps):
-        out, z = _forward(q, k, v, mask, is_causal, scale, variant, eps)
+        with _on_device(q):
+            out, z = _forward(q, k, v, mask, is_causal, scale, variant, eps)
         ctx.save_for_backward(q, k, v, mask, out, z)
         ctx.args = (is_causal, scale, variant)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, mask, out, z = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, mask, out, z, dout, *ctx.args)
+        with _on_device(q):
+            dq, dk, dv = _backward(q, k, v, mask, out, z, dout, *ctx.args)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -374,6 +382,8 @@ def supports(p: Problem) -> "str | None":
         return f"head dims E={E}, Ev={Ev}: at most {MAX_HEAD_DIM} are supported"
     if min(p.q.shape[-2], p.k.shape[-2], E, Ev, p.q.shape[0], p.q.shape[1]) == 0:
         return "empty tensors are not supported"
+    if max(p.q.shape[0], p.q.shape[1]) > 65535:  # CUDA grid dims y and z
+        return f"batch {p.q.shape[0]} and heads {p.q.shape[1]} must each be <= 65535"
     dev = p.q.device.type
     if dev != "cuda" and not (dev == "cpu" and interpreter_enabled()):
         return (f"tensors are on {dev}: the Triton kernels need CUDA tensors (or CPU tensors "
