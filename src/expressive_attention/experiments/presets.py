@@ -1,0 +1,193 @@
+"""Ladder presets: which families, which rungs, what model and budget, how many seeds.
+
+A preset is plain data, so users can write their own as JSON (`ea ladder --preset my.json`):
+
+    {"name": "mine", "seeds": 3, "kinds": ["dpa", "ea"], "variants": ["saturating"],
+     "base": {"d_model": 64, "n_layers": 2, "steps": 800, "batch_size": 32},
+     "families": {"pointer": {"task": "pointer", "rungs": [{"T": 2}, {"T": 4}, {"T": 8}],
+                              "base": {"steps": 1200}}}}
+
+`base` holds RunConfig fields shared by every run; a family's own `base` overrides them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .train import RunConfig
+
+
+@dataclass
+class Family:
+    task: str  # task name for make_task
+    rungs: list[dict]  # task params, easiest first
+    base: dict = field(default_factory=dict)  # RunConfig overrides for this family
+    labels: list[str] | None = None  # x-axis labels (default: the params that change, e.g. "T=8")
+
+    def __post_init__(self):
+        if self.labels is not None and len(self.labels) != len(self.rungs):
+            raise ValueError(f"labels ({len(self.labels)}) must match rungs ({len(self.rungs)})")
+
+
+@dataclass
+class Preset:
+    name: str
+    families: dict[str, Family]
+    base: dict = field(default_factory=dict)  # RunConfig fields shared by all runs
+    seeds: int = 2
+    kinds: tuple[str, ...] = ("dpa", "ea")
+    variants: tuple[str, ...] = ("saturating",)  # EA variants (each is its own kind)
+    description: str = ""
+
+    def __post_init__(self):
+        self.families = {k: v if isinstance(v, Family) else Family(**v) for k, v in self.families.items()}
+        self.kinds, self.variants = tuple(self.kinds), tuple(self.variants)
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        for name, fam in self.families.items():
+            if not fam.rungs:
+                raise ValueError(f"family {name!r} has no rungs")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "seeds": self.seeds,
+                "kinds": list(self.kinds), "variants": list(self.variants), "base": dict(self.base),
+                "families": {k: {"task": f.task, "rungs": f.rungs, "base": f.base, "labels": f.labels}
+                             for k, f in self.families.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preset":
+        d = dict(d)
+        return cls(**d)
+
+    def replace(self, *, families=None, kinds=None, variants=None, seeds=None, base=None) -> "Preset":
+        """A copy with a subset of families / other kinds, variants, seeds, or extra base fields."""
+        p = copy.deepcopy(self)
+        if families is not None:
+            unknown = [f for f in families if f not in p.families]
+            if unknown:
+                raise ValueError(f"unknown task families {unknown}; preset {p.name!r} has {sorted(p.families)}")
+            p.families = {f: p.families[f] for f in families}
+        if kinds is not None:
+            p.kinds = tuple(kinds)
+        if variants is not None:
+            p.variants = tuple(variants)
+        if seeds is not None:
+            if seeds < 1:
+                raise ValueError(f"seeds must be >= 1, got {seeds}")
+            p.seeds = seeds
+        if base:
+            p.base = {**p.base, **base}
+            for fam in p.families.values():  # explicit overrides beat family defaults too
+                fam.base = {k: v for k, v in fam.base.items() if k not in base}
+        return p
+
+    def kind_specs(self) -> list[tuple[str, str | None]]:
+        """(attention, variant) pairs: dpa, then one EA kind per variant."""
+        out = []
+        for k in self.kinds:
+            if k == "dpa":
+                out.append(("dpa", None))
+            elif k == "ea":
+                out.extend(("ea", v) for v in self.variants)
+            else:
+                raise ValueError(f"kinds must be 'dpa' and/or 'ea', got {k!r}")
+        return out
+
+    def grid(self) -> list["GridPoint"]:
+        """Every run, seed-major (an interrupted sweep has whole ladders for the first seeds)."""
+        points = []
+        for seed in range(self.seeds):
+            for fam_name, fam in self.families.items():
+                labels = fam.labels or rung_labels(fam.rungs)
+                for r, params in enumerate(fam.rungs):
+                    for attention, variant in self.kind_specs():
+                        fields = {**self.base, **fam.base}
+                        cfg = RunConfig(task=fam.task, task_params=dict(params), attention=attention,
+                                        variant=variant, seed=seed, **fields)
+                        points.append(GridPoint(fam_name, r, labels[r], cfg))
+        return points
+
+
+@dataclass
+class GridPoint:
+    family: str
+    rung: int
+    label: str
+    config: RunConfig
+
+
+def rung_labels(rungs: list[dict]) -> list[str]:
+    """'T=8'-style labels from the params that change along the ladder."""
+    keys = [k for k in rungs[0] if any(r.get(k) != rungs[0].get(k) for r in rungs)]
+    keys += [k for r in rungs for k in r if k not in rungs[0] and k not in keys]
+    if not keys:
+        return [f"rung {i}" for i in range(len(rungs))]
+    return [",".join(f"{k}={_short(r.get(k))}" for k in keys) for r in rungs]
+
+
+def _short(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_short(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_short(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+# Model and optimiser shared by both presets (calibration: docs/ladder.md).
+_OPT = {"batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "betas": (0.9, 0.95), "grad_clip": 1.0}
+
+
+def _families(pointer_T, pointer_V, digits_N, recall_K, n_keys, Q) -> dict[str, Family]:
+    """Pointer, lagged-digits and recall ladders, and the multitask ladder whose rung i mixes rung i
+    of the three (one model, a task token per sequence; scored per task as well)."""
+    pointer = [{"T": T, "V": pointer_V, "p": 0.1, "seq_len": 64} for T in pointer_T]
+    digits = [{"N": N, "T": 8, "base": 2, "n_start": 16, "lag_seed": 0, "seq_len": 64} for N in digits_N]
+    recall = [{"K": K, "Q": Q, "n_keys": n_keys, "n_values": n_keys, "seq_len": 64} for K in recall_K]
+    mix = [{"tasks": [{"name": "pointer", **p, "seq_len": 63}, {"name": "recall", **r, "seq_len": 63},
+                      {"name": "lagged_digits", **d, "seq_len": 63}], "task_token": True, "seq_len": 64}
+           for p, r, d in zip(pointer, recall, digits)]
+    return {
+        "pointer": Family("pointer", pointer),
+        "lagged_digits": Family("lagged_digits", digits),
+        "recall": Family("recall", recall),
+        "multitask": Family("multitask", mix, labels=[f"T{p['T']} K{r['K']} N{d['N']}"
+                                                      for p, r, d in zip(pointer, recall, digits)]),
+    }
+
+
+PRESETS: dict[str, Preset] = {
+    "quick": Preset(
+        name="quick",
+        description="CPU-sized: 2-layer d_model-64 models (about 0.1 M parameters), 450 AdamW steps of 32 "
+                    "sequences of length 64 per run, 4 families x 5 rungs x {DPA, EA} x 2 seeds = 80 runs; "
+                    "about 13 minutes on a quiet 2-core CPU with --workers 2 (no GPU needed).",
+        base={"d_model": 64, "n_layers": 2, "n_heads": 4, "pos": "learned", **_OPT, "steps": 450, "warmup": 45,
+              "eval_sequences": 512},
+        seeds=2,
+        families=_families(pointer_T=(2, 4, 8, 12, 16), pointer_V=16, digits_N=(2, 4, 5, 6, 7),
+                           recall_K=(1, 2, 3, 4, 6), n_keys=16, Q=8),
+    ),
+    "paper": Preset(
+        name="paper",
+        description="Full size for a bigger machine: 4-layer d_model-128 models, 3000 steps per run, 6 rungs, "
+                    "3 seeds, both EA variants (4 x 6 x 3 x 3 = 216 runs; not calibrated on this project's CPU).",
+        base={"d_model": 128, "n_layers": 4, "n_heads": 4, "pos": "learned", **_OPT, "steps": 3000, "warmup": 200,
+              "eval_sequences": 2048},
+        seeds=3,
+        variants=("saturating", "squared"),
+        families=_families(pointer_T=(4, 8, 12, 16, 24, 32), pointer_V=32, digits_N=(3, 4, 5, 6, 7, 8),
+                           recall_K=(2, 4, 6, 8, 12, 16), n_keys=32, Q=16),
+    ),
+}
+
+
+def get_preset(name_or_path: str) -> Preset:
+    """A built-in preset by name, or a JSON file holding one."""
+    if name_or_path in PRESETS:
+        return copy.deepcopy(PRESETS[name_or_path])
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        return Preset.from_dict(json.loads(path.read_text()))
+    raise ValueError(f"preset must be one of {sorted(PRESETS)} or a .json file, got {name_or_path!r}")

@@ -1,0 +1,102 @@
+"""The results store: one JSON record per line, keyed by a hash of the run's config.
+
+Appends are flushed and fsync'ed one record at a time, so an interrupted sweep loses at most the
+run in flight. A line that does not parse (a writer killed mid-line) is dropped with a warning;
+`repair()` cuts a torn tail off the file before new records are appended after it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+RESULTS_FILE = "results.jsonl"
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A stable 16-hex-digit key for a config dict (canonical JSON: sorted keys, no spaces)."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ResultsStore:
+    """Append-only JSONL store of run records (each a dict with at least "key" and "config")."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        self.path = path / RESULTS_FILE if path.is_dir() or path.suffix == "" else path
+
+    def _lines(self) -> Iterator[tuple[int, int, bytes]]:
+        """(line number, byte offset of the line's start, raw line) for each line in the file."""
+        if not self.path.exists():
+            return
+        offset = 0
+        with open(self.path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                yield number, offset, line
+                offset += len(line)
+
+    @staticmethod
+    def _parse(line: bytes) -> dict | None:
+        if not line.endswith(b"\n"):
+            return None  # a torn write: the newline is written with the record
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return record if isinstance(record, dict) and "key" in record else None
+
+    def read(self) -> list[dict]:
+        """Every well-formed record, in file order; malformed lines are skipped with a warning.
+
+        If one config key appears twice (two sweeps racing on one file), the first record wins."""
+        records, seen = [], set()
+        for number, _, line in self._lines():
+            if not line.strip():
+                continue
+            record = self._parse(line)
+            if record is None:
+                warnings.warn(f"{self.path}:{number}: dropping a corrupt or truncated record "
+                              f"({len(line)} bytes)", RuntimeWarning, stacklevel=2)
+                continue
+            if record["key"] not in seen:
+                seen.add(record["key"])
+                records.append(record)
+        return records
+
+    def keys(self) -> set[str]:
+        return {r["key"] for r in self.read()}
+
+    def repair(self) -> int:
+        """Cut a torn last line (no trailing newline, or not JSON) off the file, so appends start on
+        a fresh line. Returns the number of bytes removed. Corrupt lines in the middle are left in
+        place (the reader skips them)."""
+        last = None
+        for last in self._lines():
+            pass
+        if last is None:
+            return 0
+        number, offset, line = last
+        if self._parse(line) is not None or not line.strip():
+            return 0
+        warnings.warn(f"{self.path}:{number}: removing a truncated last record ({len(line)} bytes); "
+                      "its run will be redone", RuntimeWarning, stacklevel=2)
+        with open(self.path, "r+b") as f:
+            f.truncate(offset)
+            f.flush()
+            os.fsync(f.fileno())
+        return len(line)
+
+    def append(self, record: dict) -> None:
+        """Write one record as one line, then flush and fsync."""
+        if "key" not in record:
+            raise ValueError("record must have a 'key' (use config_key(config))")
+        line = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())

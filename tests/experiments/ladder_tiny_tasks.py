@@ -1,0 +1,35 @@
+"""A tiny task for the experiments tests (imported in-process and by `ea ladder --import`).
+
+"tiny_lag": random tokens over V symbols; from position `lag` on x_t = x_{t-lag} (scored), except
+that 25% of those steps draw a fresh token instead (not scored)."""
+import torch
+
+from expressive_attention.tasks import Task, register_task
+
+
+@register_task("tiny_lag")
+class TinyLag(Task):
+    def __init__(self, lag: int = 1, V: int = 4, seq_len: int = 8):
+        self.lag, self.V, self.seq_len, self.vocab_size = lag, V, seq_len, V
+
+    def params(self):
+        return {"lag": self.lag, "V": self.V, "seq_len": self.seq_len}
+
+    def describe(self):
+        return f"tiny_lag lag={self.lag}"
+
+    def _sample_raw(self, n, generator):
+        x = torch.randint(0, self.V, (n, self.seq_len + 1), generator=generator)
+        fresh = torch.rand(x.shape, generator=generator) < 0.25
+        fresh[:, : self.lag] = True
+        for t in range(self.lag, self.seq_len + 1):
+            x[:, t] = torch.where(fresh[:, t], x[:, t], x[:, t - self.lag])
+        return x, ~fresh
+
+
+def tiny_preset(name="tiny", seeds=2, steps=6):
+    from expressive_attention.experiments import Family, Preset
+    return Preset(name=name, seeds=seeds,
+                  base={"d_model": 16, "n_layers": 1, "n_heads": 2, "steps": steps, "warmup": 2,
+                        "batch_size": 8, "eval_sequences": 32},
+                  families={"tiny": Family("tiny_lag", [{"lag": 1}, {"lag": 2}, {"lag": 3}])})

@@ -1,0 +1,139 @@
+"""A tiny end-to-end ladder: results, summary, plot, report; resume; a killed sweep restarted."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ladder_tiny_tasks import tiny_preset  # noqa: E402  (registers "tiny_lag")
+
+from expressive_attention.cli import main  # noqa: E402
+from expressive_attention.experiments import ResultsStore, run_ladder  # noqa: E402
+
+HERE = Path(__file__).parent
+torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine is shared
+
+
+def test_tiny_ladder_writes_everything_and_resumes(tmp_path):
+    preset = tiny_preset()
+    res = run_ladder(preset, tmp_path, workers=1, progress=False, command="ea ladder --tiny")
+    assert res["total"] == 12 and res["ran"] == 12 and not res["failed"]
+    records = ResultsStore(tmp_path).read()
+    assert len(records) == 12
+    assert {r["key"] for r in records} == {p.config.key() for p in preset.grid()}
+    assert all(r["ladder"]["family"] == "tiny" for r in records)
+    assert all(Path(r["checkpoint"]).exists() for r in records)
+
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6  # 3 rungs x 2 kinds
+    assert {r["kind"] for r in rows} == {"dpa", "ea"}
+    assert [r["label"] for r in rows if r["kind"] == "dpa"] == ["lag=1", "lag=2", "lag=3"]
+    for r in rows:
+        assert r["n"] == "2"
+        assert 0.0 <= float(r["token_acc_mean"]) <= 1.0 and float(r["token_acc_std"]) >= 0.0
+        assert 0.0 <= float(r["seq_acc_mean"]) <= 1.0
+
+    assert (tmp_path / "ladder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "geometry.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "report.md").read_text()
+    assert "`ea ladder --tiny`" in report
+    assert "| tiny | lag=2 |" in report and "![ladder](ladder.png)" in report
+    assert "**tiny**, ea vs dpa" in report and "torch" in report
+    assert "antiparallel" in report
+
+    again = run_ladder(preset, tmp_path, workers=1, progress=False)
+    assert again["ran"] == 0 and again["skipped"] == 12
+    assert len(ResultsStore(tmp_path).read()) == 12
+
+    more = run_ladder(tiny_preset(seeds=3), tmp_path, workers=1, progress=False, report=False)
+    assert more["ran"] == 6 and more["skipped"] == 12  # only the new seed runs
+
+
+def _cmd(preset_file, out, workers):
+    return [sys.executable, "-m", "expressive_attention.cli", "ladder", "--preset", str(preset_file), "--out",
+            str(out), "--workers", str(workers), "--import", "ladder_tiny_tasks", "--no-checkpoints"]
+
+
+@pytest.mark.slow
+def test_killed_sweep_restarts_to_one_record_per_config(tmp_path):
+    preset = tiny_preset(name="killme", steps=60)
+    preset_file = tmp_path / "p.json"
+    preset_file.write_text(json.dumps(preset.to_dict()))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    store = ResultsStore(out)
+    log = open(tmp_path / "first.log", "w")  # a file, not a pipe: progress output never blocks the sweep
+    proc = subprocess.Popen(_cmd(preset_file, out, 2), env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if store.path.exists() and store.path.read_bytes().count(b"\n") >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the runner and its workers, mid-sweep
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    n_before = len(store.read())
+    assert 1 <= n_before < 12, "the sweep was not interrupted mid-way"
+    torn = json.dumps({"key": "x" * 16, "config": {}, "metrics": {}})
+    with open(store.path, "a") as f:  # as if killed in the middle of a write
+        f.write(torn[:25])
+
+    done = subprocess.run(_cmd(preset_file, out, 2), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "truncated" in done.stderr  # the warning
+    assert f"resuming: {n_before} of 12" in done.stdout + done.stderr
+    lines = store.path.read_text().splitlines()
+    assert len(lines) == 12  # the torn tail is gone, nothing twice
+    keys = [json.loads(line)["key"] for line in lines]
+    assert sorted(keys) == sorted(p.config.key() for p in preset.grid())
+    assert (out / "report.md").exists() and (out / "summary.csv").exists()
+
+
+def test_cli_list_report_only_and_geometry(tmp_path, capsys):
+    preset = tiny_preset(name="cli", seeds=1)
+    pf = tmp_path / "cli.json"
+    pf.write_text(json.dumps(preset.to_dict()))
+    out = tmp_path / "o"
+    assert main(["ladder", "--preset", str(pf), "--list", "--kinds", "ea", "--variants", "saturating,squared"]) == 0
+    text = capsys.readouterr().out
+    assert "6 runs" in text and "ea-squared" in text
+    assert main(["ladder", "--preset", str(pf), "--out", str(out), "--steps", "3"]) == 0
+    recs = ResultsStore(out).read()
+    assert len(recs) == 6 and all(r["steps"] == 3 for r in recs)
+    (out / "report.md").unlink()
+    assert main(["ladder", "--preset", str(pf), "--out", str(out), "--steps", "3", "--report-only"]) == 0
+    assert "| tiny | lag=3 |" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["geometry", str(out), "--out", str(tmp_path / "g"), "--sequences", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "| dpa |" in printed and "| ea |" in printed
+    assert (tmp_path / "g" / "geometry.png").exists()
+    blob = json.loads((tmp_path / "g" / "geometry.json").read_text())
+    assert len(blob["bins"]) == 41
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["ladder", "--workers", "0"])
+    assert "--workers" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown task families"):
+        main(["ladder", "--preset", "quick", "--tasks", "nope", "--list"])
+    with pytest.raises(ValueError, match="kinds"):
+        main(["ladder", "--preset", "quick", "--kinds", "softmax", "--list"])
+    with pytest.raises(ValueError, match="preset"):
+        main(["ladder", "--preset", "huge", "--list"])
+    with pytest.raises(SystemExit, match="neither"):
+        main(["geometry", str(tmp_path / "missing")])

@@ -1,0 +1,103 @@
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ladder_tiny_tasks  # noqa: F401  (registers "tiny_lag")
+from expressive_attention.experiments import RunConfig, evaluate, load_checkpoint, train_run
+from expressive_attention.experiments.train import lr_at
+from expressive_attention.tasks import eval_generator, make_task
+
+torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine is shared
+
+TINY = dict(task="tiny_lag", task_params={"lag": 2}, d_model=16, n_layers=1, n_heads=2, steps=8, warmup=2,
+            batch_size=8, eval_sequences=40)
+
+
+def test_record_fields_and_values(tmp_path):
+    calls = []
+    rec = train_run(RunConfig(**TINY, attention="ea"), progress=lambda s, n, l: calls.append((s, n)),
+                    checkpoint=tmp_path / "c.pt")
+    m = rec["metrics"]
+    assert 0.0 <= m["token_acc"] <= 1.0 and 0.0 <= m["seq_acc"] <= m["token_acc"] + 1e-9
+    assert m["sequences"] == 40 and 0 < m["scored_tokens"] < 40 * 7  # at most targets x_2..x_8, less the fresh ones
+    assert math.isfinite(m["loss"]) and math.isfinite(m["train_loss"])
+    assert rec["steps"] == 8 and rec["tokens"] == 8 * 8 * 8
+    assert [c["step"] for c in rec["curve"]][-1] == 8 and len(rec["curve"]) == 8
+    assert rec["params"] == sum(p.numel() for p in load_checkpoint(tmp_path / "c.pt")[0].parameters())
+    assert rec["kind"] == "ea" and rec["config"]["variant"] == "saturating"
+    assert set(rec["versions"]) >= {"torch", "expressive_attention"}
+    assert rec["wall_s"] > 0 and calls[-1] == (8, 8)
+    assert rec["key"] == RunConfig(**TINY, attention="ea").key()
+
+
+def test_same_seed_same_numbers_other_seed_differs():
+    a = train_run(RunConfig(**TINY, attention="dpa", seed=3))
+    b = train_run(RunConfig(**TINY, attention="dpa", seed=3))
+    c = train_run(RunConfig(**TINY, attention="dpa", seed=4))
+    assert a["metrics"] == b["metrics"] and a["curve"] == b["curve"]
+    assert a["curve"] != c["curve"]
+
+
+def test_checkpoint_reloads_to_same_eval(tmp_path):
+    cfg = RunConfig(**TINY, attention="ea", variant="squared")
+    rec = train_run(cfg, checkpoint=tmp_path / "m.pt")
+    torch.load(tmp_path / "m.pt", weights_only=True)  # plain data only
+    model, cfg2 = load_checkpoint(tmp_path / "m.pt")
+    assert cfg2 == cfg and model.cfg.variant == "squared"
+    task = make_task("tiny_lag", lag=2)
+    again = evaluate(model, task, 40, eval_generator(cfg.eval_seed))
+    assert again["token_acc"] == pytest.approx(rec["metrics"]["token_acc"])
+    assert again["loss"] == pytest.approx(rec["metrics"]["loss"], rel=1e-5)
+
+
+def test_token_budget_and_config_checks():
+    rec = train_run(RunConfig(**{**TINY, "steps": None}, tokens=8 * 8 * 3 + 1))
+    assert rec["steps"] == 4  # ceil(193 / 64)
+    with pytest.raises(ValueError, match="steps or tokens"):
+        RunConfig(**TINY, tokens=100)
+    with pytest.raises(ValueError, match="attention"):
+        RunConfig(**TINY, attention="softmax")
+    with pytest.raises(ValueError, match="batch_size"):
+        RunConfig(**{**TINY, "batch_size": 0})
+    d = RunConfig(**TINY, attention="dpa", variant="squared")
+    assert d.variant is None and d.kind == "dpa"  # dpa has no variant: one key per dpa config
+    assert d.key() == RunConfig(**TINY, attention="dpa").key()
+    with pytest.raises(ValueError, match="unknown RunConfig fields"):
+        RunConfig.from_dict({**d.to_dict(), "bogus": 1})
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    cfg = RunConfig(**{**TINY, "warmup": 4, "lr": 1.0})
+    assert [lr_at(s, cfg, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, cfg, 12) == pytest.approx(1.0)
+    assert lr_at(8, cfg, 12) == pytest.approx(0.5)
+    assert lr_at(12, cfg, 12) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sequence_accuracy_counts_whole_sequences():
+    class Oracle(torch.nn.Module):  # predicts the target everywhere except position 3 of row 0
+        def __init__(self, y):
+            super().__init__()
+            self.y = y
+
+        def forward(self, x):
+            logits = torch.nn.functional.one_hot(self.y, 4).float()
+            logits[0, 3] = logits[0, 3].roll(1)
+            return logits
+
+    task = make_task("tiny_lag", lag=2)
+    x, y, m = task.sample(5, eval_generator(0))
+
+    class Fixed:
+        vocab_size, seq_len = 4, 8
+
+        def sample(self, b, g):
+            return x, y, m
+
+    r = evaluate(Oracle(y), Fixed(), 5, eval_generator(0), batch=5)
+    assert r["seq_acc"] == pytest.approx(4 / 5)
+    assert r["token_acc"] == pytest.approx(1 - 1 / int(m.sum()))
