@@ -26,7 +26,7 @@ How the pieces fit (transformers 5.x):
 - Arguments EA cannot honour (``softcap``, attention sinks ``s_aux``/``sinks``, an additive
   ``position_bias`` or additive float mask) raise ``UnsupportedAttentionError``.
 - Models whose attention does not go through the interface (older architectures such as Bloom,
-  GPT-Neo, GPT-J) would keep softmax while claiming EA: ``register()`` installs a guard so that
+  Falcon, GPT-Neo, MPT, XGLM) would keep softmax while claiming EA: ``register()`` installs a guard so that
   asking them for an EA name raises ``UnsupportedModelError``; ``count_calls()`` / ``verify()``
   prove at run time that EA really ran.
 """
@@ -212,10 +212,10 @@ def _install_guard() -> None:
     if not getattr(get_correct, "_ea_guard", False):
 
         @functools.wraps(get_correct)
-        def guarded_get_correct(self, requested_attention, is_init_check=False):
+        def guarded_get_correct(self, requested_attention, *args, **kwargs):
             if requested_attention in _REGISTRY and not type(self)._can_set_attn_implementation():
                 raise _not_routed_error(type(self).__name__, requested_attention)
-            return get_correct(self, requested_attention, is_init_check)
+            return get_correct(self, requested_attention, *args, **kwargs)
 
         guarded_get_correct._ea_guard = True
         PreTrainedModel.get_correct_attn_implementation = guarded_get_correct
