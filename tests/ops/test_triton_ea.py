@@ -242,7 +242,7 @@ def test_triton_checks(group, tmp_path):
     assert r.stdout.count("ok   ") == len(checks), r.stdout
 
 
-def test_supports_reasons():
+def test_supports_reasons(monkeypatch):
     assert "dropout" in supports(_problem(dropout_p=0.1))
     x = torch.randn(1, 2, 8, 16, dtype=torch.float64)
     assert "float64" in supports(_problem(query=x, key=x, value=x))
@@ -254,6 +254,10 @@ def test_supports_reasons():
         assert "TRITON_INTERPRET" in supports(_problem())
         with pytest.raises(ValueError, match="backend='triton' cannot run"):
             expressive_attention(*(torch.randn(1, 8, 16) for _ in range(3)), backend="triton")
+    from expressive_attention.ops import triton_ea
+
+    monkeypatch.setattr(triton_ea, "triton", None)  # as if triton were not installed
+    assert "not installed" in supports(_problem())
 
 
 if __name__ == "__main__":
