@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,14 +56,14 @@ def eval_generator(seed: int) -> SplitGenerator:
     return SplitGenerator(seed, "eval")
 
 
-_HASH_WEIGHTS: dict[int, Tensor] = {}
+_HASH_WEIGHTS: dict[int, np.ndarray] = {}
 
 
-def _hash_weights(length: int) -> Tensor:
+def _hash_weights(length: int) -> np.ndarray:
     w = _HASH_WEIGHTS.get(length)
     if w is None:
         g = torch.Generator().manual_seed(0x5EED_0000 + length)
-        w = torch.randint(1, 2**31 - 1, (length,), generator=g, dtype=torch.long)
+        w = torch.randint(1, 2**31 - 1, (length,), generator=g, dtype=torch.long).numpy()
         _HASH_WEIGHTS[length] = w
     return w
 
@@ -75,13 +76,14 @@ def in_eval_split(inputs: Tensor) -> Tensor:
     """
     if inputs.dim() != 2:
         raise ValueError(f"inputs must be (B, L), got shape {tuple(inputs.shape)}")
-    w = _hash_weights(inputs.shape[1])
-    h = ((inputs.long() + 1) * w).sum(1)  # < L * V * 2^31: no overflow for L * V < 2^31
+    # numpy: small torch reductions can stall for milliseconds on a busy CPU (intra-op threads)
+    x = inputs.detach().cpu().long().numpy()
+    h = ((x + 1) * _hash_weights(x.shape[1])).sum(1)  # < L * V * 2^31: no overflow for L * V < 2^31
     h = (h ^ (h >> 29)) & 0x7FFFFFFF
     h = (h * 0x2C1B3C6D) & 0x7FFFFFFF  # products < 2^62
     h = (h ^ (h >> 16)) & 0x7FFFFFFF
     h = (h * 0x297A2D39) & 0x7FFFFFFF
-    return ((h ^ (h >> 15)) & 1).bool()
+    return torch.from_numpy(((h ^ (h >> 15)) & 1).astype(bool))
 
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:

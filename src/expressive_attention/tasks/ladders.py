@@ -14,7 +14,7 @@ _RECALL = {"n_keys": 16, "n_values": 16, "seq_len": 64}
 LADDERS: dict[str, list[dict]] = {
     "pointer": [{"T": T, **_POINTER} for T in (2, 4, 6, 8, 12, 16)],
     "lagged": [{"N": N, **_LAGGED} for N in (1, 2, 3, 4, 5, 6)],
-    "lagged_digits": [{"N": N, **_DIGITS} for N in (1, 2, 3, 4, 5, 6)],
+    "lagged_digits": [{"N": N, **_DIGITS} for N in (1, 2, 3, 4, 6, 8)],
     "recall": [{"K": K, **_RECALL} for K in (1, 2, 3, 4, 6, 8)],
 }
 

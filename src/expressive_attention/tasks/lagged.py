@@ -9,6 +9,7 @@ The lags are given (`lags`) or drawn from `lag_seed`; params() always reports th
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import Task, check_int, register_task
@@ -56,7 +57,7 @@ class LaggedSumTask(_Lagged):
         M[:, :S] = torch.eye(S, dtype=torch.long)
         for t in range(S, L1):
             M[:, t] = sum(M[:, t - lag] for lag in self.lags) % self.V
-        self._M = M
+        self._M = M.numpy()
 
     def params(self) -> dict:
         return {"N": self.N, "T": self.T, "V": self.V, "lags": list(self.lags), "seq_len": self.seq_len,
@@ -67,7 +68,7 @@ class LaggedSumTask(_Lagged):
 
     def _sample_raw(self, n, generator):
         start = torch.randint(0, self.V, (n, self.n_start), generator=generator)  # (n, S)
-        s = (start @ self._M) % self.V  # (n, L+1)
+        s = torch.from_numpy((start.numpy() @ self._M) % self.V)  # (n, L+1); numpy: steadier than torch for tiny ops
         det = torch.zeros_like(s, dtype=torch.bool)
         det[:, self.n_start:] = True
         return s, det
@@ -90,7 +91,8 @@ class LaggedDigitsTask(_Lagged):
         for j, lag in enumerate(self.lags):
             for t in range(self.n_start, L1):
                 src[j, t] = src[j, t - lag]
-        self._src = src
+        self._pw = self.base ** np.arange(self.N, dtype=np.int64)  # (N,) digit weights
+        self._idx = (src * self.N + torch.arange(self.N)[:, None]).flatten().numpy()  # (N*(L+1),) into (S, N) digits
 
     def params(self) -> dict:
         return {"N": self.N, "T": self.T, "base": self.base, "lags": list(self.lags), "seq_len": self.seq_len,
@@ -101,10 +103,9 @@ class LaggedDigitsTask(_Lagged):
 
     def _sample_raw(self, n, generator):
         start = torch.randint(0, self.V, (n, self.n_start), generator=generator)  # (n, S)
-        s = torch.zeros(n, self.seq_len + 1, dtype=torch.long)
-        for j in range(self.N):
-            w = self.base**j
-            s += w * ((start.index_select(1, self._src[j]) // w) % self.base)  # digit j, copied along lag t_{j+1}
+        digits = (start.numpy()[:, :, None] // self._pw) % self.base  # (n, S, N)
+        planes = digits.reshape(n, -1)[:, self._idx]  # (n, N*(L+1)): plane j copied along lag t_{j+1}
+        s = torch.from_numpy((planes.reshape(n, self.N, -1) * self._pw[:, None]).sum(1))  # (n, L+1)
         det = torch.zeros_like(s, dtype=torch.bool)
         det[:, self.n_start:] = True
         return s, det

@@ -7,6 +7,7 @@ the task from content. Per-task scoring: score_groups() / sample_with_groups().
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import Task, check_int, make_task, register_task
@@ -74,20 +75,21 @@ class MultiTask(Task):
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         B, L, tt = batch_size, self.seq_len, int(self.task_token)
-        which = torch.multinomial(self._probs, B, replacement=True, generator=generator)  # (B,)
-        x = torch.empty(B, L, dtype=torch.long)
-        y = torch.empty(B, L, dtype=torch.long)
-        m = torch.zeros(B, L, dtype=torch.bool)
+        which = torch.multinomial(self._probs, B, replacement=True, generator=generator).numpy()  # (B,)
+        x = np.empty((B, L), dtype=np.int64)  # assembled in numpy: steadier than tiny torch ops
+        y = np.empty((B, L), dtype=np.int64)
+        m = np.zeros((B, L), dtype=bool)
         for i, task in enumerate(self.tasks):
-            rows = (which == i).nonzero().squeeze(1)
-            if rows.numel() == 0:
+            rows = (which == i).nonzero()[0]
+            if rows.size == 0:
                 continue
-            xi, yi, mi = task.sample(rows.numel(), generator)  # (n_i, L - tt) each; split kept by the sub-task
+            xi, yi, mi = (t.numpy() for t in task.sample(rows.size, generator))  # (n_i, L - tt); split kept
             x[rows, tt:], y[rows, tt:], m[rows, tt:] = xi, yi, mi
             if tt:
                 x[rows, 0] = self.base_vocab + i
                 y[rows, 0] = xi[:, 0]  # the sub-task's first token: random, not scored
-        return x, y, m, which[:, None].expand(B, L).contiguous()
+        g = np.repeat(which[:, None], L, 1)
+        return tuple(torch.from_numpy(a) for a in (x, y, m, g))
 
 
 @register_task("multitask_notoken")

@@ -8,6 +8,7 @@ With Q <= K every key is queried at most once, so an answer is never visible ear
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import Task, check_int, register_task
@@ -36,19 +37,21 @@ class RecallTask(Task):
 
     def _sample_raw(self, n, generator):
         K, Q = self.K, self.Q
-        keys = torch.rand((n, self.n_keys), generator=generator).argsort(1)[:, :K] + 1  # (n, K) distinct
-        vals = torch.randint(0, self.n_values, (n, K), generator=generator) + 1 + self.n_keys  # (n, K)
+        # random draws from the torch generator; index work in numpy (steadier than tiny torch ops)
+        keys = torch.rand((n, self.n_keys), generator=generator).numpy().argsort(1)[:, :K] + 1  # (n, K) distinct
+        vals = torch.randint(0, self.n_values, (n, K), generator=generator).numpy() + 1 + self.n_keys  # (n, K)
         if Q <= K:
-            which = torch.rand((n, K), generator=generator).argsort(1)[:, :Q]  # (n, Q) distinct pairs
+            which = torch.rand((n, K), generator=generator).numpy().argsort(1)[:, :Q]  # (n, Q) distinct pairs
         else:
-            which = torch.randint(0, K, (n, Q), generator=generator)
-        slots = torch.rand((n, self.n_slots), generator=generator).argsort(1)[:, :Q]  # (n, Q)
-        s = torch.zeros(n, self.seq_len + 1, dtype=torch.long)
+            which = torch.randint(0, K, (n, Q), generator=generator).numpy()
+        slots = torch.rand((n, self.n_slots), generator=generator).numpy().argsort(1)[:, :Q]  # (n, Q)
+        s = np.zeros((n, self.seq_len + 1), dtype=np.int64)
         s[:, 0 : 2 * K : 2] = keys
         s[:, 1 : 2 * K : 2] = vals
+        rows = np.arange(n)[:, None]
         qpos = 2 * K + 2 * slots  # (n, Q) position of each query key; its answer follows
-        s.scatter_(1, qpos, keys.gather(1, which))
-        s.scatter_(1, qpos + 1, vals.gather(1, which))
-        det = torch.zeros_like(s, dtype=torch.bool)
-        det.scatter_(1, qpos + 1, True)
-        return s, det
+        s[rows, qpos] = np.take_along_axis(keys, which, 1)
+        s[rows, qpos + 1] = np.take_along_axis(vals, which, 1)
+        det = np.zeros(s.shape, dtype=bool)
+        det[rows, qpos + 1] = True
+        return torch.from_numpy(s), torch.from_numpy(det)
