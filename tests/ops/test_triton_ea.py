@@ -180,7 +180,9 @@ def check_kernels_compile_for_sm90():
     target = GPUTarget("cuda", 90, 32)
     for dtype, variant in ((torch.bfloat16, "saturating"), (torch.float16, "squared")):
         dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        for fn, backward in ((te._fwd, False), (te._bwd_dkdv, True), (te._bwd_dq, True)):
+        kernels = ((te._fwd, False), (te._bwd_delta, True), (te._bwd_dkdv, True),
+                   (te._bwd_dq, True))
+        for fn, backward in kernels:
             if dtype == torch.float16 and backward:
                 continue
             cfg = te._config(64, 64, dtype, True, backward)
@@ -189,6 +191,7 @@ def check_kernels_compile_for_sm90():
                           BLOCK_EV=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
             if fn is te._fwd:
                 consts["F32_PV"] = variant == "squared" and dtype == torch.float16
+            consts = {n: c for n, c in consts.items() if n in fn.arg_names}
             types = {"M": "*u8", "Z": "*fp32", "D": "*fp32", "scale": "fp32", "eps": "fp32",
                      **{t: "*" + dt for t in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}}
             sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}

@@ -5,7 +5,8 @@ query block just accumulates, over key blocks,
 
     acc += f(S) V,     z += rowsum f(S),      and at the end   O = acc / (eps + z).
 
-Only Z = eps + z (one float per query row) is saved for backward, which recomputes each tile:
+Only Z = eps + z (one float per query row) is saved for backward, which recomputes each tile
+(`_bwd_delta` first computes D):
 
     D_i = dO_i . O_i,   dF_ij = (dO_i . v_j - D_i) / Z_i,   dS = f'(S) * dF * scale,
     dq = dS k,   dk = dS^T q,   dv = (F / Z)^T dO.
@@ -238,6 +239,23 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < E))
 
 
+@_jit
+def _bwd_delta(O, DO, D, sob, soh, sol, soe, sdb, sdh, sdl, sde, H, L, EV,
+               BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr):
+    # D_i = dO_i . O_i in float32, without float32 copies of dO and O.
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    ok = (offs_m[:, None] < L) & (offs_ev[None, :] < EV)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sol + offs_ev[None, :] * soe,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_ev[None, :] * sde,
+                 mask=ok, other=0.0).to(tl.float32)
+    tl.store(D + (b * H + h) * L + offs_m, tl.sum(o * do, axis=1), mask=offs_m < L)
+
+
 # ----------------------------------------------------------------------------- launching
 
 def interpreter_enabled() -> bool:
@@ -257,9 +275,9 @@ def _pow2(n: int) -> int:
 
 def _config(E: int, Ev: int, dtype: torch.dtype, has_mask: bool, backward: bool) -> dict:
     """Tile sizes. Under the interpreter: 16 (small tests then cross block edges). On GPU: chosen
-    without a GPU (speed unmeasured) so that every kernel compiles for sm_80/sm_90 without register
-    spills (ptxas via `cuobjdump -res-usage`, see docs/kernels-triton.md); a mask tile costs
-    registers, fp32 tiles go through FMA (no tensor cores) and need smaller tiles."""
+    without a GPU (speed unmeasured) so that ptxas reports no or few register spills on sm_80 /
+    sm_90 (`cuobjdump -res-usage`, see docs/kernels-triton.md): a mask tile costs registers, and
+    fp32 tiles, multiplied on FMA units rather than tensor cores, need to be smaller."""
     if interpreter_enabled():
         return dict(BLOCK_M=16, BLOCK_N=16)
     d = max(E, Ev)
@@ -323,10 +341,13 @@ def _forward(q, k, v, mask, is_causal, scale, variant, eps):
 def _backward(q, k, v, mask, out, z, dout, is_causal, scale, variant):
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
-    d = (dout.float() * out.float()).sum(-1).reshape(B * H, L).contiguous()  # D_i = dO_i . O_i
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     m, ms = _mask_args(mask, q)
     cfg = _config(E, Ev, q.dtype, mask is not None, backward=True)
+    d = torch.empty(B * H, L, dtype=torch.float32, device=q.device)  # D_i = dO_i . O_i
+    rows = 16 if interpreter_enabled() else 64
+    _bwd_delta[(triton.cdiv(L, rows), H, B)](
+        out, dout, d, *out.stride(), *dout.stride(), H, L, Ev, BLOCK_M=rows, BLOCK_EV=_pow2(Ev))
     consts = dict(SATURATING=variant == "saturating", CAUSAL=is_causal, HAS_MASK=mask is not None,
                   PRECISION=_precision(q.dtype), DOT=_dot_dtype(q.dtype),
                   BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev), **cfg)
