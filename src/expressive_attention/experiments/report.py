@@ -185,6 +185,29 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def group_table(preset: Preset, records: list[dict]) -> list[str]:
+    """Per-task token / sequence accuracy inside multitask runs (mean over seeds)."""
+    points = {p.config.key(): p for p in preset.grid()}
+    cells: dict[tuple, list] = defaultdict(list)
+    for r in records:
+        p = points.get(r["key"])
+        for g, m in (r["metrics"].get("groups") or {}).items():
+            if p is not None and len(r["metrics"]["groups"]) > 1:
+                cells[(p.family, p.rung, p.label, g, p.config.kind)].append((m["token_acc"], m["seq_acc"]))
+    if not cells:
+        return []
+    kinds = list(dict.fromkeys(k[-1] for k in cells))
+    lines = ["| family | rung | task | " + " | ".join(f"{k} token / seq" for k in kinds) + " |",
+             "|" + "---|" * (3 + len(kinds))]
+    for fam, rung, label, g in dict.fromkeys(k[:4] for k in sorted(cells, key=lambda k: (k[0], k[1], k[3]))):
+        parts = []
+        for k in kinds:
+            v = np.array(cells.get((fam, rung, label, g, k), []))
+            parts.append(f"{v[:, 0].mean():.3f} / {v[:, 1].mean():.3f}" if len(v) else "–")
+        lines.append(f"| {fam} | {label} | {g} | " + " | ".join(parts) + " |")
+    return lines
+
+
 def _task_lines(preset: Preset, records: list[dict]) -> list[str]:
     keys = {p.config.key(): p for p in preset.grid()}
     seen, out = set(), []
@@ -243,7 +266,9 @@ def write_report(preset: Preset, out: str | os.PathLike, *, command: str | None 
     if sweep is not None:
         lines += ["", f"This invocation: {sweep['ran']} runs trained, {sweep['skipped']} found done, "
                   f"{len(sweep['failed'])} failed; wall time {sweep['wall_s'] / 60:.1f} min."]
-    lines += [f"Sum of per-run wall times: {run_wall / 60:.1f} min.", "",
+    cpu = sum(r.get("cpu_s", r["wall_s"]) for r in mine)
+    lines += [f"Sum of per-run wall times: {run_wall / 60:.1f} min; sum of per-run CPU times: {cpu / 60:.1f} min "
+              f"(with W workers on an otherwise idle machine the sweep takes about CPU / W).", "",
               "## Accuracy (held-out; mean ± std over seeds; token = scored tokens, seq = every scored "
               "token of a sequence right)", "", markdown_table(rows), "",
               "![ladder](ladder.png)", "",
@@ -251,6 +276,9 @@ def write_report(preset: Preset, out: str | os.PathLike, *, command: str | None 
               "Judged on token accuracy (>=, widening) and sequence accuracy (100%); seed noise = 2 standard "
               "errors of the EA - DPA difference, at least 0.01.", ""]
     lines += verdict_lines(v) or ["(no rung has both kinds yet)"]
+    groups = group_table(preset, records)
+    if groups:
+        lines += ["", "## Inside the multitask runs: each task's score (mean over seeds)", ""] + groups
     if geo_lines:
         lines += ["", "## Attention geometry", ""] + geo_lines
     lines += ["", "## Tasks", ""] + _task_lines(preset, records)

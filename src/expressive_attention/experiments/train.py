@@ -229,7 +229,7 @@ def train_run(
     """Train, evaluate on held-out data, optionally save a checkpoint; return the run's record.
 
     progress(step, total_steps, recent_loss) is called about 50 times per run."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     task, model = build(cfg)
     steps = num_steps(cfg, task.seq_len)
     opt = _optimizer(model, cfg)
@@ -277,6 +277,7 @@ def train_run(
         "params": model.num_params(),
         "wall_s": time.perf_counter() - t0,
         "train_s": train_s,
+        "cpu_s": time.process_time() - c0,  # this process's CPU time: ~ wall time on an idle machine
         "versions": versions(),
         "machine": machine(),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expressive_attention import reference_attention
+from expressive_attention.experiments.geometry import BINS, attention_geometry, attention_weights, suppression
+from expressive_attention.experiments.report import verdicts
+from expressive_attention.nn import DecoderLM, LMConfig
+from expressive_attention.tasks import make_task
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("attention,variant", [("dpa", None), ("ea", "saturating"), ("ea", "squared")])
+def test_weights_reproduce_the_attention_output(attention, variant):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 8, generator=g) * 2
+    k = torch.randn(2, 2, 7, 8, generator=g) * 2  # GQA: 2 kv heads
+    v = torch.randn(2, 2, 7, 8, generator=g)
+    a = attention_weights(q, k, attention, variant or "saturating")
+    vv = v.repeat_interleave(2, dim=1)
+    kk = k.repeat_interleave(2, dim=1)
+    if attention == "dpa":
+        want = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+    else:
+        want = reference_attention(q, kk, vv, is_causal=True, variant=variant)
+    torch.testing.assert_close(a @ vv, want, rtol=1e-5, atol=1e-5)
+    assert torch.all(a.triu(1) == 0)
+
+
+def test_ea_suppresses_orthogonal_keys_and_takes_antiparallel_ones():
+    # one query, keys parallel / orthogonal / antiparallel to it, at equal |q.k| for the two matches
+    q = torch.tensor([3.0, 0, 0, 0]).view(1, 1, 1, 4).expand(1, 1, 3, 4).clone()
+    k = torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0], [-3.0, 0, 0, 0]]).view(1, 1, 3, 4)
+    ea = attention_weights(q, k, "ea")[0, 0, 2]  # last row sees all three keys
+    dpa = attention_weights(q, k, "dpa")[0, 0, 2]
+    ea, dpa = ea.tolist(), dpa.tolist()
+    assert ea[1] < 1e-6 and ea[0] == pytest.approx(ea[2], rel=1e-6)  # orthogonal: 0; +-: equal
+    assert dpa[0] > dpa[1] > dpa[2]  # dpa ranks by q.k: antiparallel is the least attended
+
+
+def test_attention_geometry_on_a_model():
+    task = make_task("pointer", T=4, seq_len=16)
+    for kind in ("dpa", "ea"):
+        torch.manual_seed(0)
+        model = DecoderLM(LMConfig(vocab_size=task.vocab_size, context_length=16, d_model=16, n_layers=2,
+                                   n_heads=2, attention=kind))
+        stats = attention_geometry(model, task, n_sequences=4)
+        assert len(stats) == 2
+        for st in stats:
+            assert st["attention"].shape == (len(BINS) - 1,)
+            assert st["attention"].sum() == pytest.approx(1.0) and st["pairs"].sum() == pytest.approx(1.0)
+            fr = st["fractions"]["attention"]
+            assert 0 <= fr["antiparallel"] + fr["orthogonal"] + fr["parallel"] <= 1 + 1e-9
+            assert math.isfinite(suppression(st))
+        assert all(not m.capture for m in model.modules() if hasattr(m, "capture"))
+
+
+def _row(rung, kind, tok, seq, std=0.0, n=2):
+    return {"family": "f", "rung": rung, "label": f"r{rung}", "kind": kind, "n": n, "expected": n,
+            "token_acc_mean": tok, "token_acc_std": std, "seq_acc_mean": seq, "seq_acc_std": std}
+
+
+def test_verdicts_on_synthetic_ladders():
+    win = [_row(0, "dpa", 1.0, 1.0), _row(0, "ea", 1.0, 1.0),
+           _row(1, "dpa", 0.9, 0.5), _row(1, "ea", 1.0, 1.0),
+           _row(2, "dpa", 0.6, 0.0), _row(2, "ea", 0.9, 0.4),
+           _row(3, "dpa", 0.3, 0.0), _row(3, "ea", 0.4, 0.0)]
+    v = verdicts(win)["f"]["ea"]
+    assert v["at_least_as_good"] and v["widening"] and v["max_gap_at"] == "r2"
+    assert v["solves_where_dpa_does_not"] == ["r1"]
+    assert v["gaps"] == pytest.approx([0.0, 0.1, 0.3, 0.1])
+
+    lose = [_row(0, "dpa", 1.0, 1.0), _row(0, "ea", 0.95, 0.8),
+            _row(1, "dpa", 0.8, 0.2, std=0.1), _row(1, "ea", 0.75, 0.1, std=0.1)]
+    v = verdicts(lose)["f"]["ea"]
+    assert not v["at_least_as_good"] and v["behind"] == ["r0"]  # r1's -0.05 is within noise
+    assert not v["widening"] and v["solves_where_dpa_does_not"] == []
