@@ -211,6 +211,10 @@ def test_generate_cache_matches_no_cache(family):
     alone = model.generate(ids[1:, 3:], use_cache=True, max_new_tokens=8, do_sample=False, pad_token_id=PAD,
                            eos_token_id=None)
     assert torch.equal(with_cache[1, 3:], alone[0])
+    # a static cache too: its unpadded prefill gets mask None with S > Lq (keys cut, top-left causal)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kw), with_cache)
+    assert torch.equal(model.generate(ids[1:, 3:], cache_implementation="static", max_new_tokens=8, do_sample=False,
+                                      pad_token_id=PAD, eos_token_id=None), alone)
     # and EA generates something other than SDPA from the same weights
     sdpa = build(family, "sdpa").generate(ids, use_cache=True, **kw)
     assert not torch.equal(sdpa, with_cache)
