@@ -101,7 +101,8 @@ def format_attention(records: list[dict]) -> str:
 
 def crossovers(records: list[dict]) -> list[str]:
     """Per (E, mode): the shortest measured L from which on linear is faster than SDPA / than every
-    quadratic EA backend measured."""
+    quadratic EA backend measured, and an estimate between grid points: the median over L of
+    L * t_linear / t_other (exact if linear time ~ L and quadratic time ~ L^2)."""
     ok = [r for r in records if "time_ms" in r]
     out = []
     for E, mode in dict.fromkeys((r["E"], r["mode"]) for r in ok):
@@ -119,8 +120,14 @@ def crossovers(records: list[dict]) -> list[str]:
                     return f"L >= {L}"
             return f"nowhere up to L = {Ls[-1]}"
 
-        out.append(f"E={E} {mode}: linear beats SDPA from {first_win(['sdpa'])}; beats the quadratic EA "
-                   f"backends ({', '.join(quad) or 'none measured'}) from {first_win(quad)}")
+        def estimate(others):
+            # linear ~ L, quadratic ~ L^2: the time ratio at L predicts the crossover L * ratio
+            est = [L * t[("linear", L)] / min(t[(o, L)] for o in others if (o, L) in t)
+                   for L in Ls if ("linear", L) in t and any((o, L) in t for o in others)]
+            return f" (estimate ~{statistics.median(est):.0f})" if est else ""
+
+        out.append(f"E={E} {mode}: linear beats SDPA from {first_win(['sdpa'])}{estimate(['sdpa'])}; beats the "
+                   f"quadratic EA backends ({', '.join(quad) or 'none measured'}) from {first_win(quad)}{estimate(quad)}")
     return out
 
 

@@ -142,3 +142,17 @@ def test_auto_uses_linear_only_when_it_pays():
     short = problem(256, 16, "squared")
     assert not linear_pays_off(short)
     assert choose_backend(short).name != "linear"
+
+
+def test_non_contiguous_and_3d_inputs():
+    """(B, T, H, E) projections transposed to (B, H, T, E), and unbatched (H, L, E) inputs."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 3, 40, 2, 8, generator=g, dtype=torch.float64)  # (qkv, B, T, H, E)
+    qt, kt, vt = (t.transpose(1, 2).requires_grad_() for t in x.unbind(0))  # (B, H, T, E), strided
+    assert not qt.is_contiguous()
+    out = expressive_attention(qt, kt, vt, is_causal=True, variant="squared", backend="linear")
+    assert_same(out, reference(qt, kt, vt, is_causal=True), (qt, kt, vt), 1e-10, 1e-8)
+    q3, k3, v3 = make(1, 2, 2, 33, 33, 8, 4)
+    out3 = expressive_attention(q3[0], k3[0], v3[0], is_causal=True, variant="squared", backend="linear")
+    assert out3.shape == (2, 33, 4)
+    torch.testing.assert_close(out3, reference(q3, k3, v3, is_causal=True)[0], atol=1e-10, rtol=1e-8)

@@ -309,9 +309,11 @@ register_backend(Backend(
 
 
 # Sequence length above which backend="auto" runs the linear form on CPU, by head dim E, for
-# causal forward+backward (training) and forward only (inference). Measured on a 2-core AVX2
-# CPU against the fastest quadratic EA backend and SDPA: `python benchmarks/bench_long.py --crossover`.
-CROSSOVER_TRAIN = {16: 2048, 32: 5120, 64: 16384}
+# causal forward+backward (calls that need gradients) and forward only. Measured on the project's
+# 2-core AVX2 CPU (torch 2.13.0, B=4, H=4, float32, 1 thread) against the fastest quadratic EA
+# backend (fused_cpu), by `python benchmarks/bench_long.py --threads 1`: its crossover estimate
+# (median over L of L * t_linear / t_quadratic); see docs/linear.md for the tables.
+CROSSOVER_TRAIN = {16: 2304, 32: 4608, 64: 16384}
 CROSSOVER_INFER = {16: 2048, 32: 5120, 64: 10240}
 
 
