@@ -35,7 +35,7 @@ from ._inputs import Problem
 from .dispatch import Backend, register_backend
 
 SOURCE = Path(__file__).parent / "csrc" / "ea_cpu.cpp"
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

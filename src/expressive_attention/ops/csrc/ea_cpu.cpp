@@ -49,6 +49,9 @@ inline int64_t grain_for(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_task));
 }
 
+// Tests set this to exercise the ATen fallback used when libtorch exports no BLAS gemm.
+bool g_force_aten_gemm = false;
+
 template <typename T>
 at::ScalarType scalar_type_of();
 template <>
@@ -74,12 +77,12 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_) {
+    if (sgemm_ && !g_force_aten_gemm) {
       sgemm_(&tra, &trb, &im, &in, &ik, &alpha, B, &ilda, A, &ildb, &beta, C, &ildc);
       return;
     }
   } else {
-    if (dgemm_) {
+    if (dgemm_ && !g_force_aten_gemm) {
       dgemm_(&tra, &trb, &im, &in, &ik, &alpha, B, &ilda, A, &ildb, &beta, C, &ildc);
       return;
     }
@@ -359,6 +362,8 @@ void set_block_sizes(int64_t q_block, int64_t kv_block, int64_t bwd_q_block, int
   kBwdKvBlock = bwd_kv_block;
 }
 
+void set_force_aten_gemm(bool on) { g_force_aten_gemm = on; }
+
 bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
 }  // namespace
@@ -369,5 +374,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &ea_backward, "fused expressive attention backward -> (dq, dk, dv)",
         py::call_guard<py::gil_scoped_release>());
   m.def("set_block_sizes", &set_block_sizes, "tile sizes (forward q rows, keys, backward q rows, keys); for tuning");
+  m.def("set_force_aten_gemm", &set_force_aten_gemm, "use the ATen gemm fallback (for tests)");
   m.def("has_blas", &has_blas, "True when the BLAS gemm from libtorch is used for block products");
 }
