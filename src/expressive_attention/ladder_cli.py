@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -38,7 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_positive, default=None, help="seeds per point (default: the preset's)")
     p.add_argument("--steps", type=_positive, default=None, help="override the training steps of every run")
     p.add_argument("--out", default=None, help="output directory (default: runs/ladder-PRESET)")
-    p.add_argument("--workers", type=_positive, default=1, help="parallel worker processes (one per core)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="parallel worker processes, one torch thread each (default: one per CPU core)")
     p.add_argument("--no-checkpoints", action="store_true", help="do not save model checkpoints")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (in every worker), e.g. one that registers your own tasks")
@@ -83,7 +85,8 @@ def run_ladder_cmd(args) -> int:
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
         return 0
     t0 = time.time()
-    result = run_ladder(preset, out, workers=args.workers, checkpoints=not args.no_checkpoints,
+    workers = args.workers or os.cpu_count() or 1
+    result = run_ladder(preset, out, workers=workers, checkpoints=not args.no_checkpoints,
                         imports=args.imports, command=command)
     print(f"{result['ran']} runs trained, {result['skipped']} already done, {len(result['failed'])} failed "
           f"in {(time.time() - t0) / 60:.1f} min")

@@ -69,7 +69,7 @@ def test_verdicts_on_synthetic_ladders():
            _row(2, "dpa", 0.6, 0.0), _row(2, "ea", 0.9, 0.4),
            _row(3, "dpa", 0.3, 0.0), _row(3, "ea", 0.4, 0.0)]
     v = verdicts(win)["f"]["ea"]
-    assert v["at_least_as_good"] and v["widening"] and v["max_gap_at"] == "r2"
+    assert v["at_least_as_good"] and v["widening"] == "yes" and v["max_gap_at"] == "r2"
     assert v["solves_where_dpa_does_not"] == ["r1"]
     assert v["gaps"] == pytest.approx([0.0, 0.1, 0.3, 0.1])
 
@@ -77,4 +77,9 @@ def test_verdicts_on_synthetic_ladders():
             _row(1, "dpa", 0.8, 0.2, std=0.1), _row(1, "ea", 0.75, 0.1, std=0.1)]
     v = verdicts(lose)["f"]["ea"]
     assert not v["at_least_as_good"] and v["behind"] == ["r0"]  # r1's -0.05 is within noise
-    assert not v["widening"] and v["solves_where_dpa_does_not"] == []
+    assert v["widening"] == "no" and v["solves_where_dpa_does_not"] == []
+
+    dip = [_row(0, "dpa", 1.0, 1.0), _row(0, "ea", 1.0, 1.0), _row(1, "dpa", 0.8, 0.1), _row(1, "ea", 1.0, 1.0),
+           _row(2, "dpa", 0.8, 0.1), _row(2, "ea", 0.9, 0.2), _row(3, "dpa", 0.5, 0.0), _row(3, "ea", 0.9, 0.1)]
+    v = verdicts(dip)["f"]["ea"]
+    assert v["widening"] == "mostly" and v["dips"] == ["r2"] and v["max_gap_at"] == "r3"

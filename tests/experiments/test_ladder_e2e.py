@@ -110,7 +110,7 @@ def test_cli_list_report_only_and_geometry(tmp_path, capsys):
     assert main(["ladder", "--preset", str(pf), "--list", "--kinds", "ea", "--variants", "saturating,squared"]) == 0
     text = capsys.readouterr().out
     assert "6 runs" in text and "ea-squared" in text
-    assert main(["ladder", "--preset", str(pf), "--out", str(out), "--steps", "3"]) == 0
+    assert main(["ladder", "--preset", str(pf), "--out", str(out), "--steps", "3", "--workers", "1"]) == 0
     recs = ResultsStore(out).read()
     assert len(recs) == 6 and all(r["steps"] == 3 for r in recs)
     (out / "report.md").unlink()

@@ -70,7 +70,12 @@ def plot_ladder(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     families = list(dict.fromkeys(r["family"] for r in rows))
-    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.6), squeeze=False)
+    ncols = len(families) if len(families) <= 3 else 2
+    nrows = -(-len(families) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.7 * nrows), squeeze=False)
+    axes = [list(grid.flat)]  # one row of panels, filled left to right, top to bottom
+    for ax in axes[0][len(families):]:
+        ax.set_visible(False)
     for ax, fam in zip(axes[0], families):
         fr = [r for r in rows if r["family"] == fam]
         labels = [r["label"] for r in sorted({r["rung"]: r for r in fr}.values(), key=lambda r: r["rung"])]
@@ -88,10 +93,16 @@ def plot_ladder(rows: list[dict], path: Path, title: str = "") -> None:
         ax.set_xticklabels(labels, rotation=30 if max(map(len, labels)) > 5 else 0, fontsize=8)
         ax.set_ylim(-0.03, 1.03)
         ax.set_title(fam)
-        ax.set_xlabel("rung (harder to the right)")
+        ax.set_xlabel("rung (harder to the right)", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out accuracy (mean ± std over seeds)")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    for row in grid:
+        row[0].set_ylabel("held-out accuracy\n(mean ± std over seeds)")
+    handles = {}
+    for ax in axes[0]:  # one legend, from whichever panels have data
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        axes[0][0].legend(handles.values(), handles.keys(), fontsize=7, loc="lower left")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -104,8 +115,9 @@ def verdicts(rows: list[dict], base: str = "dpa") -> dict[str, dict[str, dict]]:
 
     - at_least_as_good: EA token accuracy >= DPA's at every rung, within seed noise (2 standard
       errors of the difference, at least 0.01); the rungs where EA is behind are listed.
-    - widening: the token-accuracy gap EA - DPA grows (within noise) from the first rung up to its
-      largest value, and that largest value is beyond noise.
+    - widening: "yes" if the token-accuracy gap EA - DPA grows (within noise) from the first rung up
+      to its largest value and that value is beyond noise; "mostly" if it grows overall (every rung up
+      to the peak above the first rung's gap) with dips (listed); else "no".
     - solves_where_dpa_does_not: rungs where EA's sequence accuracy is 100% (>= 0.999, mean over
       seeds) and DPA's is not.
     """
@@ -131,12 +143,20 @@ def verdicts(rows: list[dict], base: str = "dpa") -> dict[str, dict[str, dict]]:
                 if e["seq_acc_mean"] >= SOLVED and d["seq_acc_mean"] < SOLVED:
                     solved.append(e["label"])
             top = int(np.argmax(gaps))
-            rising = all(gaps[i + 1] >= gaps[i] - noise[i + 1] for i in range(top))
-            widening = rising and top > 0 and gaps[top] > noise[top] and gaps[top] - gaps[0] > noise[top]
+            dips = [pairs[i + 1][1]["label"] for i in range(top) if gaps[i + 1] < gaps[i] - noise[i + 1]]
+            grows = top > 0 and gaps[top] > noise[top] and gaps[top] - gaps[0] > noise[top]
+            # "yes": rises within noise up to its largest value; "mostly": rises overall (every rung
+            # up to the peak is above the first), with dips; "no": otherwise
+            if grows and not dips:
+                widening = "yes"
+            elif grows and all(g > gaps[0] + noise[0] for g in gaps[1:top + 1]):
+                widening = "mostly"
+            else:
+                widening = "no"
             out.setdefault(fam, {})[kind] = {
                 "rungs": [e["label"] for _, e in pairs], "gaps": gaps, "noise": noise,
                 "at_least_as_good": not behind, "behind": behind, "ahead": ahead,
-                "widening": widening, "max_gap_at": pairs[top][1]["label"], "max_gap": gaps[top],
+                "widening": widening, "dips": dips, "max_gap_at": pairs[top][1]["label"], "max_gap": gaps[top],
                 "solves_where_dpa_does_not": solved, "complete": all(d["n"] == d["expected"] and
                                                                      e["n"] == e["expected"] for d, e in pairs),
             }
@@ -149,8 +169,8 @@ def verdict_lines(v: dict[str, dict[str, dict]], base: str = "dpa") -> list[str]
         for kind, c in kinds.items():
             gaps = ", ".join(f"{r} {g:+.3f}" for r, g in zip(c["rungs"], c["gaps"]))
             ge = ("yes" if c["at_least_as_good"] else f"NO: {kind} behind at {', '.join(c['behind'])}")
-            wid = (f"yes (largest gap {c['max_gap']:+.3f} at {c['max_gap_at']})" if c["widening"]
-                   else f"no (largest gap {c['max_gap']:+.3f} at {c['max_gap_at']})")
+            wid = f"{c['widening']} (largest gap {c['max_gap']:+.3f} at {c['max_gap_at']}"
+            wid += f"; dips at {', '.join(c['dips'])})" if c["dips"] else ")"
             sol = ", ".join(c["solves_where_dpa_does_not"]) or "none"
             note = "" if c["complete"] else " (incomplete: some runs missing)"
             lines.append(f"- **{fam}**, {kind} vs {base}{note}: {kind} >= {base} at every rung within seed "
