@@ -87,6 +87,16 @@ def test_bfloat16_large_scores_no_overflow(backend):
         assert all(torch.isfinite(g.float()).all() for g in grads)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_scores_float32(backend):
+    # A freshly initialised model has |s| ~ 1e-4..1e-3: f must not cancel to zero in float32.
+    q, k, v = make(2, 2, 2, 80, 80, 16, 16, torch.float32, spread=1e-3)
+    for variant in ("saturating", "squared"):
+        out = expressive_attention(q, k, v, is_causal=True, variant=variant, backend=backend)
+        ref = expressive_attention(q.double(), k.double(), v.double(), is_causal=True, variant=variant, backend="reference")
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["blocked", "reference"])
 def test_gradcheck_float64(backend):
     q, k, v = make(1, 2, 1, 5, 6, 4, 3, torch.float64)

@@ -34,11 +34,12 @@ def _f_and_grad(s: Tensor, variant: str, need_grad: bool):
     if variant == "squared":
         fprime = 2.0 * s if need_grad else None
         return s.square_(), fprime
-    # saturating: f = s^2 / (1 + s^2) = 1 - 1/(1 + s^2),  f' = 2 s / (1 + s^2)^2
-    r = s.square().add_(1.0).reciprocal_()  # 1 / (1 + s^2)
-    fprime = (2.0 * s).mul_(r).mul_(r) if need_grad else None
-    f = r.neg_().add_(1.0)
-    return f, fprime
+    # saturating: f = s^2 * r with r = 1 / (1 + s^2),  f' = 2 s r^2. (Not 1 - r: that cancels to 0
+    # in float32 for |s| < ~1e-3, the typical score of a freshly initialised model.)
+    s2 = s.square()
+    r = (s2 + 1.0).reciprocal_()
+    fprime = s.mul_(2.0).mul_(r).mul_(r) if need_grad else None
+    return s2.mul_(r), fprime
 
 
 def _views(p: Problem):

@@ -39,11 +39,12 @@ def _no_dropout(p: Problem) -> "str | None":
 def choose_backend(p: Problem) -> Backend:
     """The `"auto"` policy: the first backend in order of preference that supports `p`.
 
-    Preference: the reference for tiny problems and for dropout (the only backend with dropout),
-    then fused kernels, then the blocked PyTorch implementation.
+    Preference: the reference for dropout (the only backend with dropout); the linear form for
+    EA-squared above its crossover length; then fused kernels, then the blocked PyTorch
+    implementation — except for tiny problems, where the reference beats blocked's Python loop.
     """
     L, S = p.q.shape[-2], p.k.shape[-2]
-    if p.dropout_p > 0 or L * S <= 64 * 64:
+    if p.dropout_p > 0:
         return BACKENDS["reference"]
     lin = BACKENDS.get("linear")  # EA-squared above the measured crossover length (ops/linear.py)
     if lin is not None and lin.supports(p) is None:
@@ -56,6 +57,8 @@ def choose_backend(p: Problem) -> Backend:
             continue  # Triton's CPU interpreter (TRITON_INTERPRET=1) is for tests, never "auto"
         b = BACKENDS.get(name)
         if b is not None and b.supports(p) is None:
+            if name == "blocked" and L * S <= 64 * 64:
+                break
             return b
     return BACKENDS["reference"]
 
