@@ -5,10 +5,11 @@
    memory method: resident-set high-water mark above the post-warm-up baseline). From the table, the
    crossover: the shortest L at which the linear form beats SDPA and beats the best quadratic EA backend.
 2. Decode-step time vs context length for KV-cache DPA, KV-cache EA (squared) and recurrent EA
-   (constant-size state), one attention layer, B x H heads, median of timed steps after a prefill.
+   (constant-size state), one attention layer, B x H heads: median of timed steps after a prefill,
+   round-robin over the contexts, each step starting with the CPU caches flushed.
 
-    python benchmarks/bench_long.py                      # the full default sweep
-    python benchmarks/bench_long.py --E 16 --L 2048,16384 --impls linear,sdpa --no-decode
+    python benchmarks/bench_long.py --threads 1          # the full default sweep
+    python benchmarks/bench_long.py --long-E 16 --long-L 2048,16384 --impls linear,sdpa --no-decode
 """
 from __future__ import annotations
 
@@ -145,38 +146,57 @@ def targets(records: list[dict]) -> list[str]:
 # part 2: decode step vs context length
 
 
-def _decode_step_us(cache, layer, B: int, H: int, E: int, context: int, steps: int, g) -> float:
-    """Prefill `context` tokens (untimed), then the median time of one-token steps, in microseconds."""
+def _prefill(cache, layer, B: int, H: int, E: int, context: int, g) -> None:
     with torch.no_grad():
         q, k, v = (torch.randn(B, H, context, E, generator=g) for _ in range(3))
         cache.attend(q, k, v, layer.attend)
-        times = []
-        for _ in range(steps + 2):
-            q, k, v = (torch.randn(B, H, 1, E, generator=g) for _ in range(3))
-            t0 = time.perf_counter()
-            cache.attend(q, k, v, layer.attend)
-            times.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(times[2:])
+
+
+def _step_s(cache, layer, B: int, H: int, E: int, g, flush: torch.Tensor) -> float:
+    with torch.no_grad():
+        q, k, v = (torch.randn(B, H, 1, E, generator=g) for _ in range(3))
+        flush.add_(1.0)  # evict the CPU caches: every step starts cold, whatever ran before it
+        t0 = time.perf_counter()
+        cache.attend(q, k, v, layer.attend)
+        return time.perf_counter() - t0
 
 
 def decode_records(args, progress) -> list[dict]:
+    """Per E: prefill one cache of each kind per context, then time steps round-robin over all of
+    them (so that load drifting on a shared machine hits every context alike); median per cache.
+    Before each timed step a 64 MiB buffer is rewritten, so that no step finds its cache or state
+    left in the CPU caches by the step before (in a model, the other layers evict it too)."""
     from .nn import KVCache, MultiheadAttention
     from .nn.recurrent import RecurrentEAState
 
     B, H = args.long_B, args.long_H
     g = torch.Generator().manual_seed(0)
+    flush = torch.zeros(2**24)  # 64 MiB
     records = []
-    jobs = [(E, ctx) for E in args.decode_E for ctx in args.contexts]
-    for E, ctx in progress(jobs, desc="decode", unit="case"):
-        dpa = MultiheadAttention(H * E, H, attention="dpa")
-        ea = MultiheadAttention(H * E, H, attention="ea", variant="squared")
-        kv_dpa, kv_ea, rec = KVCache(), KVCache(), RecurrentEAState(ea)
-        r = {"E": E, "context": ctx, "B": B, "H": H,
-             "kv_dpa_us": _decode_step_us(kv_dpa, dpa, B, H, E, ctx, args.decode_steps, g),
-             "kv_ea_us": _decode_step_us(kv_ea, ea, B, H, E, ctx, args.decode_steps, g),
-             "recurrent_ea_us": _decode_step_us(rec, ea, B, H, E, ctx, args.decode_steps, g)}
-        r["kv_mb"], r["state_mb"] = kv_ea.nbytes() / 2**20, rec.nbytes() / 2**20
-        records.append(r)
+    for E in progress(args.decode_E, desc="decode", unit="E"):
+        layers = {"kv_dpa": MultiheadAttention(H * E, H, attention="dpa"),
+                  "kv_ea": MultiheadAttention(H * E, H, attention="ea", variant="squared")}
+        layers["recurrent_ea"] = layers["kv_ea"]
+        caches = {}
+        for ctx in args.contexts:
+            for kind, layer in layers.items():
+                cache = RecurrentEAState(layer) if kind == "recurrent_ea" else KVCache()
+                _prefill(cache, layer, B, H, E, ctx, g)
+                caches[(ctx, kind)] = cache
+        times = {key: [] for key in caches}
+        for i in range(args.decode_steps + 2):
+            for (ctx, kind), cache in caches.items():
+                t = _step_s(cache, layers[kind], B, H, E, g, flush)
+                if i >= 2:  # two warm-up steps
+                    times[(ctx, kind)].append(t)
+        for ctx in args.contexts:
+            r = {"E": E, "context": ctx, "B": B, "H": H}
+            for kind in layers:
+                r[f"{kind}_us"] = 1e6 * statistics.median(times[(ctx, kind)])
+            r["kv_mb"] = caches[(ctx, "kv_ea")].nbytes() / 2**20
+            r["state_mb"] = caches[(ctx, "recurrent_ea")].nbytes() / 2**20
+            records.append(r)
+        del caches
     return records
 
 
@@ -219,8 +239,8 @@ def run_long_benchmark(args: argparse.Namespace) -> int:
         out["attention"] = recs
     if not args.no_decode:
         recs = decode_records(args, progress)
-        print(f"\nDecode step, one attention layer, B={args.long_B} H={args.long_H} "
-              f"(median of {args.decode_steps} steps after prefilling the context)")
+        print(f"\nDecode step, one attention layer, B={args.long_B} H={args.long_H} (median of "
+              f"{args.decode_steps} steps after prefilling the context, round-robin over contexts)")
         print(format_decode(recs))
         out["decode"] = recs
     if args.long_json:

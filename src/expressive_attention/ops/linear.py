@@ -313,8 +313,8 @@ register_backend(Backend(
 # 2-core AVX2 CPU (torch 2.13.0, B=4, H=4, float32, 1 thread) against the fastest quadratic EA
 # backend (fused_cpu), by `python benchmarks/bench_long.py --threads 1`: its crossover estimate
 # (median over L of L * t_linear / t_quadratic); see docs/linear.md for the tables.
-CROSSOVER_TRAIN = {16: 2304, 32: 4608, 64: 16384}
-CROSSOVER_INFER = {16: 2048, 32: 5120, 64: 10240}
+CROSSOVER_TRAIN = {16: 2304, 32: 4608, 64: 11264}
+CROSSOVER_INFER = {16: 2048, 32: 5632, 64: 12800}
 
 
 def crossover_length(E: int, train: bool) -> float:
