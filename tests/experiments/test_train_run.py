@@ -34,10 +34,11 @@ def test_record_fields_and_values(tmp_path):
     assert rec["key"] == RunConfig(**TINY, attention="ea").key()
 
 
-def test_same_seed_same_numbers_other_seed_differs():
-    a = train_run(RunConfig(**TINY, attention="dpa", seed=3))
-    b = train_run(RunConfig(**TINY, attention="dpa", seed=3))
-    c = train_run(RunConfig(**TINY, attention="dpa", seed=4))
+@pytest.mark.parametrize("attention", ["dpa", "ea"])
+def test_same_seed_same_numbers_other_seed_differs(attention):
+    a = train_run(RunConfig(**TINY, attention=attention, seed=3))
+    b = train_run(RunConfig(**TINY, attention=attention, seed=3))
+    c = train_run(RunConfig(**TINY, attention=attention, seed=4))
     assert a["metrics"] == b["metrics"] and a["curve"] == b["curve"]
     assert a["curve"] != c["curve"]
 
