@@ -2,11 +2,11 @@
 
     python benchmarks/bench_long.py [--long-E 16,32] [--long-L 2048,4096,8192,16384] [--no-decode] ...
 
-Same as `ea bench --long`; the logic is in src/expressive_attention/bench_long.py.
+Same as `ea bench --long`; the logic is in src/expressive_attention/bench/long.py.
 """
 import sys
 
-from expressive_attention.bench_long import main
+from expressive_attention.bench.long import main
 
 if __name__ == "__main__":
     sys.exit(main())

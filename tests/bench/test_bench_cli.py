@@ -40,3 +40,13 @@ def test_model_step_timing_compares_same_model_both_kinds():
     r = time_training_steps(dict(context_length=16, d_model=32), batch=2, steps=1, warmup=1)
     assert r["dpa_ms"] > 0 and r["ea_ms"] > 0
     assert abs(r["ratio"] - r["ea_ms"] / r["dpa_ms"]) < 1e-9 and r["params"] > 0
+
+
+def test_bench_long_tiny_run(tmp_path):
+    out = tmp_path / "long.json"
+    rc = main(["bench", "--long", "--long-E", "8", "--long-L", "64", "--long-B", "1", "--long-H", "1",
+               "--impls", "linear,sdpa", "--long-repeats", "1", "--contexts", "16,32", "--decode-E", "8",
+               "--decode-steps", "2", "--long-json", str(out)])
+    assert rc == 0
+    text = out.read_text()
+    assert '"linear"' in text and '"sdpa"' in text and "recurrent" in text

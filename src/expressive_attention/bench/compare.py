@@ -74,6 +74,8 @@ def format_table(records: list[dict], peak: float) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .long import add_arguments as add_long_arguments
+
     p.add_argument("--E", type=_csv(int), default=[32], help="head dims, comma-separated (default 32)")
     p.add_argument("--L", type=_csv(int), default=[256, 1024, 4096], help="sequence lengths (default 256,1024,4096)")
     p.add_argument("--B", type=int, default=4, help="batch size (default 4)")
@@ -87,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-causal", action="store_true", help="full attention instead of causal")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median reported)")
     p.add_argument("--json", metavar="PATH", help="also write all records as JSON")
+    add_long_arguments(p)
+    p.add_argument("--long", action="store_true",
+                   help="instead: long contexts (reference / fused / linear / SDPA vs L) and decode-step time vs context")
     p.add_argument("--model", action="store_true",
                    help="instead: time a DecoderLM training step with EA vs DPA (quick-ladder size and a long context)")
 
@@ -98,6 +103,10 @@ def main(args) -> int:
         from .model_step import main as model_main
 
         return model_main(args)
+    if args.long:
+        from .long import run_long_benchmark
+
+        return run_long_benchmark(args)
 
     for v in args.variants:
         check_variant(v)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .bench.measure import Case, run_case
+from .measure import Case, run_case
 
 IMPLS = ("reference", "fused_cpu", "blocked", "linear", "sdpa")
 REFERENCE_MAX_ELEMENTS = 2**26  # the reference holds several (B, H, L, L) float32 matrices
@@ -166,8 +166,8 @@ def decode_records(args, progress) -> list[dict]:
     them (so that load drifting on a shared machine hits every context alike); median per cache.
     Before each timed step a 64 MiB buffer is rewritten, so that no step finds its cache or state
     left in the CPU caches by the step before (in a model, the other layers evict it too)."""
-    from .nn import KVCache, MultiheadAttention
-    from .nn.recurrent import RecurrentEAState
+    from ..nn import KVCache, MultiheadAttention
+    from ..nn.recurrent import RecurrentEAState
 
     B, H = args.long_B, args.long_H
     g = torch.Generator().manual_seed(0)
