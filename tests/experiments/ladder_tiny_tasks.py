@@ -2,6 +2,8 @@
 
 "tiny_lag": random tokens over V symbols; from position `lag` on x_t = x_{t-lag} (scored), except
 that 25% of those steps draw a fresh token instead (not scored)."""
+import time
+
 import torch
 
 from expressive_attention.tasks import Task, register_task
@@ -9,16 +11,19 @@ from expressive_attention.tasks import Task, register_task
 
 @register_task("tiny_lag")
 class TinyLag(Task):
-    def __init__(self, lag: int = 1, V: int = 4, seq_len: int = 8):
+    def __init__(self, lag: int = 1, V: int = 4, seq_len: int = 8, delay: float = 0.0):
         self.lag, self.V, self.seq_len, self.vocab_size = lag, V, seq_len, V
+        self.delay = delay  # seconds of sleep per sample() call: runs that take time on any machine
 
     def params(self):
-        return {"lag": self.lag, "V": self.V, "seq_len": self.seq_len}
+        return {"lag": self.lag, "V": self.V, "seq_len": self.seq_len, "delay": self.delay}
 
     def describe(self):
         return f"tiny_lag lag={self.lag}"
 
     def _sample_raw(self, n, generator):
+        if self.delay:
+            time.sleep(self.delay)
         x = torch.randint(0, self.V, (n, self.seq_len + 1), generator=generator)
         fresh = torch.rand(x.shape, generator=generator) < 0.25
         fresh[:, : self.lag] = True
@@ -27,9 +32,10 @@ class TinyLag(Task):
         return x, ~fresh
 
 
-def tiny_preset(name="tiny", seeds=2, steps=6):
+def tiny_preset(name="tiny", seeds=2, steps=6, delay=0.0):
     from expressive_attention.experiments import Family, Preset
     return Preset(name=name, seeds=seeds,
                   base={"d_model": 16, "n_layers": 1, "n_heads": 2, "steps": steps, "warmup": 2,
                         "batch_size": 8, "eval_sequences": 32},
-                  families={"tiny": Family("tiny_lag", [{"lag": 1}, {"lag": 2}, {"lag": 3}])})
+                  families={"tiny": Family("tiny_lag", [{"lag": k, "delay": delay} for k in (1, 2, 3)],
+                                           labels=["lag=1", "lag=2", "lag=3"])})

@@ -49,8 +49,11 @@ def test_tiny_ladder_writes_everything_and_resumes(tmp_path):
     assert "**tiny**, ea vs dpa" in report and "torch" in report
     assert "antiparallel" in report
 
+    assert "`ea ladder --tiny` with 1 workers" in report and "wall time" in report
+
     again = run_ladder(preset, tmp_path, workers=1, progress=False)
     assert again["ran"] == 0 and again["skipped"] == 12
+    assert len((tmp_path / "sweeps.jsonl").read_text().splitlines()) == 2  # one line per invocation
     assert len(ResultsStore(tmp_path).read()) == 12
 
     more = run_ladder(tiny_preset(seeds=3), tmp_path, workers=1, progress=False, report=False)
@@ -64,7 +67,7 @@ def _cmd(preset_file, out, workers):
 
 @pytest.mark.slow
 def test_killed_sweep_restarts_to_one_record_per_config(tmp_path):
-    preset = tiny_preset(name="killme", steps=60)
+    preset = tiny_preset(name="killme", steps=20, delay=0.05)  # >= 1 s per run on any machine
     preset_file = tmp_path / "p.json"
     preset_file.write_text(json.dumps(preset.to_dict()))
     out = tmp_path / "out"

@@ -91,7 +91,7 @@ def run_ladder(
     done = store.keys()
     todo = [i for i, p in enumerate(grid) if p.config.key() not in done]
     skipped = len(grid) - len(todo)
-    t0 = time.perf_counter()
+    t0, started, load0 = time.perf_counter(), _utc(), _load()
     failed: list[tuple[str, str]] = []
     tqdm = _tqdm()
     bar = tqdm(total=len(grid), initial=skipped, desc=f"ladder {preset.name}", unit="run",
@@ -127,10 +127,31 @@ def run_ladder(
         bar.close()
     result = {"total": len(grid), "skipped": skipped, "ran": len(todo) - len(failed), "failed": failed,
               "wall_s": time.perf_counter() - t0, "results": str(store.path)}
+    _log_sweep(out, {"command": command, "workers": workers, "total": len(grid), "skipped": skipped,
+                     "ran": result["ran"], "failed": len(failed), "wall_s": round(result["wall_s"], 1),
+                     "started_utc": started, "finished_utc": _utc(), "load_start": load0, "load_end": _load()})
     if report:
         from .report import write_report
         result["report"] = write_report(preset, out, command=command, sweep=result)
     return result
+
+
+SWEEPS_FILE = "sweeps.jsonl"
+
+
+def _utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _load() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def _log_sweep(out: Path, entry: dict) -> None:
+    """One line per invocation (command, wall time, machine load): the report lists them."""
+    import json
+    with open(out / SWEEPS_FILE, "a") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
 def _run_serial(grid, todo, ckpt, finish, bar, progress) -> None:
@@ -167,22 +188,27 @@ def _run_pool(grid, todo, ckpt, finish, bar, progress, workers, imports, threads
     try:
         pending = [pool.apply_async(_run_point, (i, grid[i].config.to_dict(), ckpt(i))) for i in todo]
         while pending:
-            try:
-                while True:
-                    index, pid, step, total, loss = progress_q.get(timeout=0.2)
-                    if pid not in slots:
-                        slots[pid] = tqdm(total=total, position=len(slots) + 1, leave=False,
-                                          disable=not progress, dynamic_ncols=True)
-                        slots[pid].run = None
-                    b = slots[pid]
-                    if b.run != index:  # this worker started another run
-                        b.reset(total=total)
-                        b.run = index
-                        b.set_description_str(run_label(grid[index]), refresh=False)
-                    b.n = step
-                    b.set_postfix_str(f"loss {loss:.3f}", refresh=True)
+            msgs = []
+            try:  # wait briefly for progress, then take what is queued (bounded, so results are not starved)
+                msgs.append(progress_q.get(timeout=0.2))
+                while len(msgs) < 1000:
+                    msgs.append(progress_q.get_nowait())
             except queue_mod.Empty:
                 pass
+            for index, pid, step, total, loss in msgs:
+                if pid not in slots:
+                    slots[pid] = tqdm(total=total, position=len(slots) + 1, leave=False,
+                                      disable=not progress, dynamic_ncols=True)
+                    slots[pid].run = None
+                b = slots[pid]
+                if b.run != index:  # this worker started another run
+                    b.reset(total=total)
+                    b.run = index
+                    b.set_description_str(run_label(grid[index]), refresh=False)
+                b.n = step
+                b.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+            for b in slots.values():
+                b.refresh()
             still = []
             for r in pending:
                 if r.ready():

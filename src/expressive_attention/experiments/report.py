@@ -115,9 +115,10 @@ def verdicts(rows: list[dict], base: str = "dpa") -> dict[str, dict[str, dict]]:
 
     - at_least_as_good: EA token accuracy >= DPA's at every rung, within seed noise (2 standard
       errors of the difference, at least 0.01); the rungs where EA is behind are listed.
-    - widening: "yes" if the token-accuracy gap EA - DPA grows (within noise) from the first rung up
-      to its largest value and that value is beyond noise; "mostly" if it grows overall (every rung up
-      to the peak above the first rung's gap) with dips (listed); else "no".
+    - widening: "yes" if the token-accuracy gap EA - DPA rises beyond noise above the first rung's
+      gap at some rung up to its largest value, and never falls (beyond noise) on the way there;
+      "mostly" if it rises overall (every rung up to the peak above the first rung's gap) with dips
+      (listed); else "no".
     - solves_where_dpa_does_not: rungs where EA's sequence accuracy is 100% (>= 0.999, mean over
       seeds) and DPA's is not.
     """
@@ -144,9 +145,10 @@ def verdicts(rows: list[dict], base: str = "dpa") -> dict[str, dict[str, dict]]:
                     solved.append(e["label"])
             top = int(np.argmax(gaps))
             dips = [pairs[i + 1][1]["label"] for i in range(top) if gaps[i + 1] < gaps[i] - noise[i + 1]]
-            grows = top > 0 and gaps[top] > noise[top] and gaps[top] - gaps[0] > noise[top]
-            # "yes": rises within noise up to its largest value; "mostly": rises overall (every rung
-            # up to the peak is above the first), with dips; "no": otherwise
+            # grows: some rung up to the largest gap is beyond noise above the first rung's gap
+            grows = any(gaps[i] - gaps[0] > noise[i] for i in range(1, top + 1))
+            # "yes": grows, and never falls (beyond noise) on the way up to its largest value;
+            # "mostly": grows overall (every rung up to the peak above the first), with dips; else "no"
             if grows and not dips:
                 widening = "yes"
             elif grows and all(g > gaps[0] + noise[0] for g in gaps[1:top + 1]):
@@ -240,6 +242,20 @@ def _task_lines(preset: Preset, records: list[dict]) -> list[str]:
     return [line for *_, line in sorted(out)]
 
 
+def _read_sweeps(out: Path) -> list[dict]:
+    import json
+    path = out / "sweeps.jsonl"
+    if not path.exists():
+        return []
+    sweeps = []
+    for line in path.read_text().splitlines():
+        try:
+            sweeps.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn line: the sweep log is informational only
+    return sweeps
+
+
 def write_report(preset: Preset, out: str | os.PathLike, *, command: str | None = None,
                  sweep: dict | None = None, geometry: bool = True) -> dict:
     """Write summary.csv, ladder.png, report.md into `out`; return their paths."""
@@ -275,7 +291,7 @@ def write_report(preset: Preset, out: str | os.PathLike, *, command: str | None 
     lines = [
         f"# Complexity ladder: preset `{preset.name}`", "",
         preset.description, "",
-        f"Command: `{command}`", "",
+        f"Report written by: `{command}`", "",
         f"Runs: {len(mine)} of {len(grid)} in the grid ({len(preset.families)} families x rungs x "
         f"{len(preset.kind_specs())} kinds x {preset.seeds} seeds). Model: d_model {c.d_model}, {c.n_layers} "
         f"layers, {c.n_heads} heads, {c.pos} positions, {mine[0]['params'] if mine else '?'} parameters. "
@@ -283,9 +299,20 @@ def write_report(preset: Preset, out: str | os.PathLike, *, command: str | None 
         f"{tuple(c.betas)} weight decay {c.weight_decay}, {c.warmup} warm-up steps then cosine to 0, grad clip "
         f"{c.grad_clip}. Evaluation: {c.eval_sequences} held-out sequences per run.",
     ]
-    if sweep is not None:
+    sweeps = _read_sweeps(out)
+    if sweeps:
+        lines += ["", "Sweeps into this directory (one line per invocation; load = 1-minute load average "
+                  "of the machine at start / end):", ""]
+        for sw in sweeps:
+            sw_load = (f"; load {sw['load_start'][0]:.1f} / {sw['load_end'][0]:.1f}"
+                       if sw.get("load_start") and sw.get("load_end") else "")
+            lines.append(f"- `{sw.get('command')}` with {sw.get('workers')} workers, {sw.get('started_utc')}: "
+                         f"{sw.get('ran')} runs trained, {sw.get('skipped')} found done, {sw.get('failed')} failed, "
+                         f"wall time **{sw.get('wall_s', 0) / 60:.1f} min**{sw_load}")
+    elif sweep is not None:
         lines += ["", f"This invocation: {sweep['ran']} runs trained, {sweep['skipped']} found done, "
                   f"{len(sweep['failed'])} failed; wall time {sweep['wall_s'] / 60:.1f} min."]
+    lines += [""] if sweeps or sweep is not None else []
     cpu = sum(r.get("cpu_s", r["wall_s"]) for r in mine)
     lines += [f"Sum of per-run wall times: {run_wall / 60:.1f} min; sum of per-run CPU times: {cpu / 60:.1f} min "
               f"(with W workers on an otherwise idle machine the sweep takes about CPU / W).", "",
