@@ -162,7 +162,8 @@ PRESETS: dict[str, Preset] = {
         name="quick",
         description="CPU-sized: 2-layer d_model-64 models (about 0.1 M parameters), 450 AdamW steps of 32 "
                     "sequences of length 64 per run, 4 families x 5 rungs x {DPA, EA} x 2 seeds = 80 runs; "
-                    "about 13 minutes on a quiet 2-core CPU with --workers 2 (no GPU needed).",
+                    "15 minutes measured on a shared 2-core CPU with --workers 2 (about 10 CPU-minutes per worker; "
+                    "no GPU needed).",
         base={"d_model": 64, "n_layers": 2, "n_heads": 4, "pos": "learned", **_OPT, "steps": 450, "warmup": 45,
               "eval_sequences": 512},
         seeds=2,
