@@ -28,17 +28,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from expressive_attention.bench import matmul_peak_gflops
 from expressive_attention.ops import expressive_attention
 
 B, H = 4, 4
 ES, LS = (32, 64), (256, 1024, 4096)
-
-
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(reps))
-    return 2 * n**3 / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -117,7 +111,7 @@ def main() -> None:
 
     if not fused_cpu.is_available():
         sys.exit(f"the fused CPU kernel is unavailable: {fused_cpu._STATE['error']}")
-    peak = matmul_peak()
+    peak = matmul_peak_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32, B={B}, H={H}, "
           f"causal, forward+backward")
     print(f"matmul peak (torch.mm 2048^3): {peak:.1f} GFLOP/s")
