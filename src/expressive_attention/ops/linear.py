@@ -251,14 +251,19 @@ class _LinearEA(torch.autograd.Function):
     output and normaliser."""
 
     @staticmethod
-    def forward(ctx, q, k, v, is_causal, scale, eps, chunk):
+    def _prepare(q, k, v, scale):
+        """Compute-dtype views: qs (N, G, L, E) pre-scaled, k3 (N, S, E), v1 (N, S, Ev + 1) with N = B * Hkv."""
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
-        G, N = H // Hkv, B * Hkv
-        ct = compute_dtype(q.dtype)
-        qs = (q.to(ct) * scale).reshape(N, G, L, E)
-        k3 = k.to(ct).reshape(N, S, E)
-        v1 = _ones_column(v.to(ct).reshape(N, S, Ev))
+        N, ct = B * Hkv, compute_dtype(q.dtype)
+        qs = (q.to(ct) * scale).reshape(N, H // Hkv, L, E)
+        return qs, k.to(ct).reshape(N, S, E), _ones_column(v.to(ct).reshape(N, S, Ev))
+
+    @staticmethod
+    def forward(ctx, q, k, v, is_causal, scale, eps, chunk):
+        B, H, L, E = q.shape
+        N, Ev = B * k.shape[1], v.shape[-1]
+        qs, k3, v1 = _LinearEA._prepare(q, k, v, scale)
         if is_causal:
             state = k3.new_zeros(N, E * E, Ev + 1)
             out, z = causal_forward(qs, k3, v1, state, eps, chunk)
@@ -274,12 +279,8 @@ class _LinearEA(torch.autograd.Function):
         is_causal, scale, eps, chunk = ctx.args
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
-        G, N = H // Hkv, B * Hkv
-        ct = compute_dtype(q.dtype)
-        qs = (q.to(ct) * scale).reshape(N, G, L, E)
-        k3 = k.to(ct).reshape(N, S, E)
-        v1 = _ones_column(v.to(ct).reshape(N, S, Ev))
-        do = dout.to(ct).reshape(N, G, L, Ev)
+        qs, k3, v1 = _LinearEA._prepare(q, k, v, scale)
+        do = dout.to(qs.dtype).reshape(B * Hkv, H // Hkv, L, Ev)
         dqs, dk, dv = _backward(qs, k3, v1, out, z, do, eps, chunk, is_causal)
         dq = dqs.mul_(scale).view(B, H, L, E).to(q.dtype)
         return dq, dk.view(B, Hkv, S, E).to(k.dtype), dv.reshape(B, Hkv, S, Ev).to(v.dtype), None, None, None, None
