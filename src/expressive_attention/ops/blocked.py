@@ -42,16 +42,15 @@ def _f_and_grad(s: Tensor, variant: str, need_grad: bool):
     return s2.mul_(r), fprime
 
 
-def _views(p: Problem):
+def _views(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, groups: int):
     """5-D views: q (B, Hkv, G, L, E), k/v (B, Hkv, 1, S, *), mask (Bm, Hm', G', Lm, S) or None."""
-    B, H, L, E = p.q.shape
-    Hkv, G = p.k.shape[1], p.groups
-    q5 = p.q.view(B, Hkv, G, L, E)
-    k5, v5 = p.k[:, :, None], p.v[:, :, None]
+    B, H, L, E = q.shape
+    Hkv = k.shape[1]
+    q5 = q.view(B, Hkv, groups, L, E)
+    k5, v5 = k[:, :, None], v[:, :, None]
     m5 = None
-    if p.mask is not None:
-        m = p.mask
-        m5 = m.reshape(m.shape[0], Hkv, G, *m.shape[2:]) if m.shape[1] == H else m[:, :, None]
+    if mask is not None:
+        m5 = mask.reshape(mask.shape[0], Hkv, groups, *mask.shape[2:]) if mask.shape[1] == H else mask[:, :, None]
     return q5, k5, v5, m5
 
 
@@ -84,8 +83,7 @@ class _BlockedEA(torch.autograd.Function):
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
         ct = compute_dtype(q.dtype)
-        p = Problem(q.to(ct), k.to(ct), v.to(ct), mask, is_causal, scale, variant, eps, 0.0, ())
-        q5, k5, v5, m5 = _views(p)
+        q5, k5, v5, m5 = _views(q.to(ct), k.to(ct), v.to(ct), mask, groups)
         out = torch.zeros(B, Hkv, groups, L, Ev, dtype=ct, device=q.device)
         z = torch.ones(B, Hkv, groups, L, 1, dtype=ct, device=q.device)
         rows = _block_rows(B * H, L, S)
@@ -111,8 +109,7 @@ class _BlockedEA(torch.autograd.Function):
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
         ct = compute_dtype(q.dtype)
-        p = Problem(q.to(ct), k.to(ct), v.to(ct), mask, is_causal, scale, variant, eps, 0.0, ())
-        q5, k5, v5, m5 = _views(p)
+        q5, k5, v5, m5 = _views(q.to(ct), k.to(ct), v.to(ct), mask, groups)
         do5 = dout.to(ct).reshape(B, Hkv, groups, L, Ev)
         o5 = out.to(ct).view(B, Hkv, groups, L, Ev)
         dq = torch.zeros(B, Hkv, groups, L, E, dtype=ct, device=q.device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .base import Task, check_int, register_task
 
@@ -22,6 +23,12 @@ def draw_lags(N: int, T: int, lag_seed: int) -> list[int]:
 
 
 class _Lagged(Task):
+    def _determined(self, s: Tensor) -> Tensor:
+        """Every position after the n_start random start tokens follows the rule."""
+        det = torch.zeros_like(s, dtype=torch.bool)
+        det[:, self.n_start:] = True
+        return det
+
     def _init_lags(self, N, T, lags, lag_seed, seq_len, n_start):
         self.T = check_int("T", T, low=1)
         self.n_start = check_int("n_start", T if n_start is None else n_start, low=T)
@@ -69,8 +76,7 @@ class LaggedSumTask(_Lagged):
     def _sample_raw(self, n, generator):
         start = torch.randint(0, self.V, (n, self.n_start), generator=generator)  # (n, S)
         s = torch.from_numpy((start.numpy() @ self._M) % self.V)  # (n, L+1); numpy: steadier than torch for tiny ops
-        det = torch.zeros_like(s, dtype=torch.bool)
-        det[:, self.n_start:] = True
+        det = self._determined(s)
         return s, det
 
 
@@ -106,6 +112,5 @@ class LaggedDigitsTask(_Lagged):
         digits = (start.numpy()[:, :, None] // self._pw) % self.base  # (n, S, N)
         planes = digits.reshape(n, -1)[:, self._idx]  # (n, N*(L+1)): plane j copied along lag t_{j+1}
         s = torch.from_numpy((planes.reshape(n, self.N, -1) * self._pw[:, None]).sum(1))  # (n, L+1)
-        det = torch.zeros_like(s, dtype=torch.bool)
-        det[:, self.n_start:] = True
+        det = self._determined(s)
         return s, det
