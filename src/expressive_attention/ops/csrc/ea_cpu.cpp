@@ -277,9 +277,14 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   });
 }
 
-at::Tensor last_dim_contiguous(const at::Tensor& t, at::ScalarType ct) {
+// The BLAS calls read each (rows x E) head slice as a matrix with unit column stride and leading
+// dimension stride(-2), which must be >= E: a sequence axis that is expanded (stride 0) or otherwise
+// overlapping is not a valid BLAS operand (the BLAS rejects it, or reads wrong rows). Batch and head
+// strides may be anything (expanded included): the kernel indexes them itself.
+at::Tensor blas_rows(const at::Tensor& t, at::ScalarType ct) {
   auto x = t.to(ct);
-  return x.stride(-1) == 1 ? x : x.contiguous();
+  const bool ok = x.stride(-1) == 1 && x.stride(-2) >= std::max<int64_t>(x.size(-1), 1);
+  return ok ? x : x.contiguous();
 }
 
 at::ScalarType compute_type(const at::Tensor& q) {
@@ -311,8 +316,8 @@ std::vector<at::Tensor> ea_forward(const at::Tensor& q_in, const at::Tensor& k_i
                                    bool is_causal, double scale, bool saturating, double eps) {
   check_inputs(q_in, k_in, v_in, mask);
   const auto ct = compute_type(q_in);
-  auto q = last_dim_contiguous(q_in, ct), k = last_dim_contiguous(k_in, ct);
-  auto v = last_dim_contiguous(v_in, ct);
+  auto q = blas_rows(q_in, ct), k = blas_rows(k_in, ct);
+  auto v = blas_rows(v_in, ct);
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   auto z = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   MaskView mv = mask.has_value() ? MaskView(*mask) : MaskView();
@@ -333,9 +338,9 @@ std::vector<at::Tensor> ea_backward(const at::Tensor& dout_in, const at::Tensor&
                                     double scale, bool saturating) {
   check_inputs(q_in, k_in, v_in, mask);
   const auto ct = compute_type(q_in);
-  auto q = last_dim_contiguous(q_in, ct), k = last_dim_contiguous(k_in, ct);
-  auto v = last_dim_contiguous(v_in, ct), out = last_dim_contiguous(out_in, ct);
-  auto dout = last_dim_contiguous(dout_in, ct);
+  auto q = blas_rows(q_in, ct), k = blas_rows(k_in, ct);
+  auto v = blas_rows(v_in, ct), out = blas_rows(out_in, ct);
+  auto dout = blas_rows(dout_in, ct);
   auto z = z_in.to(ct).contiguous();
   TORCH_CHECK(z.dim() == 3 && z.size(0) == q.size(0) && z.size(1) == q.size(1) &&
                   z.size(2) == q.size(2), "ea_cpu: z must be (B, H, L)");
