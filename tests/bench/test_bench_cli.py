@@ -1,18 +1,20 @@
 """`ea bench` runs end to end on tiny shapes and writes well-formed records."""
 import json
 
+import pytest
+
 from expressive_attention.bench.compare import format_table
 from expressive_attention.cli import main
 
 
 def test_bench_tiny_run_writes_records(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--E", "16", "--L", "48", "--B", "1", "--H", "2", "--modes", "fwdbwd",
+    rc = main(["bench", "ops", "--E", "16", "--L", "48", "--B", "1", "--H", "2", "--modes", "fwdbwd",
                "--variants", "squared", "--backends", "blocked", "--repeats", "1", "--json", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     recs = data["records"]
-    assert [r["impl"] for r in recs] == ["sdpa", "ea"]
+    assert [r["kind"] for r in recs] == ["dpa", "ea"]
     assert all("error" not in r for r in recs), recs
     ea = recs[1]
     assert ea["backend"] == "blocked" and ea["variant"] == "squared" and ea["L"] == 48
@@ -24,10 +26,10 @@ def test_bench_tiny_run_writes_records(tmp_path, capsys):
 def test_table_ratios_are_relative_to_sdpa_on_the_same_shape():
     base = dict(E=32, L=256, mode="fwd", variant="saturating", backend="auto")
     recs = [
-        {**base, "impl": "sdpa", "time_ms": 2.0, "peak_mb": 4.0, "gflops": 10.0},
-        {**base, "impl": "ea", "time_ms": 3.0, "peak_mb": 2.0, "gflops": 5.0},
-        {**base, "L": 512, "impl": "sdpa", "time_ms": 8.0, "peak_mb": 8.0, "gflops": 10.0},
-        {**base, "L": 512, "impl": "ea", "time_ms": 4.0, "peak_mb": 16.0, "gflops": 20.0},
+        {**base, "kind": "dpa", "time_ms": 2.0, "peak_mb": 4.0, "gflops": 10.0},
+        {**base, "kind": "ea", "time_ms": 3.0, "peak_mb": 2.0, "gflops": 5.0},
+        {**base, "L": 512, "kind": "dpa", "time_ms": 8.0, "peak_mb": 8.0, "gflops": 10.0},
+        {**base, "L": 512, "kind": "ea", "time_ms": 4.0, "peak_mb": 16.0, "gflops": 20.0},
     ]
     format_table(recs, peak=100.0)
     assert (recs[1]["time_ratio"], recs[1]["mem_ratio"]) == (1.5, 0.5)
@@ -44,9 +46,38 @@ def test_model_step_timing_compares_same_model_both_kinds():
 
 def test_bench_long_tiny_run(tmp_path):
     out = tmp_path / "long.json"
-    rc = main(["bench", "--long", "--long-E", "8", "--long-L", "64", "--long-B", "1", "--long-H", "1",
-               "--impls", "linear,sdpa", "--long-repeats", "1", "--contexts", "16,32", "--decode-E", "8",
-               "--decode-steps", "2", "--long-json", str(out)])
+    rc = main(["bench", "long", "--E", "8", "--L", "64", "--B", "1", "--H", "1", "--backends", "linear,sdpa",
+               "--repeats", "1", "--contexts", "16,32", "--decode-E", "8", "--decode-steps", "2",
+               "--json", str(out)])
     assert rc == 0
-    text = out.read_text()
-    assert '"linear"' in text and '"sdpa"' in text and "recurrent" in text
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["attention"]] == ["linear", "sdpa"]
+    assert all("time_ms" in r for r in data["attention"]), data["attention"]
+    assert [r["context"] for r in data["decode"]] == [16, 32] and data["decode"][0]["recurrent_ea_us"] > 0
+
+
+def test_old_mode_flags_are_deprecated_aliases_of_the_subcommands():
+    from expressive_attention.cli.bench import legacy_argv
+
+    assert legacy_argv([]) == ["ops"]
+    assert legacy_argv(["--E", "16"]) == ["ops", "--E", "16"]
+    assert legacy_argv(["long", "--E", "16"]) == ["long", "--E", "16"]
+    with pytest.warns(DeprecationWarning, match="ea bench long"):
+        assert legacy_argv(["--long", "--long-E", "16"]) == ["long", "--long-E", "16"]
+    with pytest.warns(DeprecationWarning, match="ea bench model"):
+        assert legacy_argv(["--repeats", "2", "--model"]) == ["model", "--repeats", "2"]
+    # the old spellings parse to the same arguments as the new ones
+    from expressive_attention.cli import build_parser
+
+    old = build_parser().parse_args(["bench", "long", "--long-E", "8", "--impls", "linear", "--long-json", "x"])
+    new = build_parser().parse_args(["bench", "long", "--E", "8", "--backends", "linear", "--json", "x"])
+    assert (old.E, old.backends, old.json) == (new.E, new.backends, new.json) == ([8], ["linear"], "x")
+
+
+@pytest.mark.parametrize("argv, flag", [(["ops", "--E", "0"], "--E"), (["ops", "--modes", "bwd"], "--modes"),
+                                        (["long", "--backends", "flash"], "--backends"),
+                                        (["ops", "--variants", "cubic"], "variant")])
+def test_bad_arguments_name_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *argv])
+    assert flag in capsys.readouterr().err + str(e.value.code)

@@ -46,7 +46,7 @@ def test_attention_geometry_on_a_model():
     for kind in ("dpa", "ea"):
         torch.manual_seed(0)
         model = DecoderLM(LMConfig(vocab_size=task.vocab_size, context_length=16, d_model=16, n_layers=2,
-                                   n_heads=2, attention=kind))
+                                   n_heads=2, kind=kind))
         stats = attention_geometry(model, task, n_sequences=4)
         assert len(stats) == 2
         for st in stats:

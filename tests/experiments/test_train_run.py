@@ -19,7 +19,7 @@ TINY = dict(task="tiny_lag", task_params={"lag": 2}, d_model=16, n_layers=1, n_h
 
 def test_record_fields_and_values(tmp_path):
     calls = []
-    rec = train_run(RunConfig(**TINY, attention="ea"), progress=lambda s, n, l: calls.append((s, n)),
+    rec = train_run(RunConfig(**TINY, kind="ea"), progress=lambda s, n, l: calls.append((s, n)),
                     checkpoint=tmp_path / "c.pt")
     m = rec["metrics"]
     assert 0.0 <= m["token_acc"] <= 1.0 and 0.0 <= m["seq_acc"] <= m["token_acc"] + 1e-9
@@ -31,20 +31,20 @@ def test_record_fields_and_values(tmp_path):
     assert rec["kind"] == "ea" and rec["config"]["variant"] == "saturating"
     assert set(rec["versions"]) >= {"torch", "expressive_attention"}
     assert rec["wall_s"] > 0 and calls[-1] == (8, 8)
-    assert rec["key"] == RunConfig(**TINY, attention="ea").key()
+    assert rec["key"] == RunConfig(**TINY, kind="ea").key()
 
 
 @pytest.mark.parametrize("attention", ["dpa", "ea"])
 def test_same_seed_same_numbers_other_seed_differs(attention):
-    a = train_run(RunConfig(**TINY, attention=attention, seed=3))
-    b = train_run(RunConfig(**TINY, attention=attention, seed=3))
-    c = train_run(RunConfig(**TINY, attention=attention, seed=4))
+    a = train_run(RunConfig(**TINY, kind=attention, seed=3))
+    b = train_run(RunConfig(**TINY, kind=attention, seed=3))
+    c = train_run(RunConfig(**TINY, kind=attention, seed=4))
     assert a["metrics"] == b["metrics"] and a["curve"] == b["curve"]
     assert a["curve"] != c["curve"]
 
 
 def test_checkpoint_reloads_to_same_eval(tmp_path):
-    cfg = RunConfig(**TINY, attention="ea", variant="squared")
+    cfg = RunConfig(**TINY, kind="ea", variant="squared")
     rec = train_run(cfg, checkpoint=tmp_path / "m.pt")
     torch.load(tmp_path / "m.pt", weights_only=True)  # plain data only
     model, cfg2 = load_checkpoint(tmp_path / "m.pt")
@@ -60,13 +60,13 @@ def test_token_budget_and_config_checks():
     assert rec["steps"] == 4  # ceil(193 / 64)
     with pytest.raises(ValueError, match="steps or tokens"):
         RunConfig(**TINY, tokens=100)
-    with pytest.raises(ValueError, match="attention"):
-        RunConfig(**TINY, attention="softmax")
+    with pytest.raises(ValueError, match="kind"):
+        RunConfig(**TINY, kind="softmax")
     with pytest.raises(ValueError, match="batch_size"):
         RunConfig(**{**TINY, "batch_size": 0})
-    d = RunConfig(**TINY, attention="dpa", variant="squared")
+    d = RunConfig(**TINY, kind="dpa", variant="squared")
     assert d.variant is None and d.kind == "dpa"  # dpa has no variant: one key per dpa config
-    assert d.key() == RunConfig(**TINY, attention="dpa").key()
+    assert d.key() == RunConfig(**TINY, kind="dpa").key()
     with pytest.raises(ValueError, match="unknown RunConfig fields"):
         RunConfig.from_dict({**d.to_dict(), "bogus": 1})
 
@@ -102,3 +102,38 @@ def test_sequence_accuracy_counts_whole_sequences():
     r = evaluate(Oracle(y), Fixed(), 5, eval_generator(0), batch=5)
     assert r["seq_acc"] == pytest.approx(4 / 5)
     assert r["token_acc"] == pytest.approx(1 - 1 / int(m.sum()))
+
+
+# Two records as the version before the attention= -> kind= rename wrote them (config and key).
+OLD_RECORDS = [
+    {"key": "4b4420f69afa64b3", "kind": "ea-squared", "config": {
+        "task": "pointer", "task_params": {"T": 8, "V": 16}, "attention": "ea", "variant": "squared", "d_model": 64,
+        "n_layers": 2, "n_heads": 4, "pos": "learned", "steps": 450, "tokens": None, "batch_size": 32, "lr": 0.001,
+        "weight_decay": 0.01, "betas": [0.9, 0.95], "warmup": 100, "grad_clip": 1.0, "seed": 1,
+        "eval_sequences": 1024, "eval_seed": 0}},
+    {"key": "ed7cc4e9cde407cb", "kind": "dpa", "config": {
+        "task": "recall", "task_params": {"K": 2}, "attention": "dpa", "variant": None, "d_model": 64, "n_layers": 2,
+        "n_heads": 4, "pos": "learned", "steps": 450, "tokens": None, "batch_size": 32, "lr": 0.001,
+        "weight_decay": 0.01, "betas": [0.9, 0.95], "warmup": 100, "grad_clip": 1.0, "seed": 0,
+        "eval_sequences": 1024, "eval_seed": 0}},
+]
+
+
+@pytest.mark.parametrize("old", OLD_RECORDS, ids=lambda r: r["kind"])
+def test_results_written_before_the_rename_stay_readable_and_resumable(old):
+    cfg = RunConfig.from_dict(old["config"])  # old field name, read silently
+    assert cfg.kind == old["config"]["attention"] and cfg.label == old["kind"]
+    assert cfg.key() == old["key"]  # a resumed sweep skips the run
+    new = RunConfig(task=cfg.task, task_params=cfg.task_params, kind=cfg.kind, variant=cfg.variant, steps=450,
+                    seed=cfg.seed)
+    assert new.key() == old["key"] and "kind" in new.to_dict() and "attention" not in new.to_dict()
+
+
+def test_attention_is_a_deprecated_alias_of_kind():
+    with pytest.warns(DeprecationWarning, match="kind"):
+        cfg = RunConfig(**TINY, attention="dpa")
+    assert cfg.kind == "dpa"
+    with pytest.warns(DeprecationWarning, match="kind"):
+        assert cfg.attention == "dpa"
+    with pytest.raises(TypeError, match="kind"):
+        RunConfig(**TINY, kind="ea", attention="dpa")

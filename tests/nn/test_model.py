@@ -14,8 +14,8 @@ def model(seed=0, **kw):
 
 
 CONFIGS = [
-    dict(attention="ea"), dict(attention="ea", variant="squared"), dict(attention="dpa"),
-    dict(attention="ea", pos="rope", n_kv_heads=2), dict(attention="dpa", pos="rope", n_kv_heads=1),
+    dict(kind="ea"), dict(kind="ea", variant="squared"), dict(kind="dpa"),
+    dict(kind="ea", pos="rope", n_kv_heads=2), dict(kind="dpa", pos="rope", n_kv_heads=1),
 ]
 
 
@@ -56,7 +56,7 @@ def test_causal(cfg):
 
 
 def test_ea_and_dpa_models_differ_only_in_attention_weights():
-    ea, dpa = model(attention="ea"), model(attention="dpa")
+    ea, dpa = model(kind="ea"), model(kind="dpa")
     sd_ea, sd_dpa = ea.state_dict(), dpa.state_dict()
     assert sd_ea.keys() == sd_dpa.keys() and all(torch.equal(sd_ea[n], sd_dpa[n]) for n in sd_ea)
     idx = torch.randint(0, 23, (2, 16))
@@ -65,7 +65,7 @@ def test_ea_and_dpa_models_differ_only_in_attention_weights():
 
 def test_attention_module_matches_op_self_and_cross():
     torch.manual_seed(0)
-    mha = MultiheadAttention(32, 4, 2, attention="ea", variant="squared")
+    mha = MultiheadAttention(32, 4, 2, kind="ea", variant="squared")
     x, ctx = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
     for src, kw in ((x, dict(is_causal=True)), (ctx, {})):
         y = mha(x, context=None if src is x else src, **kw)
@@ -88,7 +88,7 @@ def test_module_dropout_only_in_training():
 
 def test_training_reduces_loss_for_both_kinds():
     for kind in ("ea", "dpa"):
-        m = model(attention=kind, init_std=0.02).train()
+        m = model(kind=kind, init_std=0.02).train()
         opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
         idx = torch.randint(0, 23, (8, 24))
         losses = []
@@ -116,7 +116,7 @@ def test_kv_cache_grows_and_reports_size():
     [
         (lambda: LMConfig(vocab_size=10, pos="alibi"), "pos"),
         (lambda: LMConfig(vocab_size=0), "vocab_size"),
-        (lambda: DecoderLM(LMConfig(vocab_size=10, attention="linear")), "attention"),
+        (lambda: DecoderLM(LMConfig(vocab_size=10, kind="linear")), "kind"),
         (lambda: DecoderLM(LMConfig(vocab_size=10, variant="cubic")), "variant"),
         (lambda: DecoderLM(LMConfig(vocab_size=10, n_heads=4, n_kv_heads=3)), "n_kv_heads"),
         (lambda: DecoderLM(LMConfig(vocab_size=10, backend="nope")), "backend"),
@@ -129,3 +129,19 @@ def test_kv_cache_grows_and_reports_size():
 def test_config_errors(make, words):
     with pytest.raises(ValueError, match=words):
         make()
+
+
+def test_attention_argument_is_a_deprecated_alias_of_kind():
+    with pytest.warns(DeprecationWarning, match="kind"):
+        mha = MultiheadAttention(16, 2, attention="dpa")
+    assert mha.kind == "dpa"
+    with pytest.warns(DeprecationWarning, match="kind"):
+        assert mha.attention == "dpa"
+    with pytest.raises(TypeError, match="colour"):
+        MultiheadAttention(16, 2, colour="red")
+    with pytest.warns(DeprecationWarning, match="kind"):
+        cfg = LMConfig(vocab_size=8, attention="dpa")
+    assert cfg.kind == "dpa" and DecoderLM(cfg).blocks[0].attn.kind == "dpa"
+    old = {**LMConfig(vocab_size=8).to_dict(), "attention": "dpa"}  # a checkpoint's config before the rename
+    del old["kind"]
+    assert LMConfig.from_dict(old).kind == "dpa"

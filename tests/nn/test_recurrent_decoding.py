@@ -6,11 +6,11 @@ from expressive_attention.nn import CACHE_KINDS, DecoderLM, KVCache, LMConfig, c
 from expressive_attention.nn.recurrent import RecurrentEAState
 
 
-def model(pos="learned", n_kv_heads=None, variant="squared", attention="ea", seed=0, dtype=torch.float32):
+def model(pos="learned", n_kv_heads=None, variant="squared", kind="ea", seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     # init_std large enough that scores are of order one: EA then differs clearly from uniform weights
     cfg = LMConfig(vocab_size=17, context_length=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
-                   pos=pos, attention=attention, variant=variant, init_std=0.3)
+                   pos=pos, kind=kind, variant=variant, init_std=0.3)
     return DecoderLM(cfg).to(dtype).eval()
 
 
@@ -65,15 +65,15 @@ def test_auto_cache_choice():
     assert choose_cache_kind(sq, crossover + 1) == "recurrent"
     assert RecurrentEAState.state_bytes(sq, crossover + 1) < KVCache.state_bytes(sq, crossover + 1)
     assert choose_cache_kind(model(variant="saturating").cfg, 10**6) == "kv"
-    assert choose_cache_kind(model(attention="dpa").cfg, 10**6) == "kv"
+    assert choose_cache_kind(model(kind="dpa").cfg, 10**6) == "kv"
     m = model()
     idx = torch.randint(0, 17, (1, 4), generator=torch.Generator().manual_seed(3))
     assert torch.equal(m.generate(idx, 8, cache="auto"), m.generate(idx, 8, cache=None))
 
 
-@pytest.mark.parametrize("variant,attention", [("saturating", "ea"), ("squared", "dpa")])
-def test_recurrent_needs_ea_squared(variant, attention):
-    m = model(variant=variant, attention=attention)
+@pytest.mark.parametrize("variant,kind", [("saturating", "ea"), ("squared", "dpa")])
+def test_recurrent_needs_ea_squared(variant, kind):
+    m = model(variant=variant, kind=kind)
     with pytest.raises(ValueError, match="squared"):
         m.generate(torch.zeros(1, 3, dtype=torch.long), 2, cache="recurrent")
 

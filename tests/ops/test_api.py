@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from expressive_attention import attention, expressive_attention
 from expressive_attention.ops import BACKENDS, choose_backend
-from expressive_attention.ops._inputs import normalise
+from expressive_attention.ops.problem import normalise
 
 
 def qkv(*lead, L=9, S=11, E=8, Ev=8, Hkv=None):

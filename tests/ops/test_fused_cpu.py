@@ -6,13 +6,13 @@ import torch
 
 from expressive_attention import expressive_attention
 from expressive_attention.ops import choose_backend, fused_cpu, reference_attention
-from expressive_attention.ops._inputs import normalise, repeat_kv
+from expressive_attention.ops.problem import normalise, repeat_kv
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
     # The first test on a fresh machine compiles the kernel (about a minute).
-    assert fused_cpu.is_available(), f"fused CPU kernel did not build: {fused_cpu._STATE['error']}"
+    assert fused_cpu.is_available(), f"fused CPU kernel did not build: {fused_cpu.build_error()}"
 
 
 def make(B, H, Hkv, L, S, E, Ev, seed=0, spread=1.0):

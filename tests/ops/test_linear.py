@@ -4,7 +4,7 @@ import torch
 
 from expressive_attention import expressive_attention
 from expressive_attention.ops import choose_backend
-from expressive_attention.ops._inputs import normalise
+from expressive_attention.ops.problem import normalise
 from expressive_attention.ops.linear import linear_attention, linear_pays_off
 
 

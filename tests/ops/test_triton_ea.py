@@ -21,7 +21,7 @@ import torch
 import triton  # noqa: F401  (a dev dependency: a missing triton must fail here, not skip)
 from expressive_attention.ops import BACKENDS, choose_backend, expressive_attention
 from expressive_attention.ops import dispatch
-from expressive_attention.ops._inputs import normalise
+from expressive_attention.ops.problem import normalise
 from expressive_attention.ops.triton_ea import interpreter_enabled, supports
 
 VARIANTS = ("saturating", "squared")

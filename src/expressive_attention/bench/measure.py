@@ -18,14 +18,19 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+MODES = ("fwd", "fwdbwd")
+# The reference materialises several (B, H, L, S) float32 matrices: it is measured only below this size.
+REFERENCE_MAX_ELEMENTS = 2**26
+
 
 @dataclass(frozen=True)
 class Case:
-    impl: str  # "sdpa" or "ea"
+    kind: str  # "dpa" (PyTorch SDPA) or "ea"
     B: int
     H: int
     L: int
@@ -44,9 +49,14 @@ class Case:
         f = 4.0 * self.B * self.H * self.L * self.L * self.E * (0.5 if self.causal else 1.0)
         return f * (3.5 if self.mode == "fwdbwd" else 1.0)
 
+    @property
+    def reference_fits(self) -> bool:
+        """Whether the materialising reference backend can be measured at this size."""
+        return self.B * self.H * self.L * self.L <= REFERENCE_MAX_ELEMENTS
+
 
 def _call(case: Case, q, k, v):
-    if case.impl == "sdpa":
+    if case.kind == "dpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
     from expressive_attention import expressive_attention
 
@@ -118,6 +128,38 @@ def run_case(case: Case, timeout: float = 900.0) -> dict:
     if proc.returncode != 0:
         return {**asdict(case), "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_modes(modes: Sequence[str]) -> None:
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {list(modes)}")
+
+
+def check_positive(spec, *names: str) -> None:
+    """Every named integer field of `spec` is >= 1 (ValueError naming the field otherwise)."""
+    for name in names:
+        if int(getattr(spec, name)) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(spec, name)!r}")
+
+
+def check_positive_lists(spec, *names: str) -> None:
+    """Every named list field of `spec` is non-empty and holds integers >= 1."""
+    for name in names:
+        values = list(getattr(spec, name))
+        if not values or any(int(v) < 1 for v in values):
+            raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {values}")
+
+
+def progress_bar(items: Iterable, enabled: bool = True, **kw) -> Iterable:
+    """tqdm over `items` when it is installed (the [cli] extra) and `enabled`, else `items` itself."""
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, **kw)
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 3) -> float:

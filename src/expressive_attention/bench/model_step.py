@@ -1,6 +1,6 @@
 """End-to-end cost: one DecoderLM training step (forward, backward, AdamW) with EA vs with DPA.
 
-Both models are built from the same config and seed; only `attention` differs. Steps alternate between
+Both models are built from the same config and seed; only `kind` differs. Steps alternate between
 the two models so that machine load drifts affect both alike; the median of each is reported.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def time_training_steps(overrides: dict, batch: int, variant: str = "saturating"
     for kind in ("dpa", "ea"):
         torch.manual_seed(0)
         extra = dict(variant=variant, backend=backend) if kind == "ea" else {}
-        models[kind] = DecoderLM(LMConfig(attention=kind, **{**base, "context_length": T}, **extra)).train()
+        models[kind] = DecoderLM(LMConfig(kind=kind, **{**base, "context_length": T}, **extra)).train()
         opts[kind] = torch.optim.AdamW(models[kind].parameters(), lr=1e-3)
     idx = torch.randint(0, base["vocab_size"], (batch, T), generator=torch.Generator().manual_seed(0))
     times = {"dpa": [], "ea": []}
@@ -50,11 +50,13 @@ def time_training_steps(overrides: dict, batch: int, variant: str = "saturating"
     return {"dpa_ms": 1e3 * dpa, "ea_ms": 1e3 * ea, "ratio": ea / dpa, "params": models["ea"].num_params()}
 
 
-def main(args) -> int:
-    print(f"DecoderLM training step, EA ({args.variants[0]}, backend={args.backends[0] if args.backends else 'auto'}) vs DPA (SDPA)")
+def run_model_benchmark(variant: str = "saturating", backend: str = "auto", repeats: int = 3) -> list[dict]:
+    """`ea bench model`: time_training_steps at each of SIZES (repeats + 5 timed steps); prints a table."""
+    print(f"DecoderLM training step, EA ({variant}, backend={backend}) vs DPA (SDPA)")
     print(f"{'size':<52} {'DPA ms':>8} {'EA ms':>8} {'EA/DPA':>7}")
+    rows = []
     for label, overrides, batch in SIZES:
-        r = time_training_steps(overrides, batch, variant=args.variants[0],
-                                backend=args.backends[0] if args.backends else "auto", steps=args.repeats + 5)
+        r = time_training_steps(overrides, batch, variant=variant, backend=backend, steps=repeats + 5)
         print(f"{label:<52} {r['dpa_ms']:>8.1f} {r['ea_ms']:>8.1f} {r['ratio']:>7.2f}")
-    return 0
+        rows.append({"size": label, **r})
+    return rows

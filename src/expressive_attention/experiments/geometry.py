@@ -65,7 +65,7 @@ def attention_geometry(model: DecoderLM, task, n_sequences: int = 128, seed: int
     cfg = model.cfg
     out = []
     for layer, (q, k) in enumerate(captured):
-        a = attention_weights(q, k, cfg.attention, cfg.variant, cfg.eps)  # (B, H, T, T)
+        a = attention_weights(q, k, cfg.kind, cfg.variant, cfg.eps)  # (B, H, T, T)
         kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         cos = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(kk, dim=-1).transpose(-1, -2)
         T = q.shape[-2]

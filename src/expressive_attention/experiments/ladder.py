@@ -54,7 +54,7 @@ def _run_point(index: int, cfg_dict: dict, checkpoint: str | None) -> tuple[int,
 
 
 def run_label(p: GridPoint) -> str:
-    return f"{p.family} {p.label} {p.config.kind} s{p.config.seed}"
+    return f"{p.family} {p.label} {p.config.label} s{p.config.seed}"
 
 
 def _tqdm():

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .kinds import kind_specs
 from .train import RunConfig
 
 
@@ -84,16 +85,8 @@ class Preset:
         return p
 
     def kind_specs(self) -> list[tuple[str, str | None]]:
-        """(attention, variant) pairs: dpa, then one EA kind per variant."""
-        out = []
-        for k in self.kinds:
-            if k == "dpa":
-                out.append(("dpa", None))
-            elif k == "ea":
-                out.extend(("ea", v) for v in self.variants)
-            else:
-                raise ValueError(f"kinds must be 'dpa' and/or 'ea', got {k!r}")
-        return out
+        """(kind, variant) pairs: dpa, then one EA run per variant."""
+        return kind_specs(self.kinds, self.variants)
 
     def grid(self) -> list["GridPoint"]:
         """Every run, seed-major (an interrupted sweep has whole ladders for the first seeds)."""
@@ -102,9 +95,9 @@ class Preset:
             for fam_name, fam in self.families.items():
                 labels = fam.labels or rung_labels(fam.rungs)
                 for r, params in enumerate(fam.rungs):
-                    for attention, variant in self.kind_specs():
+                    for kind, variant in self.kind_specs():
                         fields = {**self.base, **fam.base}
-                        cfg = RunConfig(task=fam.task, task_params=dict(params), attention=attention,
+                        cfg = RunConfig(task=fam.task, task_params=dict(params), kind=kind,
                                         variant=variant, seed=seed, **fields)
                         points.append(GridPoint(fam_name, r, labels[r], cfg))
         return points

@@ -24,8 +24,8 @@ def collect(preset: Preset, records: list[dict]) -> list[dict]:
     by_key = {r["key"]: r for r in records}
     cells: dict[tuple, dict] = {}
     for p in preset.grid():
-        cell = cells.setdefault((p.family, p.rung, p.config.kind), {
-            "family": p.family, "rung": p.rung, "label": p.label, "kind": p.config.kind,
+        cell = cells.setdefault((p.family, p.rung, p.config.label), {
+            "family": p.family, "rung": p.rung, "label": p.label, "kind": p.config.label,
             "task": p.config.task, "values": defaultdict(list), "wall": [], "params": None, "expected": 0})
         cell["expected"] += 1
         rec = by_key.get(p.config.key())
@@ -215,7 +215,7 @@ def group_table(preset: Preset, records: list[dict]) -> list[str]:
         p = points.get(r["key"])
         for g, m in (r["metrics"].get("groups") or {}).items():
             if p is not None and len(r["metrics"]["groups"]) > 1:
-                cells[(p.family, p.rung, p.label, g, p.config.kind)].append((m["token_acc"], m["seq_acc"]))
+                cells[(p.family, p.rung, p.label, g, p.config.label)].append((m["token_acc"], m["seq_acc"]))
     if not cells:
         return []
     kinds = list(dict.fromkeys(k[-1] for k in cells))

@@ -1,7 +1,8 @@
 """`ea lm`: one small Hugging Face causal LM, trained with each attention implementation on the same
 text (same initial weights, same batches, same number of steps), compared on held-out bits per byte.
 
-The model is built from a config (no downloaded weights); attention is switched with transformers'
+The model is built from a config (no downloaded weights); one run per mechanism of ``kinds`` x
+``variants`` (as in the ladder: "dpa", "ea", "ea-squared"), switched with transformers'
 ``attn_implementation`` ("sdpa", "expressive", "expressive_squared"), so only the attention rule
 differs between runs. The text is any local files; the default corpus is the Python standard
 library's own source files, which every machine running this has. Tokens are bytes (vocab 256) or
@@ -13,6 +14,7 @@ from __future__ import annotations
 import copy
 import csv
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -24,13 +26,38 @@ from pathlib import Path
 
 import torch
 
-IMPLEMENTATIONS = ("sdpa", "expressive", "expressive_squared")
+from ..deprecation import warn_renamed
+from .kinds import kind_label, kind_specs
+
+# the old `impls` names (attn_implementation names) -> (kind, variant)
+IMPLEMENTATIONS = {"sdpa": ("dpa", None), "expressive": ("ea", "saturating"),
+                   "expressive_squared": ("ea", "squared")}
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
 
 
+def kinds_from_impls(impls) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(kinds, variants) for the old `impls` list, e.g. ("sdpa", "expressive_squared")."""
+    bad = [i for i in impls if i not in IMPLEMENTATIONS]
+    if bad or not impls:
+        raise ValueError(f"impls must be a non-empty subset of {tuple(IMPLEMENTATIONS)}, got {list(impls)}")
+    specs = [IMPLEMENTATIONS[i] for i in impls]
+    kinds = tuple(dict.fromkeys(k for k, _ in specs))
+    return kinds, tuple(dict.fromkeys(v for _, v in specs if v is not None)) or ("saturating",)
+
+
+def hf_implementation(kind: str, variant: str | None) -> str:
+    """transformers' attn_implementation name for a run: "sdpa" for DPA, else the registered EA name."""
+    if kind == "dpa":
+        return "sdpa"
+    from ..integrations import transformers as ea_hf
+
+    defaults = {v: name for name, v in ea_hf.DEFAULT_NAMES.items()}
+    return ea_hf.register(defaults.get(variant, f"expressive_{variant}"), variant=variant)
+
+
 @dataclass
-class LMConfig:
+class TextLMConfig:
     paths: list[str] = field(default_factory=list)  # files or directories; empty = the stdlib
     glob: str = "*.py"  # files taken from directories
     max_bytes: int = 4_000_000
@@ -47,19 +74,22 @@ class LMConfig:
     lr: float = 2e-3  # peak; linear warmup over the first 10% of steps, cosine to 10%
     eval_every: int = 25
     eval_windows: int = 128
-    impls: tuple[str, ...] = ("sdpa", "expressive")
+    kinds: tuple[str, ...] = ("dpa", "ea")
+    variants: tuple[str, ...] = ("saturating",)  # EA variants, each its own run
     seed: int = 0
     threads: int | None = None  # torch threads; None: 1 on a busy machine, else torch's default
     out: str = "runs/lm"
+
+    def runs(self) -> list[tuple[str, str, str | None]]:
+        """(label, kind, variant) of every run, e.g. [("dpa", "dpa", None), ("ea", "ea", "saturating")]."""
+        return [(kind_label(k, v), k, v) for k, v in kind_specs(self.kinds, self.variants)]
 
     def check(self) -> None:
         if self.tokenizer not in ("byte", "char"):
             raise ValueError(f"tokenizer must be 'byte' or 'char', got {self.tokenizer!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        bad = [i for i in self.impls if i not in IMPLEMENTATIONS]
-        if bad or not self.impls:
-            raise ValueError(f"impls must be a non-empty subset of {IMPLEMENTATIONS}, got {list(self.impls)}")
+        self.runs()  # kinds and variants
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.d_model % self.heads or self.heads % self.kv_heads:
@@ -70,6 +100,29 @@ class LMConfig:
         for name in ("max_bytes", "context", "batch_size", "steps", "eval_every", "eval_windows", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _accept_impls(init):
+    """TextLMConfig(impls=...): the deprecated way to name the runs, converted to kinds and variants."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, impls=None, **kwargs):
+        init(self, *args, **kwargs)
+        if impls is not None:
+            warn_renamed("TextLMConfig", "impls", "kinds and variants", stacklevel=2)
+            self.kinds, self.variants = kinds_from_impls(impls)
+
+    return __init__
+
+
+TextLMConfig.__init__ = _accept_impls(TextLMConfig.__init__)
+
+
+def __getattr__(name: str):
+    if name == "LMConfig":  # the old name of TextLMConfig (nn.LMConfig is the DecoderLM's config)
+        warn_renamed(__name__, "LMConfig", "TextLMConfig", stacklevel=2)
+        return TextLMConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def auto_threads() -> int:
@@ -111,7 +164,7 @@ def collect_files(paths: list[str], glob: str) -> list[Path]:
     return [f for _, _, f in sorted(files)]
 
 
-def load_text(cfg: LMConfig) -> tuple[bytes, bytes, int]:
+def load_text(cfg: TextLMConfig) -> tuple[bytes, bytes, int]:
     """(train bytes, held-out bytes, number of files read) within ``cfg.max_bytes``."""
     chunks, total = [], 0
     for f in collect_files(cfg.paths, cfg.glob):
@@ -143,7 +196,7 @@ def tokenize(train: bytes, val: bytes, kind: str):
 # ---------------------------------------------------------------- model
 
 
-def model_config(cfg: LMConfig, vocab: int):
+def model_config(cfg: TextLMConfig, vocab: int):
     from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     if cfg.arch == "gpt2":
@@ -157,8 +210,8 @@ def model_config(cfg: LMConfig, vocab: int):
                tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=None)
 
 
-def build_model(cfg: LMConfig, vocab: int, impl: str):
-    """The same initial weights for every ``impl`` (seeded), attention set by ``impl``."""
+def build_model(cfg: TextLMConfig, vocab: int, impl: str):
+    """The same initial weights for every ``impl`` (an attn_implementation name, seeded)."""
     from transformers import AutoModelForCausalLM
 
     from ..integrations import transformers as ea_hf
@@ -175,7 +228,7 @@ def build_model(cfg: LMConfig, vocab: int, impl: str):
 # ---------------------------------------------------------------- training
 
 
-def batches(ids: torch.Tensor, cfg: LMConfig):
+def batches(ids: torch.Tensor, cfg: TextLMConfig):
     """Random training windows (B, context), the same sequence for every implementation."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     while True:
@@ -183,7 +236,7 @@ def batches(ids: torch.Tensor, cfg: LMConfig):
         yield torch.stack([ids[s : s + cfg.context] for s in start.tolist()])
 
 
-def eval_windows(ids: torch.Tensor, cfg: LMConfig) -> torch.Tensor:
+def eval_windows(ids: torch.Tensor, cfg: TextLMConfig) -> torch.Tensor:
     """Fixed, evenly spaced held-out windows (N, context)."""
     n = min(cfg.eval_windows, len(ids) // cfg.context)
     starts = torch.linspace(0, len(ids) - cfg.context, n).long()
@@ -203,7 +256,7 @@ def evaluate(model, windows: torch.Tensor, batch_size: int) -> float:
     return total / count
 
 
-def lr_at(step: int, cfg: LMConfig) -> float:
+def lr_at(step: int, cfg: TextLMConfig) -> float:
     warmup = max(1, cfg.steps // 10)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -211,8 +264,9 @@ def lr_at(step: int, cfg: LMConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train_one(cfg: LMConfig, impl: str, train_ids, val_windows, vocab: int, bytes_per_token: float,
-              progress=True) -> list[dict]:
+def train_one(cfg: TextLMConfig, label: str, impl: str, train_ids, val_windows, vocab: int,
+              bytes_per_token: float, progress=True) -> list[dict]:
+    """Train the run `label` (attn_implementation `impl`); its curve as rows."""
     from tqdm.auto import tqdm
 
     model = build_model(cfg, vocab, impl).train()
@@ -222,14 +276,14 @@ def train_one(cfg: LMConfig, impl: str, train_ids, val_windows, vocab: int, byte
 
     def record(step, train_loss):
         val = evaluate(model, val_windows, cfg.batch_size)
-        rows.append(dict(impl=impl, step=step, tokens=step * cfg.batch_size * cfg.context,
+        rows.append(dict(kind=label, attn_implementation=impl, step=step, tokens=step * cfg.batch_size * cfg.context,
                          train_loss=train_loss, val_loss=val, val_bpb=val * to_bpb,
                          train_seconds=round(train_time, 2)))
         return val
 
     record(0, float("nan"))
     data = batches(train_ids, cfg)
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"{impl:>18}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"{label:>10}", disable=not progress, dynamic_ncols=True)
     running = None
     for step in bar:
         for group in opt.param_groups:
@@ -243,7 +297,7 @@ def train_one(cfg: LMConfig, impl: str, train_ids, val_windows, vocab: int, byte
         opt.step()
         train_time += time.perf_counter() - t
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{impl}: training loss became {loss.item()} at step {step}")
+            raise FloatingPointError(f"{label}: training loss became {loss.item()} at step {step}")
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             val = record(step, running)
@@ -260,7 +314,7 @@ def train_one(cfg: LMConfig, impl: str, train_ids, val_windows, vocab: int, byte
 def write_outputs(rows: list[dict], summary: dict, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "lm_curves.csv", "png": out / "lm_curves.png", "json": out / "lm_summary.json"}
-    fields = ["impl", "step", "tokens", "train_loss", "val_loss", "val_bpb", "train_seconds"]
+    fields = ["kind", "attn_implementation", "step", "tokens", "train_loss", "val_loss", "val_bpb", "train_seconds"]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -272,10 +326,10 @@ def write_outputs(rows: list[dict], summary: dict, out: Path) -> dict[str, Path]
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for impl in summary["impls"]:
-        r = [x for x in rows if x["impl"] == impl]
-        axes[0].plot([x["step"] for x in r], [x["val_bpb"] for x in r], marker="o", ms=3, label=impl)
-        axes[1].plot([x["step"] for x in r[1:]], [x["train_loss"] for x in r[1:]], label=impl)
+    for label in summary["runs"]:
+        r = [x for x in rows if x["kind"] == label]
+        axes[0].plot([x["step"] for x in r], [x["val_bpb"] for x in r], marker="o", ms=3, label=label)
+        axes[1].plot([x["step"] for x in r[1:]], [x["train_loss"] for x in r[1:]], label=label)
     axes[0].set(xlabel="step", ylabel="held-out bits per byte", title="validation")
     axes[1].set(xlabel="step", ylabel="train loss (nats/token, smoothed)", title="training")
     for ax in axes:
@@ -290,8 +344,8 @@ def write_outputs(rows: list[dict], summary: dict, out: Path) -> dict[str, Path]
     return paths
 
 
-def run(cfg: LMConfig, progress: bool = True, log=print) -> dict:
-    """Train every implementation in ``cfg.impls``; write CSV/PNG/JSON to ``cfg.out``; return the summary."""
+def run(cfg: TextLMConfig, progress: bool = True, log=print) -> dict:
+    """Train one model per mechanism of ``cfg.runs()``; write CSV/PNG/JSON to ``cfg.out``; return the summary."""
     cfg.check()
     torch.set_num_threads(cfg.threads or auto_threads())
     train, val, n_files = load_text(cfg)
@@ -301,12 +355,13 @@ def run(cfg: LMConfig, progress: bool = True, log=print) -> dict:
     log(f"text: {source}: {n_files} files, {len(train):,} train / {len(val):,} held-out bytes; "
         f"{cfg.tokenizer}-level, vocab {vocab}; {len(windows)} held-out windows of {cfg.context}")
     rows, results = [], {}
-    for impl in cfg.impls:
-        r = train_one(cfg, impl, train_ids, windows, vocab, bytes_per_token, progress)
+    for label, kind, variant in cfg.runs():
+        impl = hf_implementation(kind, variant)
+        r = train_one(cfg, label, impl, train_ids, windows, vocab, bytes_per_token, progress)
         rows += r
-        results[impl] = dict(val_loss=r[-1]["val_loss"], val_bpb=r[-1]["val_bpb"],
+        results[label] = dict(attn_implementation=impl, val_loss=r[-1]["val_loss"], val_bpb=r[-1]["val_bpb"],
                              train_seconds=r[-1]["train_seconds"], wall_seconds=r[-1]["wall_seconds"])
-    summary = dict(config=asdict(cfg), impls=list(cfg.impls), results=results, vocab=vocab,
+    summary = dict(config=asdict(cfg), runs=list(results), results=results, vocab=vocab,
                    train_bytes=len(train), val_bytes=len(val), files=n_files,
                    tokens_per_run=cfg.steps * cfg.batch_size * cfg.context,
                    torch=torch.__version__, threads=torch.get_num_threads())
@@ -320,6 +375,6 @@ def run(cfg: LMConfig, progress: bool = True, log=print) -> dict:
 def format_table(summary: dict) -> str:
     lines = ["| attention | val loss (nats/token) | val bits/byte | train time (s) |",
              "|---|---|---|---|"]
-    for impl, r in summary["results"].items():
-        lines.append(f"| {impl} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['train_seconds']:.0f} |")
+    for label, r in summary["results"].items():
+        lines.append(f"| {label} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)

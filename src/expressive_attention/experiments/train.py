@@ -1,6 +1,6 @@
 """Train one DecoderLM on one task and return a plain-dict record (the unit of the ladder).
 
-    rec = train_run(RunConfig(task="pointer", task_params={"T": 8}, attention="ea", steps=600))
+    rec = train_run(RunConfig(task="pointer", task_params={"T": 8}, kind="ea", steps=600))
     rec["metrics"]["seq_acc"]      # every scored token right ("100%" means 1.0)
 
 Same config (seed included) and same thread count => same numbers.
@@ -21,19 +21,25 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
+from ..deprecation import rename_keys, renamed_fields
 from ..nn import DecoderLM, LMConfig
+from ..ops import KINDS
+from .kinds import kind_label
 from .results import config_key
 
-KINDS = ("dpa", "ea")
+# The results key hashes the config under the field names it had when results files were first
+# written: a renamed field keeps its old name in the hash, so existing results.jsonl files resume.
+_KEY_NAMES = {"kind": "attention"}
 
 
+@renamed_fields(attention="kind")
 @dataclass
 class RunConfig:
     """Everything that determines a run's numbers. `key()` hashes it (the results-file key)."""
 
     task: str
     task_params: dict = field(default_factory=dict)
-    attention: str = "ea"  # "ea" or "dpa"
+    kind: str = "ea"  # the mechanism: "ea" or "dpa" (deprecated name: attention)
     variant: str | None = "saturating"  # EA variant; None for dpa
     # model
     d_model: int = 64
@@ -55,9 +61,9 @@ class RunConfig:
     eval_seed: int = 0
 
     def __post_init__(self):
-        if self.attention not in KINDS:
-            raise ValueError(f"attention must be one of {KINDS}, got {self.attention!r}")
-        if self.attention == "dpa":
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "dpa":
             self.variant = None  # DPA has no variant: keeps dpa configs (and keys) unique
         elif self.variant is None:
             self.variant = "saturating"
@@ -80,11 +86,10 @@ class RunConfig:
         self.task_params = dict(self.task_params)
 
     @property
-    def kind(self) -> str:
-        """Label of the attention: "dpa", "ea" (saturating) or "ea-<variant>"."""
-        if self.attention == "dpa":
-            return "dpa"
-        return "ea" if self.variant == "saturating" else f"ea-{self.variant}"
+    def label(self) -> str:
+        """The run's mechanism as one label: "dpa", "ea" (saturating) or "ea-<variant>" (stored as
+        "kind" in results records and summary.csv, as before the rename)."""
+        return kind_label(self.kind, self.variant)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -93,6 +98,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        """From `to_dict()` output, including that of older versions (records with `attention`)."""
+        d = rename_keys(d, cls.renamed_fields)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -100,7 +107,7 @@ class RunConfig:
         return cls(**d)
 
     def key(self) -> str:
-        return config_key(self.to_dict())
+        return config_key(rename_keys(self.to_dict(), _KEY_NAMES))
 
 
 def versions() -> dict:
@@ -120,7 +127,7 @@ def build(cfg: RunConfig):
     task = make_task(cfg.task, **cfg.task_params)
     torch.manual_seed(cfg.seed)
     lm = LMConfig(vocab_size=task.vocab_size, context_length=task.seq_len, d_model=cfg.d_model,
-                  n_layers=cfg.n_layers, n_heads=cfg.n_heads, pos=cfg.pos, attention=cfg.attention,
+                  n_layers=cfg.n_layers, n_heads=cfg.n_heads, pos=cfg.pos, kind=cfg.kind,
                   variant=cfg.variant or "saturating")
     return task, DecoderLM(lm)
 
@@ -245,7 +252,7 @@ def train_run(
         logits = model(x)  # (B, T, V)
         loss = masked_loss(logits, y, m)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} ({cfg.task}, {cfg.kind})")
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} ({cfg.task}, {cfg.label})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -267,7 +274,7 @@ def train_run(
     record = {
         "key": cfg.key(),
         "config": cfg.to_dict(),
-        "kind": cfg.kind,
+        "kind": cfg.label,
         "task": {"name": task.name, "params": dict(task.params()), "vocab_size": task.vocab_size,
                  "seq_len": task.seq_len, "describe": task.describe()},
         "metrics": metrics,

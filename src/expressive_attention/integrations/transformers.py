@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..ops import expressive_attention, expressive_weights
-from ..ops._inputs import check_variant, repeat_kv
+from ..ops.problem import check_variant, repeat_kv
 
 try:
     import transformers

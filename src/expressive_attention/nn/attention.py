@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..deprecation import deprecated_alias, reject_unknown, renamed_kwarg
 from ..ops import KINDS, VARIANTS, BACKENDS, attention
 
 
@@ -27,7 +28,7 @@ class RotaryEmbedding(nn.Module):
 
 
 class MultiheadAttention(nn.Module):
-    """Self- or cross-attention; `attention="ea"|"dpa"` selects the weights, nothing else differs.
+    """Self- or cross-attention; `kind="ea"|"dpa"` selects the weights, nothing else differs.
 
     forward(x (B, T, C), context (B, S, C) | None) -> (B, T, C). With `context`, keys and values come
     from it (cross-attention); otherwise from x. GQA when n_kv_heads < n_heads.
@@ -39,28 +40,31 @@ class MultiheadAttention(nn.Module):
         n_heads: int,
         n_kv_heads: int | None = None,
         *,
-        attention: str = "ea",
+        kind: str = "ea",
         variant: str = "saturating",
         eps: float = 1e-6,
         backend: str = "auto",
         dropout: float = 0.0,
         bias: bool = False,
         rope: RotaryEmbedding | None = None,
+        **deprecated,
     ):
         super().__init__()
+        kind = renamed_kwarg(deprecated, "attention", "kind", kind, "ea", "MultiheadAttention")
+        reject_unknown(deprecated, "MultiheadAttention")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         if n_kv_heads < 1 or n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
-        if attention not in KINDS:
-            raise ValueError(f"attention must be one of {KINDS}, got {attention!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
-        self.attention, self.variant, self.eps, self.backend = attention, variant, eps, backend
+        self.kind, self.variant, self.eps, self.backend = kind, variant, eps, backend
         self.dropout = dropout
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
@@ -72,10 +76,10 @@ class MultiheadAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: bool = False) -> Tensor:
         """The configured mechanism on (B, H, L, E) / (B, Hkv, S, E) tensors."""
-        extra = dict(variant=self.variant, eps=self.eps, backend=self.backend) if self.attention == "ea" else {}
+        extra = dict(variant=self.variant, eps=self.eps, backend=self.backend) if self.kind == "ea" else {}
         return attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads, kind=self.attention, **extra,
+            is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads, kind=self.kind, **extra,
         )
 
     def forward(
@@ -107,3 +111,5 @@ class MultiheadAttention(nn.Module):
         else:
             y = self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, H, T, E)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    attention = deprecated_alias("MultiheadAttention", "attention", "kind")

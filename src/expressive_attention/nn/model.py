@@ -9,12 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..deprecation import rename_keys, renamed_fields
 from .attention import MultiheadAttention, RotaryEmbedding
 from .cache import CACHE_KINDS, KVCache
 
 POSITIONS = ("learned", "rope")
 
 
+@renamed_fields(attention="kind")
 @dataclass
 class LMConfig:
     vocab_size: int
@@ -24,7 +26,7 @@ class LMConfig:
     n_heads: int = 4
     n_kv_heads: int | None = None  # GQA when smaller than n_heads
     pos: str = "learned"  # "learned" absolute positions or "rope"
-    attention: str = "ea"  # "ea" or "dpa"
+    kind: str = "ea"  # the mechanism: "ea" or "dpa" (deprecated name: attention)
     variant: str = "saturating"  # EA variant: "saturating" or "squared"
     eps: float = 1e-6
     backend: str = "auto"  # EA backend
@@ -48,6 +50,8 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LMConfig":
+        """From `to_dict()` output, including that of older versions (checkpoints with `attention`)."""
+        d = rename_keys(d, cls.renamed_fields)
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -73,7 +77,7 @@ class Block(nn.Module):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.attn = MultiheadAttention(
-            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, attention=cfg.attention, variant=cfg.variant,
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, kind=cfg.kind, variant=cfg.variant,
             eps=cfg.eps, backend=cfg.backend, dropout=cfg.dropout, bias=cfg.bias, rope=rope,
         )
         self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
@@ -87,7 +91,7 @@ class Block(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    """GPT-style decoder. With `attention="dpa"` it is an ordinary GPT; with "ea" only the attention
+    """GPT-style decoder. With `kind="dpa"` it is an ordinary GPT; with "ea" only the attention
     weights differ."""
 
     def __init__(self, cfg: LMConfig):

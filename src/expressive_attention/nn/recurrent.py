@@ -27,10 +27,10 @@ class RecurrentEAState:
     takes_layer = True  # constructed as RecurrentEAState(layer) by DecoderLM.new_cache
 
     def __init__(self, layer) -> None:
-        if getattr(layer, "attention", None) != "ea" or getattr(layer, "variant", None) != "squared":
+        if getattr(layer, "kind", None) != "ea" or getattr(layer, "variant", None) != "squared":
             raise ValueError(
-                "the recurrent cache needs attention='ea' with variant='squared' (got "
-                f"attention={getattr(layer, 'attention', None)!r}, variant={getattr(layer, 'variant', None)!r}): "
+                "the recurrent cache needs kind='ea' with variant='squared' (got "
+                f"kind={getattr(layer, 'kind', None)!r}, variant={getattr(layer, 'variant', None)!r}): "
                 "only the squared variant has an exact linear (recurrent) form; use cache='kv'"
             )
         self.scale = layer.head_dim**-0.5  # the layer calls attention with scale=None = 1/sqrt(E)
@@ -80,7 +80,7 @@ class RecurrentEAState:
     def state_bytes(cfg, total_len: int) -> int | None:
         """Bytes per sequence (float32) over all layers, or None when cfg is not EA-squared.
         Constant in `total_len` (E^2 (E+1) floats per key/value head and layer)."""
-        if getattr(cfg, "attention", None) != "ea" or getattr(cfg, "variant", None) != "squared":
+        if getattr(cfg, "kind", None) != "ea" or getattr(cfg, "variant", None) != "squared":
             return None
         n_kv = cfg.n_kv_heads or cfg.n_heads
         E = cfg.d_model // cfg.n_heads

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._inputs import Problem
+from .problem import Problem
 from .reference import compute_dtype
 
 # Elements per score tile (B * H * rows * S); 2**21 float32 values = 8 MiB.

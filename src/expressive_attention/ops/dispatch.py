@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from ._inputs import Problem, repeat_kv
+from .problem import Problem, repeat_kv
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._inputs import Problem, normalise, repeat_kv
+from .problem import Problem, normalise, repeat_kv
 from .blocked import blocked_attention
 from .dispatch import Backend, _no_dropout, register_backend, run_backend
 from .reference import reference_attention

@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._inputs import Problem
+from .problem import Problem
+from .reference import compute_dtype
 from .dispatch import Backend, register_backend
 
 SOURCE = Path(__file__).parent / "csrc" / "ea_cpu.cpp"
@@ -116,15 +117,21 @@ def is_available() -> bool:
     return load_extension() is not None
 
 
+def is_built() -> bool:
+    """True when the kernel is loaded in this process (never starts a build)."""
+    return _STATE["module"] is not None
+
+
+def build_error() -> "str | None":
+    """Why the kernel could not be built, or None (not tried yet, or built). Never starts a build."""
+    return _STATE["error"]
+
+
 def _ext():
     mod = load_extension()
     if mod is None:
-        raise RuntimeError(f"the fused CPU kernel is unavailable: {_STATE['error']}")
+        raise RuntimeError(f"the fused CPU kernel is unavailable: {build_error()}")
     return mod
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---- torch custom ops: (out, z) = fwd(q, k, v, ...); (dq, dk, dv) = bwd(dout, ...) ----
@@ -141,7 +148,7 @@ def fused_cpu_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_ca
 @fused_cpu_fwd.register_fake
 def _(q, k, v, mask, is_causal, scale, saturating, eps):
     B, H, L, _ = q.shape
-    return q.new_empty(B, H, L, v.shape[-1]), q.new_empty(B, H, L, dtype=_compute_dtype(q.dtype))
+    return q.new_empty(B, H, L, v.shape[-1]), q.new_empty(B, H, L, dtype=compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("expressive_attention::fused_cpu_bwd", mutates_args=())
@@ -183,7 +190,7 @@ def supports(p: Problem) -> "str | None":
     if p.q.dtype not in DTYPES:
         return f"fused_cpu supports dtypes {[str(d) for d in DTYPES]}, got {p.q.dtype}"
     if not is_available():
-        return f"the fused CPU kernel could not be built: {_STATE['error']}"
+        return f"the fused CPU kernel could not be built: {build_error()}"
     return None
 
 

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._inputs import Problem, repeat_kv
+from .problem import Problem, repeat_kv
 from .dispatch import Backend, register_backend
 from .reference import compute_dtype
 

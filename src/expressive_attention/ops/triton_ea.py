@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._inputs import Problem
+from .problem import Problem
 from .dispatch import Backend, register_backend
 
 try:

@@ -1,0 +1,146 @@
+"""`ea bench {ops,long,model}`: EA vs PyTorch SDPA, time and peak memory (see expressive_attention.bench).
+
+    ea bench ops   --E 32,64 --L 256,1024,4096     # one attention call per case (the default: `ea bench`)
+    ea bench long  --threads 1                     # long contexts: the linear form; decode steps
+    ea bench model --repeats 5                     # one DecoderLM training step, EA vs DPA
+"""
+from __future__ import annotations
+
+import argparse
+
+from .args import csv_of, deprecated, positive_int
+
+MODES = ("ops", "long", "model")
+
+
+def legacy_argv(argv: list[str]) -> list[str]:
+    """`ea bench [flags]` is `ea bench ops [flags]`; the old mode flags `--long` / `--model` (deprecated)
+    select the subcommand, and `--long-E` etc. become `--E` etc."""
+    if argv and argv[0] in (*MODES, "-h", "--help"):
+        return argv
+    for flag in ("--long", "--model"):
+        if flag in argv:
+            mode = flag[2:]
+            deprecated(f"`ea bench {flag}` is deprecated; use `ea bench {mode}`")
+            return [mode, *(a for a in argv if a != flag)]
+    return ["ops", *argv]
+
+
+def _add_ops(sub) -> None:
+    from ..bench.compare import OpsBench
+
+    d = OpsBench()
+    p = sub.add_parser("ops", help="one attention call per case: EA (each variant and backend) vs SDPA",
+                       description="EA vs SDPA on the same shapes, forward and forward+backward; each case "
+                                   "in a fresh process (time: median of repeats; peak: resident-set growth).")
+    p.add_argument("--E", type=csv_of(positive_int), default=list(d.E), help="head dims (default 32)")
+    p.add_argument("--L", type=csv_of(positive_int), default=list(d.L),
+                   help="sequence lengths (default 256,1024,4096)")
+    p.add_argument("--B", type=positive_int, default=d.B, help="batch size (default %(default)s)")
+    p.add_argument("--H", type=positive_int, default=d.H, help="heads (default %(default)s)")
+    p.add_argument("--modes", type=csv_of(choices=("fwd", "fwdbwd")), default=list(d.modes), help="fwd,fwdbwd")
+    p.add_argument("--variants", type=csv_of(), default=list(d.variants), help="EA variants (saturating,squared)")
+    p.add_argument("--backends", type=csv_of(), default=None,
+                   help="EA backends (default: auto and every registered backend that supports the shape)")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--no-causal", action="store_true", help="full attention instead of causal")
+    p.add_argument("--repeats", type=positive_int, default=d.repeats, help="timed repeats per case (median)")
+    p.add_argument("--json", metavar="PATH", help="also write all records as JSON")
+    p.set_defaults(func=_ops_cmd)
+
+
+def _ops_cmd(args) -> int:
+    from ..bench.compare import OpsBench, run_ops_benchmark
+
+    spec = OpsBench(E=args.E, L=args.L, B=args.B, H=args.H, modes=args.modes, variants=args.variants,
+                    backends=args.backends, dtype=args.dtype, device=args.device, causal=not args.no_causal,
+                    repeats=args.repeats, json=args.json)
+    run_ops_benchmark(_checked(spec))
+    return 0
+
+
+def _add_long(sub) -> None:
+    from ..bench.long import BACKENDS, LongBench
+
+    d = LongBench()
+    p = sub.add_parser("long", help="long contexts: EA-squared's linear form vs the quadratic backends; decoding",
+                       description="1. attention time and peak memory vs L (reference / fused / linear / SDPA) "
+                                   "and the crossover lengths; 2. decode-step time vs context for KV-cache DPA, "
+                                   "KV-cache EA and recurrent EA. (The --long-* spellings are the old names.)")
+    p.add_argument("--E", "--long-E", dest="E", type=csv_of(positive_int), default=list(d.E),
+                   help="head dims (default 16,32)")
+    p.add_argument("--L", "--long-L", dest="L", type=csv_of(positive_int), default=list(d.L),
+                   help="sequence lengths (default 2048,4096,8192,16384)")
+    p.add_argument("--B", "--long-B", dest="B", type=positive_int, default=d.B, help="batch (default %(default)s)")
+    p.add_argument("--H", "--long-H", dest="H", type=positive_int, default=d.H, help="heads (default %(default)s)")
+    p.add_argument("--backends", "--impls", dest="backends", type=csv_of(choices=BACKENDS), default=list(d.backends),
+                   help=f"what to time, from {','.join(BACKENDS)} (default {','.join(d.backends)})")
+    p.add_argument("--modes", "--long-modes", dest="modes", type=csv_of(choices=("fwd", "fwdbwd")),
+                   default=list(d.modes), help="fwd,fwdbwd (default fwdbwd)")
+    p.add_argument("--repeats", "--long-repeats", dest="repeats", type=positive_int, default=d.repeats,
+                   help="timed repeats per case (median)")
+    p.add_argument("--contexts", type=csv_of(positive_int), default=list(d.contexts),
+                   help="decode: context lengths (default 1024,4096,16384)")
+    p.add_argument("--decode-E", type=csv_of(positive_int), default=list(d.decode_E), help="decode: head dims")
+    p.add_argument("--decode-steps", type=positive_int, default=d.decode_steps, help="decode: timed steps (median)")
+    p.add_argument("--no-attention", action="store_true", help="skip part 1")
+    p.add_argument("--no-decode", action="store_true", help="skip part 2")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch/OpenMP threads for every case (default: torch's default); on a shared, "
+                        "oversubscribed machine 1 gives steadier ratios")
+    p.add_argument("--json", "--long-json", dest="json", metavar="PATH", help="write all records as JSON")
+    p.set_defaults(func=_long_cmd)
+
+
+def _long_cmd(args) -> int:
+    from ..bench.long import LongBench, run_long_benchmark
+
+    spec = LongBench(E=args.E, L=args.L, B=args.B, H=args.H, backends=args.backends, modes=args.modes,
+                     repeats=args.repeats, contexts=args.contexts, decode_E=args.decode_E,
+                     decode_steps=args.decode_steps, attention=not args.no_attention, decode=not args.no_decode,
+                     threads=args.threads, json=args.json)
+    run_long_benchmark(_checked(spec))
+    return 0
+
+
+def _add_model(sub) -> None:
+    p = sub.add_parser("model", help="one DecoderLM training step with EA vs DPA (quick-ladder size, long context)",
+                       description="Forward, backward and AdamW step of the same DecoderLM with EA and with DPA, "
+                                   "alternating; the median step time of each.")
+    p.add_argument("--variant", "--variants", dest="variant", default="saturating", help="EA variant")
+    p.add_argument("--backend", "--backends", dest="backend", default="auto", help="EA backend")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed steps = repeats + 5 (median)")
+    p.set_defaults(func=_model_cmd)
+
+
+def _model_cmd(args) -> int:
+    from ..bench.model_step import run_model_benchmark
+
+    from ..ops.problem import check_variant
+
+    try:
+        check_variant(args.variant)
+    except ValueError as e:
+        raise SystemExit(f"ea bench model: {e}") from None
+    run_model_benchmark(variant=args.variant, backend=args.backend, repeats=args.repeats)
+    return 0
+
+
+def _checked(spec):
+    """`spec` after its own check; a bad value becomes a one-line error naming the field."""
+    try:
+        spec.check()
+    except ValueError as e:
+        raise SystemExit(f"ea bench: {e}") from None
+    return spec
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="time and memory of EA vs PyTorch SDPA on the same shapes",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="bench_mode", required=True, metavar="{ops,long,model}")
+    _add_ops(sub)
+    _add_long(sub)
+    _add_model(sub)
+    return p
