@@ -116,3 +116,42 @@ def test_works_under_torch_compile(backend):
     g2 = torch.autograd.grad(want, (q, k, v))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_third_party_backend_joins_the_table_and_auto(monkeypatch):
+    from expressive_attention.ops import Backend, Problem, dispatch, reference_attention, register_backend
+    from expressive_attention.ops.problem import normalise
+
+    monkeypatch.setattr(dispatch, "BACKENDS", dict(dispatch.BACKENDS))  # leave the real table alone
+    calls = []
+
+    def run(p: Problem):
+        calls.append(p.q.shape)
+        k, v = (t.repeat_interleave(p.groups, dim=1) for t in (p.k, p.v))
+        return reference_attention(p.q, k, v, p.mask, 0.0, p.is_causal, p.scale, variant=p.variant, eps=p.eps)
+
+    mine = Backend("mine", run, lambda p: None if p.variant == "squared" else "squared only", priority=100,
+                   prefer=lambda p: p.q.shape[-2] >= 8)
+    register_backend(mine)
+    q = torch.randn(1, 4, 8, 16)
+    k = torch.randn(1, 2, 8, 16)
+    sq = normalise(q, k, k, None, 0.0, True, None, True, "squared", 1e-6)
+    assert choose_backend(sq) is mine  # highest priority, supported, preferred
+    assert choose_backend(normalise(q[..., :4, :], k[..., :4, :], k[..., :4, :], None, 0.0, True, None, True,
+                                    "squared", 1e-6)) is not mine  # not preferred below L = 8
+    assert choose_backend(normalise(q, k, k, None, 0.0, True, None, True, "saturating", 1e-6)) is not mine
+    assert choose_backend(normalise(q, k, k, None, 0.1, True, None, True, "squared", 1e-6)).name == "reference"
+    out = expressive_attention(q, k, k, is_causal=True, enable_gqa=True, variant="squared", backend="mine")
+    ref = expressive_attention(q, k, k, is_causal=True, enable_gqa=True, variant="squared", backend="reference")
+    torch.testing.assert_close(out, ref)
+    assert calls == [torch.Size([1, 4, 8, 16])]
+    with pytest.raises(ValueError, match="squared only"):
+        expressive_attention(q, k, k, enable_gqa=True, backend="mine")
+    with pytest.raises(ValueError, match="dropout"):
+        expressive_attention(q, k, k, enable_gqa=True, variant="squared", dropout_p=0.1, backend="mine")
+    with pytest.raises(ValueError, match="registered already"):
+        register_backend(mine)
+    with pytest.raises(ValueError, match="auto"):
+        register_backend(Backend("auto", run, lambda p: None))
+    register_backend(Backend("mine", run, lambda p: None, priority=-1), replace=True)
+    assert dispatch.BACKENDS["mine"].priority == -1

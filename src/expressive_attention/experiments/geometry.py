@@ -11,31 +11,31 @@ s, so antiparallel keys (cos ~ -1) are matches too, and orthogonal keys (s ~ 0) 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..nn import DecoderLM, MultiheadAttention
+from ..ops import KINDS, expressive_weights
+from ..ops.reference import causal_mask, repeat_kv
 
 BINS = np.linspace(-1.0, 1.0, 41)
 ANTI, ORTHO, PARA = -0.5, 0.25, 0.5  # cos < -0.5: antiparallel; |cos| < 0.25: orthogonal; > 0.5: parallel
 
 
-def attention_weights(q: torch.Tensor, k: torch.Tensor, attention: str, variant: str = "saturating",
+def attention_weights(q: torch.Tensor, k: torch.Tensor, kind: str, variant: str = "saturating",
                       eps: float = 1e-6) -> torch.Tensor:
-    """Causal attention weights (B, H, T, T) as the model computes them; q (B,H,T,E), k (B,Hkv,T,E)."""
-    if k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    """Causal attention weights (B, H, T, T) as the model computes them; q (B,H,T,E), k (B,Hkv,T,E).
+    EA: the library's own weights (ops.expressive_weights); DPA: softmax of the scaled scores."""
+    k = repeat_kv(k, q.shape[1] // k.shape[1])
+    if kind == "ea":
+        return expressive_weights(q, k, is_causal=True, variant=variant, eps=eps)
+    if kind != "dpa":
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     T = q.shape[-2]
-    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    if attention == "dpa":
-        return torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
-    f = s * s if variant == "squared" else s * s / (1 + s * s)
-    f = f.masked_fill(~causal, 0.0)
-    return f / (eps + f.sum(-1, keepdim=True))
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, T, T)
+    return torch.softmax(s.masked_fill(~causal_mask(T, T, q.device), float("-inf")), dim=-1)
 
 
 def _fractions(cos: np.ndarray, w: np.ndarray) -> dict:
@@ -66,10 +66,10 @@ def attention_geometry(model: DecoderLM, task, n_sequences: int = 128, seed: int
     out = []
     for layer, (q, k) in enumerate(captured):
         a = attention_weights(q, k, cfg.kind, cfg.variant, cfg.eps)  # (B, H, T, T)
-        kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        kk = repeat_kv(k, q.shape[1] // k.shape[1])
         cos = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(kk, dim=-1).transpose(-1, -2)
         T = q.shape[-2]
-        causal = torch.ones(T, T, dtype=torch.bool).tril().expand_as(cos)
+        causal = causal_mask(T, T, cos.device).expand_as(cos)
         c = cos[causal].numpy()
         w = a[causal].numpy()
         ones = np.ones_like(c)

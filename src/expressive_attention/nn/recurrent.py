@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..ops.linear import _add_to_state, _normalise, _Outer, causal_forward, default_chunk
+from ..ops.linear import add_to_state, causal_forward, default_chunk, new_state, read_state, with_ones
 from ..ops.reference import compute_dtype
 from .cache import CACHE_KINDS
 
@@ -53,7 +53,7 @@ class RecurrentEAState:
         ct = compute_dtype(q.dtype)
         N = B * Hkv
         if self.state is None:
-            self.state = torch.zeros(N, E * E, Ev + 1, dtype=ct, device=q.device)
+            self.state = new_state(N, E, Ev, ct, q.device)
         elif self.state.shape != (N, E * E, Ev + 1):
             raise ValueError(
                 f"batch/heads changed mid-sequence: state holds {tuple(self.state.shape)}, new tokens "
@@ -61,12 +61,10 @@ class RecurrentEAState:
             )
         qs = (q.to(ct) * self.scale).reshape(N, H // Hkv, T, E)
         k3 = k.to(ct).reshape(N, T, E)
-        v1 = torch.cat([v.to(ct).reshape(N, T, Ev), v.new_ones(N, T, 1, dtype=ct)], dim=-1)
+        v1 = with_ones(v.to(ct).reshape(N, T, Ev))
         if T == 1:  # one token: add it to the state first, then read (phi(q).phi(k) = (q.k)^2)
-            outer = _Outer()
-            _add_to_state(self.state, k3, v1, outer)
-            q1 = qs.view(N, H // Hkv, E)
-            out, _ = _normalise(torch.bmm(outer(q1, q1), self.state), Ev, self.eps)  # (N, G, Ev)
+            add_to_state(self.state, k3, v1)
+            out = read_state(self.state, qs.view(N, H // Hkv, E), self.eps)  # (N, G, Ev)
         else:  # a prompt or several tokens: the chunked causal form from the current state
             out, _ = causal_forward(qs, k3, v1, self.state, self.eps, default_chunk(E))
         self.length += T

@@ -1,12 +1,16 @@
-"""Functional expressive attention: the reference definition and the fast backends."""
+"""Functional expressive attention: the reference definition, the backend table and the fast backends.
+
+Layers: problem.py (checks -> `Problem`), reference.py (the definition), one module per backend
+(reference, blocked, fused_cpu, triton_ea, linear; each declares `BACKEND`), backend.py (what a backend
+declares), dispatch.py (the table and "auto"), functional.py (the public calls).
+"""
+from .backend import Backend
 from .dispatch import BACKENDS, choose_backend, register_backend
 from .functional import KINDS, attention, expressive_attention
-from . import fused_cpu as _fused_cpu  # noqa: F401  registers backend="fused_cpu" (built on first use)
-from . import linear as _linear  # noqa: F401  registers backend="linear"
-from .reference import VARIANTS, expressive_weights, reference_attention, score_fn
-from . import triton_ea  # noqa: F401  (registers backend "triton"; imports without triton)
+from .problem import Problem
+from .reference import VARIANTS, compute_dtype, expressive_weights, reference_attention, score_fn
 
 __all__ = [
-    "BACKENDS", "KINDS", "VARIANTS", "attention", "choose_backend", "expressive_attention",
-    "expressive_weights", "reference_attention", "register_backend", "score_fn",
+    "BACKENDS", "Backend", "KINDS", "Problem", "VARIANTS", "attention", "choose_backend", "compute_dtype",
+    "expressive_attention", "expressive_weights", "reference_attention", "register_backend", "score_fn",
 ]

@@ -13,11 +13,16 @@ GQA is native: query heads are viewed as (Hkv, G) groups against one key/value h
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from .problem import Problem
+from .backend import Backend
 from .reference import compute_dtype
+
+if TYPE_CHECKING:
+    from .problem import Problem
 
 # Elements per score tile (B * H * rows * S); 2**21 float32 values = 8 MiB.
 TILE_ELEMENTS = 2**21
@@ -135,6 +140,15 @@ class _BlockedEA(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
-def blocked_attention(p: Problem) -> Tensor:
+def blocked_attention(p: "Problem") -> Tensor:
     """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
     return _BlockedEA.apply(p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant, p.eps, p.groups)
+
+
+def _not_tiny(p: "Problem") -> bool:
+    """Below 64 x 64 scores the reference's few big ops beat the block loop's Python overhead."""
+    return p.q.shape[-2] * p.k.shape[-2] > 64 * 64
+
+
+BACKEND = Backend("blocked", blocked_attention, lambda p: None, priority=10, prefer=_not_tiny,
+                  description="query-blocked PyTorch, O(block x S) memory, recomputing backward")

@@ -1,83 +1,54 @@
-"""Backend registry and the `backend="auto"` policy.
+"""The backend table and the `backend="auto"` policy.
 
-A backend is a function `Problem -> Tensor (B, H, L, Ev)` plus a `supports(problem)` check that
-returns None when it can run the problem, or a reason string when it cannot. Backends register
-themselves with `register_backend`; `choose_backend` below is the one place that decides what
-`"auto"` runs.
+Each backend module declares itself as `BACKEND` (a `Backend`, see ops/backend.py): run function,
+`supports(problem) -> reason | None`, priority and an optional crossover rule (`prefer`). This
+module imports them (they never import it) and decides "auto" from those declarations alone.
+
+Third-party backends join the table with `register_backend`:
+
+    from expressive_attention.ops import Backend, register_backend
+    register_backend(Backend("mine", run=my_attention, supports=my_supports, priority=25))
+    expressive_attention(q, k, v, backend="mine")     # and "auto" considers it by its priority
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 from torch import Tensor
 
-from .problem import Problem, repeat_kv
+from . import blocked, fused_cpu, linear, reference, triton_ea
+from .backend import Backend
+from .problem import Problem
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (reference.BACKEND, blocked.BACKEND, fused_cpu.BACKEND, triton_ea.BACKEND, linear.BACKEND)
+}
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    run: Callable[[Problem], Tensor]
-    supports: Callable[[Problem], "str | None"]
-    native_gqa: bool = True
-    description: str = ""
-
-
-BACKENDS: dict[str, Backend] = {}
-
-
-def register_backend(backend: Backend) -> Backend:
+def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
+    """Add `backend` to the table (by name; `replace=True` to swap out a registered one)."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be an expressive_attention.ops.Backend, got {type(backend).__name__}")
+    if backend.name == "auto":
+        raise ValueError("'auto' is the name of the policy, not a backend")
+    if backend.name in BACKENDS and not replace:
+        raise ValueError(f"a backend named {backend.name!r} is registered already; pass replace=True to swap it")
     BACKENDS[backend.name] = backend
     return backend
 
 
-def _no_dropout(p: Problem) -> "str | None":
-    return "dropout_p > 0 is only implemented by the reference backend" if p.dropout_p > 0 else None
-
-
 def choose_backend(p: Problem) -> Backend:
-    """The `"auto"` policy: the first backend in order of preference that supports `p`.
-
-    Preference: the reference for dropout (the only backend with dropout); the linear form for
-    EA-squared above its crossover length; then fused kernels, then the blocked PyTorch
-    implementation — except for tiny problems, where the reference beats blocked's Python loop.
-    """
-    L, S = p.q.shape[-2], p.k.shape[-2]
-    if p.dropout_p > 0:
-        return BACKENDS["reference"]
-    lin = BACKENDS.get("linear")  # EA-squared above the measured crossover length (ops/linear.py)
-    if lin is not None and lin.supports(p) is None:
-        from .linear import linear_pays_off
-
-        if linear_pays_off(p):
-            return lin
-    for name in AUTO_ORDER:
-        if name == "triton" and not p.q.is_cuda:
-            continue  # Triton's CPU interpreter (TRITON_INTERPRET=1) is for tests, never "auto"
-        b = BACKENDS.get(name)
-        if b is not None and b.supports(p) is None:
-            if name == "blocked" and L * S <= 64 * 64:
-                break
-            return b
-    return BACKENDS["reference"]
-
-
-# Order of preference for "auto" once the problem is not tiny; backends added by later work
-# (fused CPU, Triton, linear) slot in here.
-AUTO_ORDER = ["triton", "fused_cpu", "blocked"]
+    """The `"auto"` policy: of the backends that support `p` and prefer it, the highest priority.
+    (The reference supports every call, so there is always one.)"""
+    candidates = [b for b in BACKENDS.values() if b.chosen_by_auto(p)]
+    return max(candidates, key=lambda b: b.priority)
 
 
 def run_backend(name: str, p: Problem) -> Tensor:
     if name == "auto":
-        backend = choose_backend(p)
-    else:
-        if name not in BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
-        backend = BACKENDS[name]
-        reason = backend.supports(p)
-        if reason is not None:
-            raise ValueError(f"backend={name!r} cannot run this call: {reason}")
-    if not backend.native_gqa and p.groups > 1:
-        p.k, p.v = repeat_kv(p.k, p.groups), repeat_kv(p.v, p.groups)  # mask heads are 1 or H already
+        return choose_backend(p).run(p)
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
+    backend = BACKENDS[name]
+    reason = backend.unsupported(p)
+    if reason is not None:
+        raise ValueError(f"backend={name!r} cannot run this call: {reason}")
     return backend.run(p)

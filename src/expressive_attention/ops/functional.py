@@ -1,29 +1,13 @@
 """The public functional API: `expressive_attention` (mirrors SDPA) and `attention` (one switch)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .problem import Problem, normalise, repeat_kv
-from .blocked import blocked_attention
-from .dispatch import Backend, _no_dropout, register_backend, run_backend
-from .reference import reference_attention
+from .dispatch import run_backend
+from .problem import normalise
 
-KINDS = ("ea", "dpa")
-
-
-def _reference(p: Problem) -> Tensor:
-    return reference_attention(
-        p.q, repeat_kv(p.k, p.groups), repeat_kv(p.v, p.groups), p.mask, p.dropout_p,
-        p.is_causal, p.scale, variant=p.variant, eps=p.eps,
-    )
-
-
-register_backend(Backend("reference", _reference, lambda p: None,
-                         description="materialised definition (the test oracle)"))
-register_backend(Backend("blocked", blocked_attention, _no_dropout,
-                         description="query-blocked PyTorch, O(block x S) memory, recomputing backward"))
+KINDS = ("ea", "dpa")  # the one switch: expressive attention or dot-product attention (SDPA)
 
 
 def expressive_attention(

@@ -31,9 +31,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .backend import Backend
 from .problem import Problem
 from .reference import compute_dtype
-from .dispatch import Backend, register_backend
 
 SOURCE = Path(__file__).parent / "csrc" / "ea_cpu.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -185,8 +185,6 @@ fused_cpu_fwd.register_autograd(_backward, setup_context=_setup_context)
 def supports(p: Problem) -> "str | None":
     if p.q.device.type != "cpu":
         return f"fused_cpu runs on CPU tensors only, got device {p.q.device}"
-    if p.dropout_p > 0:
-        return "dropout_p > 0 is only implemented by the reference backend"
     if p.q.dtype not in DTYPES:
         return f"fused_cpu supports dtypes {[str(d) for d in DTYPES]}, got {p.q.dtype}"
     if not is_available():
@@ -201,7 +199,7 @@ def fused_cpu_attention(p: Problem) -> Tensor:
     return out
 
 
-register_backend(Backend(
-    "fused_cpu", fused_cpu_attention, supports, native_gqa=True,
+BACKEND = Backend(
+    "fused_cpu", fused_cpu_attention, supports, priority=20,
     description="fused C++ CPU kernel (flash-style, built on first use), O(L) extra memory",
-))
+)

@@ -34,9 +34,9 @@ import math
 import torch
 from torch import Tensor
 
-from .problem import Problem, repeat_kv
-from .dispatch import Backend, register_backend
-from .reference import compute_dtype
+from .backend import Backend
+from .problem import Problem
+from .reference import compute_dtype, repeat_kv
 
 
 def default_chunk(E: int) -> int:
@@ -52,8 +52,6 @@ def supports(p: Problem) -> "str | None":
             f"variant={p.variant!r} has no finite feature map: the linear (recurrent) form exists "
             "only for variant='squared', where (q.k)^2 = <q(x)q, k(x)k>"
         )
-    if p.dropout_p > 0:
-        return "dropout_p > 0 is only implemented by the reference backend"
     L, S = p.q.shape[2], p.k.shape[2]
     if p.is_causal and L != S:
         return f"is_causal needs L == S in the linear backend, got L={L}, S={S}"
@@ -69,7 +67,7 @@ def supports(p: Problem) -> "str | None":
 # building blocks on 3-D tensors: N = B * Hkv heads, G query heads per key/value head.
 
 
-class _Outer:
+class OuterProducts:
     """Row-wise outer products x (N, n, a), y (N, n, b) -> (N, n, a*b), written into a buffer
     that is reused across chunks (fresh multi-MB allocations per chunk are 3-5x slower on CPU)."""
 
@@ -87,18 +85,35 @@ class _Outer:
         return out.view(N, n, a * b)
 
 
-def _add_to_state(state: Tensor, x: Tensor, y: Tensor, outer: _Outer) -> None:
-    """state (N, E*E, Ev1) += phi(x)^T y, computed as x^T (x (x) y) on the (N, E, E*Ev1) view of
-    the same memory: a wide GEMM, ~2x faster on CPU than the skinny phi(x)^T y."""
+def add_to_state(state: Tensor, x: Tensor, y: Tensor, outer: OuterProducts | None = None) -> None:
+    """state (N, E*E, Ev1) += phi(x)^T y for x (N, n, E), y (N, n, Ev1), computed as x^T (x (x) y) on
+    the (N, E, E*Ev1) view of the same memory: a wide GEMM, ~2x faster on CPU than the skinny phi(x)^T y."""
     N, n, E = x.shape
-    state.view(N, E, -1).baddbmm_(x.transpose(1, 2), outer(x, y))
+    state.view(N, E, -1).baddbmm_(x.transpose(1, 2), (outer or OuterProducts())(x, y))
+
+
+def read_state(state: Tensor, q: Tensor, eps: float, outer: OuterProducts | None = None) -> Tensor:
+    """Attention of queries q (N, n, E) (already scaled) on the keys summarised in `state`
+    (N, E*E, Ev+1): out (N, n, Ev) = phi(q)^T S[:, :Ev] / (eps + phi(q)^T S[:, Ev])."""
+    num = torch.bmm((outer or OuterProducts())(q, q), state)
+    return normalise_rows(num, state.shape[-1] - 1, eps)[0]
+
+
+def new_state(N: int, E: int, Ev: int, dtype: torch.dtype, device=None) -> Tensor:
+    """An empty state (N, E*E, Ev+1): no keys seen yet."""
+    return torch.zeros(N, E * E, Ev + 1, dtype=dtype, device=device)
+
+
+def with_ones(v: Tensor) -> Tensor:
+    """v (..., Ev) -> (..., Ev+1) with a ones column: the normaliser rides along in the state."""
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
 
 
 def _causal_tril(n: int, dtype, device) -> Tensor:
     return torch.ones(n, n, dtype=dtype, device=device).tril()
 
 
-def _normalise(num: Tensor, Ev: int, eps: float):
+def normalise_rows(num: Tensor, Ev: int, eps: float):
     """num (..., Ev+1) -> (out (..., Ev), z (..., 1)) with z = eps + den, z <= 0 -> 1 (reference)."""
     z = num[..., Ev:] + eps
     z = torch.where(z > 0, z, torch.ones_like(z))
@@ -116,7 +131,7 @@ def causal_forward(qs: Tensor, k: Tensor, v1: Tensor, state: Tensor, eps: float,
     Ev = v1.shape[-1] - 1
     out = qs.new_empty(N, G, L, Ev)
     zs = qs.new_empty(N, G, L, 1)
-    outer = _Outer()
+    outer = OuterProducts()
     tril = _causal_tril(min(chunk, L), qs.dtype, qs.device)
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
@@ -127,8 +142,8 @@ def causal_forward(qs: Tensor, k: Tensor, v1: Tensor, state: Tensor, eps: float,
         s.square_().view(N, G, n, n).mul_(tril[:n, :n])
         num = torch.bmm(s, vc)  # (N, G*n, Ev+1)
         num.baddbmm_(outer(qc, qc), state)
-        _add_to_state(state, kc, vc, outer)
-        o, z = _normalise(num.view(N, G, n, Ev + 1), Ev, eps)
+        add_to_state(state, kc, vc, outer)
+        o, z = normalise_rows(num.view(N, G, n, Ev + 1), Ev, eps)
         out[:, :, c0:c1] = o
         zs[:, :, c0:c1] = z
     return out, zs
@@ -139,9 +154,9 @@ def _global_state(k: Tensor, v1: Tensor, chunk: int) -> Tensor:
     """sum_j phi(k_j) v1_j^T over all keys: (N, E*E, Ev+1)."""
     N, S, E = k.shape
     state = k.new_zeros(N, E * E, v1.shape[-1])
-    outer = _Outer()
+    outer = OuterProducts()
     for c0 in range(0, S, chunk):
-        _add_to_state(state, k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk], outer)
+        add_to_state(state, k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk], outer)
     return state
 
 
@@ -153,13 +168,13 @@ def full_forward(qs: Tensor, k: Tensor, v1: Tensor, eps: float, chunk: int):
     state = _global_state(k, v1, chunk)
     out = qs.new_empty(N, G, L, Ev)
     zs = qs.new_empty(N, G, L, 1)
-    outer = _Outer()
+    outer = OuterProducts()
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
         n = c1 - c0
         qc = qs[:, :, c0:c1].reshape(N, G * n, E)
         num = torch.bmm(outer(qc, qc), state)
-        o, z = _normalise(num.view(N, G, n, Ev + 1), Ev, eps)
+        o, z = normalise_rows(num.view(N, G, n, Ev + 1), Ev, eps)
         out[:, :, c0:c1] = o
         zs[:, :, c0:c1] = z
     return out, zs
@@ -179,7 +194,7 @@ def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
     dqs = torch.zeros_like(qs)
     dk = torch.zeros_like(k)
     dv1 = torch.zeros_like(v1)
-    outer = _Outer()
+    outer = OuterProducts()
 
     def g_of(c0, c1):
         n = c1 - c0
@@ -194,7 +209,7 @@ def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
             n = c1 - c0
             qc, g = qs[:, :, c0:c1].reshape(N, G * n, E), g_of(c0, c1)
             dqs[:, :, c0:c1] = torch.bmm(outer(qc, g), st_t).mul_(2.0).view(N, G, n, E)
-            _add_to_state(dstate, qc, g, outer)
+            add_to_state(dstate, qc, g, outer)
         dst_t = dstate.view(N, E, E * Ev1).transpose(1, 2)
         for c0 in range(0, S, chunk):
             kc, vc = k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk]
@@ -223,7 +238,7 @@ def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
         if c0 > 0:
             dq.baddbmm_(outer(qc, g), st_t, alpha=2.0)
         dqs[:, :, c0:c1] = dq.view(N, G, n, E)
-        _add_to_state(state, kc, vc, outer)
+        add_to_state(state, kc, vc, outer)
     # sweep 2, reverse order: keys of chunk c reach the queries of later chunks through dS
     dstate = k.new_zeros(N, E * E, Ev1)
     dst_t = dstate.view(N, E, E * Ev1).transpose(1, 2)
@@ -238,12 +253,8 @@ def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
             dv1[:, c0:c1] += torch.bmm(outer(kc, kc), dstate)
         if c0 > 0:
             qc, g = qs[:, :, c0:c1].reshape(N, G * n, E), g_of(c0, c1)
-            _add_to_state(dstate, qc, g, outer)
+            add_to_state(dstate, qc, g, outer)
     return dqs, dk, dv1[..., :Ev]
-
-
-def _ones_column(v: Tensor) -> Tensor:
-    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
 
 
 class _LinearEA(torch.autograd.Function):
@@ -257,7 +268,7 @@ class _LinearEA(torch.autograd.Function):
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
         N, ct = B * Hkv, compute_dtype(q.dtype)
         qs = (q.to(ct) * scale).reshape(N, H // Hkv, L, E)
-        return qs, k.to(ct).reshape(N, S, E), _ones_column(v.to(ct).reshape(N, S, Ev))
+        return qs, k.to(ct).reshape(N, S, E), with_ones(v.to(ct).reshape(N, S, Ev))
 
     @staticmethod
     def forward(ctx, q, k, v, is_causal, scale, eps, chunk):
@@ -288,7 +299,7 @@ class _LinearEA(torch.autograd.Function):
 
 def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
     """Backend entry point: a checked 4-D `Problem` (see `supports`) -> output (B, H, L, Ev)."""
-    reason = supports(p)
+    reason = BACKEND.unsupported(p)
     if reason is not None:
         raise ValueError(f"backend='linear' cannot run this call: {reason}")
     q, k, v = p.q, p.k, p.v
@@ -301,12 +312,6 @@ def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     return _LinearEA.apply(q, k, v, p.is_causal, p.scale, p.eps, chunk)
-
-
-register_backend(Backend(
-    "linear", linear_attention, supports,
-    description="exact chunked linear form of variant='squared' (O(L) time and memory)",
-))
 
 
 # Sequence length above which backend="auto" runs the linear form on CPU, by head dim E, for
@@ -341,3 +346,9 @@ def linear_pays_off(p: Problem) -> bool:
     # causal: quadratic work ~ L^2/2; bidirectional ~ L*S vs linear ~ (L + S): effective length
     n = L if p.is_causal else 4.0 * L * S / (L + S)
     return n >= crossover_length(E, p.requires_grad)
+
+
+BACKEND = Backend(
+    "linear", linear_attention, supports, priority=40, prefer=linear_pays_off,
+    description="exact chunked linear form of variant='squared' (O(L) time and memory)",
+)

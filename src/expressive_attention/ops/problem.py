@@ -1,7 +1,9 @@
-"""Argument checking and shape normalisation shared by every backend.
+"""The checked attention call every backend receives: `Problem`, built by `normalise`.
 
 Public entry points accept SDPA's layouts: query (..., Hq, L, E), key (..., Hkv, S, E),
-value (..., Hkv, S, Ev). Backends only ever see the normalised 4-D problem below.
+value (..., Hkv, S, Ev). `normalise` = tensor checks (`check_qkv`), scalar checks (`check_options`),
+mask checks (`check_mask`), then reshaping to 4-D (`to_4d`, `mask_to_4d`). Backends only ever see
+the 4-D `Problem`; a third-party backend (see dispatch.register_backend) takes it too.
 """
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .reference import VARIANTS
+from .reference import VARIANTS, repeat_kv
+
+__all__ = ["Problem", "VARIANTS", "check_mask", "check_options", "check_qkv", "check_tensor", "check_variant",
+           "mask_to_4d", "normalise", "repeat_kv", "to_4d"]
 
 
 @dataclass
@@ -43,7 +48,8 @@ class Problem:
         return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
 
 
-def _check_tensor(name: str, t) -> None:
+def check_tensor(name: str, t) -> None:
+    """`t` is a floating-point tensor with at least 2 dims."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -57,12 +63,11 @@ def check_variant(variant: str) -> None:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
-def normalise(
-    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps
-) -> Problem:
-    """Validate the arguments of `expressive_attention` and bring them into `Problem` form."""
+def check_qkv(query, key, value, enable_gqa: bool) -> None:
+    """query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev): types, dims, dtype, device;
+    Hkv == Hq, or Hkv divides Hq with enable_gqa."""
     for name, t in (("query", query), ("key", key), ("value", value)):
-        _check_tensor(name, t)
+        check_tensor(name, t)
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(
             "query, key and value must have the same number of dims, got shapes "
@@ -104,6 +109,10 @@ def normalise(
             f"query and key leading (batch, heads) dims differ: {tuple(query.shape[:-2])} vs "
             f"{tuple(key.shape[:-2])} (pass enable_gqa=True for grouped-query attention)"
         )
+
+
+def check_options(dropout_p, scale, variant, eps) -> None:
+    """The scalar arguments: dropout_p in [0, 1), scale None or finite, eps finite >= 0, a known variant."""
     if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if scale is not None and (not isinstance(scale, numbers.Real) or not math.isfinite(scale)):
@@ -112,58 +121,75 @@ def normalise(
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     check_variant(variant)
 
-    L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
-    if attn_mask is not None:
-        if is_causal:
-            raise ValueError("pass either attn_mask or is_causal=True, not both (as in SDPA)")
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"attn_mask must be a boolean torch.Tensor, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool:
-            raise TypeError(
-                f"attn_mask must be a boolean tensor (True = take part), got dtype {attn_mask.dtype}. "
-                "An additive float mask has no meaning for expressive attention: the score is "
-                "squared, so a large negative bias would make a masked key the strongest one. "
-                "Convert it with `attn_mask = float_mask == 0` or build a boolean mask."
-            )
-        if attn_mask.device != query.device:
-            raise ValueError("attn_mask must be on the same device as query")
-        target = (*query.shape[:-1], S)
-        try:
-            if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
-                raise RuntimeError
-        except RuntimeError:
-            raise ValueError(
-                f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to (..., L, S) = {target}"
-            ) from None
 
-    # --- bring everything to 4-D: (B, H, L, E) ---
+def check_mask(attn_mask, is_causal: bool, query: Tensor, S: int) -> None:
+    """attn_mask: None, or a boolean tensor on query's device broadcastable to (..., L, S); not with is_causal."""
+    if attn_mask is None:
+        return
+    if is_causal:
+        raise ValueError("pass either attn_mask or is_causal=True, not both (as in SDPA)")
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a boolean torch.Tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool:
+        raise TypeError(
+            f"attn_mask must be a boolean tensor (True = take part), got dtype {attn_mask.dtype}. "
+            "An additive float mask has no meaning for expressive attention: the score is "
+            "squared, so a large negative bias would make a masked key the strongest one. "
+            "Convert it with `attn_mask = float_mask == 0` or build a boolean mask."
+        )
+    if attn_mask.device != query.device:
+        raise ValueError("attn_mask must be on the same device as query")
+    target = (*query.shape[:-1], S)
+    try:
+        if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to (..., L, S) = {target}"
+        ) from None
+
+
+def to_4d(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(..., H, L, E) -> (B, H, L, E) views, B the product of the leading dims (1 when there are none)."""
     if query.dim() == 2:
-        q, k, v = query[None, None], key[None, None], value[None, None]
-    elif query.dim() == 3:
-        q, k, v = query[None], key[None], value[None]
-    else:
-        q = query.reshape(-1, *query.shape[-3:])
-        k = key.reshape(-1, *key.shape[-3:])
-        v = value.reshape(-1, *value.shape[-3:])
-    mask = None
-    if attn_mask is not None:
-        m = attn_mask.reshape((1,) * (query.dim() - attn_mask.dim()) + tuple(attn_mask.shape))
-        if m.dim() == 2:
-            m = m[None, None]
-        elif m.dim() == 3:
-            m = m[None]
-        elif m.dim() > 4:
-            lead = m.shape[:-3]
-            if all(d == 1 for d in lead):
-                m = m.reshape(1, *m.shape[-3:])
-            else:
-                m = m.expand(*query.shape[:-3], *m.shape[-3:]).reshape(-1, *m.shape[-3:])
-        mask = m.expand(*m.shape[:-1], S)
+        return query[None, None], key[None, None], value[None, None]
+    if query.dim() == 3:
+        return query[None], key[None], value[None]
+    return (query.reshape(-1, *query.shape[-3:]), key.reshape(-1, *key.shape[-3:]),
+            value.reshape(-1, *value.shape[-3:]))
+
+
+def mask_to_4d(attn_mask: Tensor | None, query: Tensor, S: int) -> Tensor | None:
+    """A checked mask -> bool (Bm, Hm, Lm, S) with Bm in {1, B}, Hm in {1, H}, Lm in {1, L} (expanded view)."""
+    if attn_mask is None:
+        return None
+    m = attn_mask.reshape((1,) * (query.dim() - attn_mask.dim()) + tuple(attn_mask.shape))
+    if m.dim() == 2:
+        m = m[None, None]
+    elif m.dim() == 3:
+        m = m[None]
+    elif m.dim() > 4:
+        if all(d == 1 for d in m.shape[:-3]):
+            m = m.reshape(1, *m.shape[-3:])
+        else:
+            m = m.expand(*query.shape[:-3], *m.shape[-3:]).reshape(-1, *m.shape[-3:])
+    return m.expand(*m.shape[:-1], S)
+
+
+def normalise(
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps
+) -> Problem:
+    """Validate the arguments of `expressive_attention` and bring them into `Problem` form."""
+    check_qkv(query, key, value, enable_gqa)
+    check_options(dropout_p, scale, variant, eps)
+    S, E = key.shape[-2], query.shape[-1]
+    check_mask(attn_mask, is_causal, query, S)
+    q, k, v = to_4d(query, key, value)
     return Problem(
         q=q,
         k=k,
         v=v,
-        mask=mask,
+        mask=mask_to_4d(attn_mask, query, S),
         is_causal=bool(is_causal),
         scale=float(E**-0.5 if scale is None else scale),
         variant=variant,
@@ -171,8 +197,3 @@ def normalise(
         dropout_p=float(dropout_p),
         out_shape=(*query.shape[:-1], value.shape[-1]),
     )
-
-
-def repeat_kv(x: Tensor, groups: int) -> Tensor:
-    """(B, Hkv, S, E) -> (B, Hkv * groups, S, E): query head h uses key/value head h // groups."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)

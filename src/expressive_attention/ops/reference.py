@@ -17,8 +17,15 @@ Every fast backend is tested against this function. It materialises the (L, S) m
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+from .backend import Backend
+
+if TYPE_CHECKING:
+    from .problem import Problem
 
 VARIANTS = ("saturating", "squared")
 
@@ -36,6 +43,11 @@ def score_fn(s: Tensor, variant: str) -> Tensor:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Scores and sums are accumulated in float32 (float64 stays float64)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """(B, Hkv, S, E) -> (B, Hkv * groups, S, E): query head h uses key/value head h // groups."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def causal_mask(L: int, S: int, device=None) -> Tensor:
@@ -91,3 +103,16 @@ def reference_attention(
     if dropout_p > 0.0:
         a = torch.nn.functional.dropout(a, p=dropout_p, training=True)
     return (a @ value.to(a.dtype)).to(query.dtype)
+
+
+def reference_backend(p: "Problem") -> Tensor:
+    """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
+    return reference_attention(
+        p.q, repeat_kv(p.k, p.groups), repeat_kv(p.v, p.groups), p.mask, p.dropout_p,
+        p.is_causal, p.scale, variant=p.variant, eps=p.eps,
+    )
+
+
+# Priority 0: what "auto" runs when nothing faster applies (and for dropout, which only it implements).
+BACKEND = Backend("reference", reference_backend, lambda p: None, priority=0, dropout=True,
+                  description="materialised definition (the test oracle)")

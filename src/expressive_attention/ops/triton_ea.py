@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .backend import Backend
 from .problem import Problem
-from .dispatch import Backend, register_backend
 
 try:
     import triton
@@ -394,8 +394,6 @@ def triton_attention(p: Problem) -> Tensor:
 def supports(p: Problem) -> "str | None":
     if triton is None:
         return "triton is not installed (pip install 'expressive-attention[triton]')"
-    if p.dropout_p > 0:
-        return "dropout_p > 0 is only implemented by the reference backend"
     if p.q.dtype not in DTYPES:
         return f"dtype {p.q.dtype} is not supported (float16, bfloat16, float32)"
     E, Ev = p.q.shape[-1], p.v.shape[-1]
@@ -412,6 +410,8 @@ def supports(p: Problem) -> "str | None":
     return None
 
 
-register_backend(Backend(
-    "triton", triton_attention, supports,
-    description="Triton flash-style kernels (CUDA; CPU via TRITON_INTERPRET=1)"))
+# "auto" takes it on CUDA only: Triton's CPU interpreter (TRITON_INTERPRET=1) is for tests, never "auto".
+BACKEND = Backend(
+    "triton", triton_attention, supports, priority=30, prefer=lambda p: p.q.is_cuda,
+    description="Triton flash-style kernels (CUDA; CPU via TRITON_INTERPRET=1)",
+)

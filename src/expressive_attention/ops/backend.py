@@ -1,0 +1,44 @@
+"""What a backend is: `Backend`, the record each backend module exports as `BACKEND`.
+
+    BACKEND = Backend("mine", run=my_attention, supports=my_supports, priority=25,
+                      prefer=lambda p: p.q.shape[-2] >= 1024, description="...")
+
+`run(problem)` gets a checked 4-D `Problem` (ops/problem.py) and returns (B, H, L, Ev) in q's dtype;
+key/value heads may divide the query heads (GQA: query head h uses key/value head h // groups).
+`supports(problem)` returns None when the backend can run the problem, else the reason (shown to
+users who ask for the backend by name). `backend="auto"` runs, among the backends that support a
+call and whose `prefer(problem)` holds (a crossover rule; None: always), the one of highest
+`priority`. Dropout is refused here, with one message, for every backend not marked `dropout=True`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from .problem import Problem
+
+DROPOUT_REASON = "dropout_p > 0 is only implemented by the reference backend"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    run: Callable[["Problem"], "Tensor"]
+    supports: Callable[["Problem"], "str | None"]
+    priority: int = 0  # "auto": the highest-priority backend that supports (and prefers) the call
+    prefer: Callable[["Problem"], bool] | None = None  # "auto" only where this holds; None: wherever supported
+    dropout: bool = False  # implements dropout_p > 0
+    description: str = ""
+
+    def unsupported(self, p: "Problem") -> "str | None":
+        """Why this backend cannot run `p`, or None."""
+        if p.dropout_p > 0 and not self.dropout:
+            return DROPOUT_REASON
+        return self.supports(p)
+
+    def chosen_by_auto(self, p: "Problem") -> bool:
+        """Whether `backend="auto"` may pick this backend for `p` (then the highest priority wins)."""
+        return self.unsupported(p) is None and (self.prefer is None or self.prefer(p))
