@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ladder_tiny_tasks import tiny_preset  # noqa: E402  (registers "tiny_lag")
+from ladder_tiny_tasks import tiny_preset  # registers "tiny_lag"
 
-from expressive_attention.cli import main  # noqa: E402
-from expressive_attention.experiments import ResultsStore, run_ladder  # noqa: E402
+from expressive_attention.cli import main
+from expressive_attention.experiments import ResultsStore, run_ladder
 
-HERE = Path(__file__).parent
+SUPPORT = Path(__file__).parents[1] / "support"  # ladder_tiny_tasks, for the subprocesses
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine is shared
 
 
@@ -71,7 +70,7 @@ def test_killed_sweep_restarts_to_one_record_per_config(tmp_path):
     preset_file = tmp_path / "p.json"
     preset_file.write_text(json.dumps(preset.to_dict()))
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")])}
     store = ResultsStore(out)
     log = open(tmp_path / "first.log", "w")  # a file, not a pipe: progress output never blocks the sweep
     proc = subprocess.Popen(_cmd(preset_file, out, 2), env=env, stdout=log, stderr=log, start_new_session=True)

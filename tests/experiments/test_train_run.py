@@ -1,11 +1,8 @@
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 import ladder_tiny_tasks  # noqa: F401  (registers "tiny_lag")
 from expressive_attention.experiments import RunConfig, evaluate, load_checkpoint, train_run
 from expressive_attention.experiments.train import lr_at

@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+from attention_inputs import make_qkv, mask_kwargs
 
 from expressive_attention import expressive_attention
 from expressive_attention.ops import choose_backend, fused_cpu, reference_attention
@@ -13,35 +14,6 @@ from expressive_attention.ops.problem import normalise, repeat_kv
 def built():
     # The first test on a fresh machine compiles the kernel (about a minute).
     assert fused_cpu.is_available(), f"fused CPU kernel did not build: {fused_cpu.build_error()}"
-
-
-def make(B, H, Hkv, L, S, E, Ev, seed=0, spread=1.0):
-    """float64 leaves q (B,H,L,E), k (B,Hkv,S,E), v (B,Hkv,S,Ev)."""
-    g = torch.Generator().manual_seed(seed)
-    q = spread * torch.randn(B, H, L, E, generator=g, dtype=torch.float64)
-    k = spread * torch.randn(B, Hkv, S, E, generator=g, dtype=torch.float64)
-    v = torch.randn(B, Hkv, S, Ev, generator=g, dtype=torch.float64)
-    return q, k, v
-
-
-def mask_kw(kind, B, H, L, S, seed=0):
-    g = torch.Generator().manual_seed(seed + 1)
-    if kind == "none":
-        return {}
-    if kind == "causal":
-        return {"is_causal": True}
-    if kind == "bool":  # per (batch, head), with a fully masked query row
-        m = torch.rand(B, H, L, S, generator=g) > 0.4
-        m[:, :, L // 2] = False
-        return {"attn_mask": m}
-    if kind == "keypad":  # (B, 1, 1, S) broadcast over heads and queries
-        m = torch.ones(B, 1, 1, S, dtype=torch.bool)
-        m[0, ..., S - S // 3:] = False
-        return {"attn_mask": m}
-    if kind == "rows":  # (L, 1) expanded over keys: stride-0 last dim
-        m = (torch.rand(L, 1, generator=g) > 0.3).expand(L, S)
-        return {"attn_mask": m}
-    raise ValueError(kind)
 
 
 def run(q, k, v, dtype, backend, kw, do):
@@ -82,8 +54,8 @@ SHAPES = [  # (B, H, Hkv, L, S, E, Ev): odd sizes, S != L, GQA, > one 64-row / 5
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_float32_matches_reference(shape, mask_kind, variant):
     B, H, Hkv, L, S, E, Ev = shape
-    q, k, v = make(*shape)
-    kw = dict(mask_kw(mask_kind, B, H, L, S), enable_gqa=H != Hkv, variant=variant)
+    q, k, v = make_qkv(*shape, requires_grad=False)
+    kw = dict(mask_kwargs(mask_kind, B, H, L, S), enable_gqa=H != Hkv, variant=variant)
     assert_as_accurate_as_fp32_reference(q, k, v, kw)
 
 
@@ -91,8 +63,8 @@ def test_float32_matches_reference(shape, mask_kind, variant):
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "bool"])
 def test_float64_matches_reference_tightly(mask_kind, variant):
     B, H, Hkv, L, S, E, Ev = 2, 4, 2, 70, 130, 16, 8
-    q, k, v = make(B, H, Hkv, L, S, E, Ev)
-    kw = dict(mask_kw(mask_kind, B, H, L, S), enable_gqa=True, variant=variant)
+    q, k, v = make_qkv(B, H, Hkv, L, S, E, Ev, requires_grad=False)
+    kw = dict(mask_kwargs(mask_kind, B, H, L, S), enable_gqa=True, variant=variant)
     do = torch.randn(B, H, L, Ev, dtype=torch.float64)
     for x, e in zip(run(q, k, v, torch.float64, "fused_cpu", kw, do),
                     run(q, k, v, torch.float64, "reference", kw, do)):
@@ -101,7 +73,7 @@ def test_float64_matches_reference_tightly(mask_kind, variant):
 
 
 def test_gradcheck_float64():
-    q, k, v = (t.requires_grad_() for t in make(1, 2, 1, 5, 6, 4, 3))
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 1, 5, 6, 4, 3, requires_grad=False))
     m = torch.rand(1, 1, 5, 6, generator=torch.Generator().manual_seed(3)) > 0.3
     for variant in ("saturating", "squared"):
         fn = lambda q, k, v: expressive_attention(q, k, v, attn_mask=m, enable_gqa=True,
@@ -112,7 +84,7 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("eps", [1e-6, 0.0])
 def test_fully_masked_rows_give_zeros_and_finite_grads(eps):
     B, H, L, S, E = 2, 2, 9, 20, 8
-    q, k, v = (t.float().requires_grad_() for t in make(B, H, H, L, S, E, E))
+    q, k, v = (t.float().requires_grad_() for t in make_qkv(B, H, H, L, S, E, E, requires_grad=False))
     m = torch.rand(B, H, L, S, generator=torch.Generator().manual_seed(0)) > 0.5
     m[:, :, [0, 4]] = False
     out = expressive_attention(q, k, v, attn_mask=m, eps=eps, backend="fused_cpu")
@@ -132,7 +104,7 @@ def test_low_precision_large_scores(dtype, variant, spread):
     squared in fp32, no inf/NaN, and the result equals the reference evaluated in float64 on the
     same rounded inputs up to the rounding of the outputs."""
     B, H, Hkv, L, S, E, Ev = 1, 4, 2, 70, 90, 16, 16
-    q, k, v = (t.to(dtype).double() for t in make(B, H, Hkv, L, S, E, Ev, spread=spread))
+    q, k, v = (t.to(dtype).double() for t in make_qkv(B, H, Hkv, L, S, E, Ev, spread=spread, requires_grad=False))
     kw = dict(is_causal=True, enable_gqa=True, variant=variant)
     s_max = (q @ repeat_kv(k, 2).transpose(-1, -2)).abs().max().item() / E**0.5
     if spread > 1:
@@ -162,7 +134,7 @@ def test_strided_inputs_and_gqa_via_public_api():
 
 
 def test_auto_prefers_fused_cpu_on_cpu():
-    q, k, v = make(1, 2, 2, 100, 100, 16, 16)
+    q, k, v = make_qkv(1, 2, 2, 100, 100, 16, 16, requires_grad=False)
     p = normalise(q.float(), k.float(), v.float(), None, 0.0, True, None, False, "saturating", 1e-6)
     assert choose_backend(p).name == "fused_cpu"
     p.dropout_p = 0.1
@@ -176,7 +148,7 @@ def test_unavailable_extension_falls_back_with_one_warning(monkeypatch):
 
     monkeypatch.setattr(fused_cpu, "_STATE", {"module": None, "error": None, "warned": False})
     monkeypatch.setattr(fused_cpu, "_build", broken_build)
-    q, k, v = (t.float() for t in make(1, 2, 2, 100, 100, 16, 16))
+    q, k, v = (t.float() for t in make_qkv(1, 2, 2, 100, 100, 16, 16, requires_grad=False))
     with pytest.warns(RuntimeWarning, match="fused CPU kernel could not be built.*no C\\+\\+ compiler"):
         out = expressive_attention(q, k, v, is_causal=True)
     p = normalise(q, k, v, None, 0.0, True, None, False, "saturating", 1e-6)
@@ -199,7 +171,7 @@ def test_build_dir_is_keyed_and_relocatable(monkeypatch, tmp_path):
 
 
 def test_unsupported_inputs_give_reasons():
-    q, k, v = make(1, 1, 1, 70, 70, 8, 8)
+    q, k, v = make_qkv(1, 1, 1, 70, 70, 8, 8, requires_grad=False)
     p = normalise(q, k, v, None, 0.0, False, None, False, "saturating", 1e-6)
     p.q = p.q.to("meta")
     assert "CPU" in fused_cpu.supports(p)
@@ -208,7 +180,7 @@ def test_unsupported_inputs_give_reasons():
 
 
 def test_custom_op_opcheck_and_compile():
-    q, k, v = (t.float().requires_grad_() for t in make(1, 2, 1, 9, 11, 8, 8))
+    q, k, v = (t.float().requires_grad_() for t in make_qkv(1, 2, 1, 9, 11, 8, 8, requires_grad=False))
     m = torch.rand(1, 1, 9, 11, generator=torch.Generator().manual_seed(0)) > 0.3
     torch.library.opcheck(fused_cpu.fused_cpu_fwd, (q, k, v, m, False, 0.3, True, 1e-6))
     torch.library.opcheck(fused_cpu.fused_cpu_fwd, (q, k, v, None, True, 0.3, False, 0.0))
@@ -230,8 +202,8 @@ def test_aten_gemm_fallback_matches_blas_path():
     ext = fused_cpu.load_extension()
     assert ext.has_blas()  # the x86 wheels export MKL's sgemm_/dgemm_
     B, H, Hkv, L, S, E, Ev = 1, 2, 1, 70, 90, 16, 8
-    q, k, v = make(B, H, Hkv, L, S, E, Ev)
-    kw = dict(mask_kw("bool", B, H, L, S), enable_gqa=True)
+    q, k, v = make_qkv(B, H, Hkv, L, S, E, Ev, requires_grad=False)
+    kw = dict(mask_kwargs("bool", B, H, L, S), enable_gqa=True)
     do = torch.randn(B, H, L, Ev, dtype=torch.float64)
     for dtype in (torch.float32, torch.float64):
         blas = run(q, k, v, dtype, "fused_cpu", kw, do)

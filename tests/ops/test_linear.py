@@ -1,19 +1,12 @@
 """backend="linear" (exact chunked linear form of EA-squared) equals the reference: values and grads."""
 import pytest
 import torch
+from attention_inputs import assert_matches, make_qkv
 
 from expressive_attention import expressive_attention
 from expressive_attention.ops import choose_backend
 from expressive_attention.ops.problem import normalise
 from expressive_attention.ops.linear import linear_attention, linear_pays_off
-
-
-def make(B, H, Hkv, L, S, E, Ev, dtype=torch.float64, seed=0, spread=1.0):
-    g = torch.Generator().manual_seed(seed)
-    q = (spread * torch.randn(B, H, L, E, generator=g, dtype=torch.float64)).to(dtype)
-    k = (spread * torch.randn(B, Hkv, S, E, generator=g, dtype=torch.float64)).to(dtype)
-    v = torch.randn(B, Hkv, S, Ev, generator=g, dtype=torch.float64).to(dtype)
-    return [t.requires_grad_() for t in (q, k, v)]
 
 
 def run_linear(q, k, v, chunk=None, attn_mask=None, is_causal=False, eps=1e-6, scale=None):
@@ -29,27 +22,21 @@ def reference(q, k, v, attn_mask=None, is_causal=False, eps=1e-6, scale=None):
     )
 
 
-def assert_same(out, ref, inputs, atol, rtol, seed=1):
-    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
-    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
-    g_out = torch.autograd.grad(out, inputs, do)
-    g_ref = torch.autograd.grad(ref, inputs, do)
-    for name, a, b in zip("qkv", g_out, g_ref):
-        assert a.dtype == b.dtype
-        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"d{name}: {m}")
+def assert_same(out, ref, inputs, atol, rtol):
+    assert_matches(out, ref, inputs, atol, rtol)
 
 
 @pytest.mark.parametrize("L,chunk", [(1, 4), (1, None), (5, 4), (37, 8), (64, 16), (130, None), (9, 1)])
 @pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 2), (3, 1)])
 def test_causal_matches_reference(L, chunk, H, Hkv):
-    q, k, v = make(2, H, Hkv, L, L, 8, 5)
+    q, k, v = make_qkv(2, H, Hkv, L, L, 8, 5)
     assert_same(run_linear(q, k, v, chunk, is_causal=True), reference(q, k, v, is_causal=True), (q, k, v), 1e-10, 1e-8)
 
 
 @pytest.mark.parametrize("L,S,chunk", [(1, 1, 4), (37, 45, 8), (9, 130, None), (130, 3, 16)])
 @pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 2)])
 def test_bidirectional_matches_reference(L, S, chunk, H, Hkv):
-    q, k, v = make(2, H, Hkv, L, S, 8, 6)
+    q, k, v = make_qkv(2, H, Hkv, L, S, 8, 6)
     assert_same(run_linear(q, k, v, chunk), reference(q, k, v), (q, k, v), 1e-10, 1e-8)
 
 
@@ -57,7 +44,7 @@ def test_bidirectional_matches_reference(L, S, chunk, H, Hkv):
 @pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 2)])
 def test_key_padding_masks(mask_heads, H, Hkv):
     B, L, S = 3, 21, 30
-    q, k, v = make(B, H, Hkv, L, S, 8, 4, spread=1.5)
+    q, k, v = make_qkv(B, H, Hkv, L, S, 8, 4, spread=1.5)
     g = torch.Generator().manual_seed(7)
     m = torch.rand(B, 1 if mask_heads == "one" else H, 1, S, generator=g) > 0.4
     m[1] = False  # a batch entry with every key masked: zeros, no NaN
@@ -71,21 +58,21 @@ def test_key_padding_masks(mask_heads, H, Hkv):
 
 @pytest.mark.parametrize("eps", [0.0, 1e-6, 0.5])
 def test_eps_kept_exactly(eps):
-    q, k, v = make(1, 2, 2, 40, 40, 4, 3, spread=0.3)
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 4, 3, spread=0.3)
     for causal in (True, False):
         assert_same(run_linear(q, k, v, 16, is_causal=causal, eps=eps),
                     reference(q, k, v, is_causal=causal, eps=eps), (q, k, v), 1e-10, 1e-8)
 
 
 def test_custom_scale_and_large_scores():
-    q, k, v = make(2, 2, 2, 50, 50, 8, 8, spread=4.0)
+    q, k, v = make_qkv(2, 2, 2, 50, 50, 8, 8, spread=4.0)
     assert_same(run_linear(q, k, v, 16, is_causal=True, scale=0.7),
                 reference(q, k, v, is_causal=True, scale=0.7), (q, k, v), 1e-9, 1e-8)
 
 
 def test_long_sequence_float64():
     """Long L in float64 on a small E: many chunks, the state summing thousands of keys."""
-    q, k, v = make(1, 2, 1, 3000, 3000, 4, 4)
+    q, k, v = make_qkv(1, 2, 1, 3000, 3000, 4, 4)
     out = expressive_attention(q, k, v, is_causal=True, enable_gqa=True, variant="squared", backend="linear")
     assert_same(out, reference(q, k, v, is_causal=True), (q, k, v), 1e-10, 1e-8)
 
@@ -93,7 +80,7 @@ def test_long_sequence_float64():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
 def test_low_precision_against_float64(dtype, tol):
     """float32 / bf16 inputs (state accumulated in float32) vs the float64 reference."""
-    q, k, v = make(2, 4, 2, 300, 300, 16, 16, dtype=dtype)
+    q, k, v = make_qkv(2, 4, 2, 300, 300, 16, 16, dtype=dtype)
     out = expressive_attention(q, k, v, is_causal=True, enable_gqa=True, variant="squared", backend="linear")
     assert out.dtype == dtype
     q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -109,7 +96,7 @@ def test_low_precision_against_float64(dtype, tol):
 
 
 def test_saturating_raises():
-    q, k, v = make(1, 2, 2, 16, 16, 8, 8)
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 8, 8)
     with pytest.raises(ValueError, match="squared"):
         expressive_attention(q, k, v, is_causal=True, variant="saturating", backend="linear")
 
@@ -119,13 +106,13 @@ def test_saturating_raises():
     (dict(is_causal=True, dropout_p=0.1), "dropout"),
 ])
 def test_unsupported_calls_raise(kwargs, match):
-    q, k, v = make(1, 2, 2, 16, 16, 8, 8)
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 8, 8)
     with pytest.raises(ValueError, match=match):
         expressive_attention(q, k, v, variant="squared", backend="linear", **kwargs)
 
 
 def test_causal_needs_square():
-    q, k, v = make(1, 2, 2, 8, 16, 8, 8)
+    q, k, v = make_qkv(1, 2, 2, 8, 16, 8, 8)
     with pytest.raises(ValueError, match="L == S"):
         expressive_attention(q, k, v, is_causal=True, variant="squared", backend="linear")
 
@@ -152,7 +139,7 @@ def test_non_contiguous_and_3d_inputs():
     assert not qt.is_contiguous()
     out = expressive_attention(qt, kt, vt, is_causal=True, variant="squared", backend="linear")
     assert_same(out, reference(qt, kt, vt, is_causal=True), (qt, kt, vt), 1e-10, 1e-8)
-    q3, k3, v3 = make(1, 2, 2, 33, 33, 8, 4)
+    q3, k3, v3 = make_qkv(1, 2, 2, 33, 33, 8, 4)
     out3 = expressive_attention(q3[0], k3[0], v3[0], is_causal=True, variant="squared", backend="linear")
     assert out3.shape == (2, 33, 4)
     torch.testing.assert_close(out3, reference(q3, k3, v3, is_causal=True)[0], atol=1e-10, rtol=1e-8)

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..tasks.ladders import ladder_rungs
 from .kinds import kind_specs
 from .train import RunConfig
 
@@ -132,22 +133,14 @@ def _short(v) -> str:
 _OPT = {"batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "betas": (0.9, 0.95), "grad_clip": 1.0}
 
 
-def _families(pointer_T, pointer_V, digits_N, recall_K, n_keys, Q) -> dict[str, Family]:
-    """Pointer, lagged-digits and recall ladders, and the multitask ladder whose rung i mixes rung i
-    of the three (one model, a task token per sequence; scored per task as well)."""
-    pointer = [{"T": T, "V": pointer_V, "p": 0.1, "seq_len": 64} for T in pointer_T]
-    digits = [{"N": N, "T": 8, "base": 2, "n_start": 16, "lag_seed": 0, "seq_len": 64} for N in digits_N]
-    recall = [{"K": K, "Q": Q, "n_keys": n_keys, "n_values": n_keys, "seq_len": 64} for K in recall_K]
-    mix = [{"tasks": [{"name": "pointer", **p, "seq_len": 63}, {"name": "recall", **r, "seq_len": 63},
-                      {"name": "lagged_digits", **d, "seq_len": 63}], "task_token": True, "seq_len": 64}
-           for p, r, d in zip(pointer, recall, digits)]
-    return {
-        "pointer": Family("pointer", pointer),
-        "lagged_digits": Family("lagged_digits", digits),
-        "recall": Family("recall", recall),
-        "multitask": Family("multitask", mix, labels=[f"T{p['T']} K{r['K']} N{d['N']}"
-                                                      for p, r, d in zip(pointer, recall, digits)]),
-    }
+def _families(size: str) -> dict[str, Family]:
+    """The preset's families from the task package's ladders (tasks/ladders.py, the one source of rungs)."""
+    rungs = ladder_rungs(size)
+    fams = {name: Family(name, rungs[name]) for name in ("pointer", "lagged_digits", "recall")}
+    p, r, d = rungs["pointer"], rungs["recall"], rungs["lagged_digits"]
+    fams["multitask"] = Family("multitask", rungs["multitask"],
+                               labels=[f"T{a['T']} K{b['K']} N{c['N']}" for a, b, c in zip(p, r, d)])
+    return fams
 
 
 PRESETS: dict[str, Preset] = {
@@ -160,8 +153,7 @@ PRESETS: dict[str, Preset] = {
         base={"d_model": 64, "n_layers": 2, "n_heads": 4, "pos": "learned", **_OPT, "steps": 450, "warmup": 45,
               "eval_sequences": 512},
         seeds=2,
-        families=_families(pointer_T=(2, 4, 8, 12, 16), pointer_V=16, digits_N=(2, 4, 5, 6, 7),
-                           recall_K=(1, 2, 3, 4, 6), n_keys=16, Q=8),
+        families=_families("quick"),
     ),
     "paper": Preset(
         name="paper",
@@ -171,8 +163,7 @@ PRESETS: dict[str, Preset] = {
               "eval_sequences": 2048},
         seeds=3,
         variants=("saturating", "squared"),
-        families=_families(pointer_T=(4, 8, 12, 16, 24, 32), pointer_V=32, digits_N=(3, 4, 5, 6, 7, 8),
-                           recall_K=(2, 4, 6, 8, 12, 16), n_keys=32, Q=16),
+        families=_families("paper"),
     ),
 }
 

@@ -1,31 +1,52 @@
-"""Default ladders: LADDERS[task_name] = rungs of rising complexity, each a full params dict, so
-make_task(task_name, **rung) builds the rung. Defaults for a small model (2 layers, d_model 64,
-4 heads, 1200-3000 steps, batch 32, length 64); the rationale is in docs/tasks.md.
+"""The ladders: rungs of rising complexity per task family, the one source of rungs for the
+complexity-ladder presets (experiments/presets.py) and for `ea tasks`.
+
+`ladder_rungs(size)` gives LADDERS-shaped rungs for a preset size ("quick": what the README reports;
+"paper": the full size); each rung is a full params dict, so `make_task(name, **rung)` builds it.
+LADDERS = the quick rungs, plus two task variants outside the presets ("lagged", the sum-mod-V form of
+lagged_digits, and "multitask_notoken"). Rationale: docs/tasks.md.
 """
 from __future__ import annotations
 
 from .base import Task, make_task
 
-_POINTER = {"V": 16, "p": 0.1, "seq_len": 64}
-_LAGGED = {"T": 8, "V": 2, "n_start": 16, "lag_seed": 0, "seq_len": 64}  # lags nested: rung N's lags contain rung N-1's
-_DIGITS = {"T": 8, "base": 2, "n_start": 16, "lag_seed": 0, "seq_len": 64}
-_RECALL = {"n_keys": 16, "n_values": 16, "seq_len": 64}
-
-LADDERS: dict[str, list[dict]] = {
-    "pointer": [{"T": T, **_POINTER} for T in (2, 4, 6, 8, 12, 16)],
-    "lagged": [{"N": N, **_LAGGED} for N in (1, 2, 3, 4, 5, 6)],
-    "lagged_digits": [{"N": N, **_DIGITS} for N in (1, 2, 3, 4, 6, 8)],
-    "recall": [{"K": K, **_RECALL} for K in (1, 2, 3, 4, 6, 8)],
+# Per size: pointer T (and vocabulary V), lagged-digits N, recall K (keys = values = n_keys, Q queries).
+SIZES: dict[str, dict] = {
+    "quick": dict(pointer_T=(2, 4, 8, 12, 16), pointer_V=16, digits_N=(2, 4, 5, 6, 7), recall_K=(1, 2, 3, 4, 6),
+                  n_keys=16, Q=8),
+    "paper": dict(pointer_T=(4, 8, 12, 16, 24, 32), pointer_V=32, digits_N=(3, 4, 5, 6, 7, 8),
+                  recall_K=(2, 4, 6, 8, 12, 16), n_keys=32, Q=16),
 }
+MIXED = ("pointer", "recall", "lagged_digits")  # the families that rung i of multitask mixes
 
 
-def _mix(i: int, seq_len: int) -> list[dict]:
-    # rung i of the mixture = rung i of pointer, recall and lagged_digits, all of length seq_len
-    return [{"name": n, **LADDERS[n][i], "seq_len": seq_len} for n in ("pointer", "recall", "lagged_digits")]
+def ladder_rungs(size: str = "quick") -> dict[str, list[dict]]:
+    """Pointer, lagged-digits and recall ladders, and the multitask ladder whose rung i mixes rung i of
+    the three (one model, a task token per sequence), all of length 64."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    s = SIZES[size]
+    rungs = {
+        "pointer": [{"T": T, "V": s["pointer_V"], "p": 0.1, "seq_len": 64} for T in s["pointer_T"]],
+        "lagged_digits": [{"N": N, "T": 8, "base": 2, "n_start": 16, "lag_seed": 0, "seq_len": 64}
+                          for N in s["digits_N"]],
+        "recall": [{"K": K, "Q": s["Q"], "n_keys": s["n_keys"], "n_values": s["n_keys"], "seq_len": 64}
+                   for K in s["recall_K"]],
+    }
+    rungs["multitask"] = [{"tasks": mix(rungs, i, 63), "task_token": True, "seq_len": 64}
+                          for i in range(len(rungs["pointer"]))]
+    return rungs
 
 
-LADDERS["multitask"] = [{"tasks": _mix(i, 63), "task_token": True, "seq_len": 64} for i in range(5)]
-LADDERS["multitask_notoken"] = [{"tasks": _mix(i, 64), "seq_len": 64} for i in range(5)]
+def mix(rungs: dict[str, list[dict]], i: int, seq_len: int) -> list[dict]:
+    """Rung i of each of MIXED, as multitask sub-task specs of length seq_len."""
+    return [{"name": n, **rungs[n][i], "seq_len": seq_len} for n in MIXED]
+
+
+LADDERS: dict[str, list[dict]] = ladder_rungs("quick")
+# lags nested: rung N's lags contain rung N-1's
+LADDERS["lagged"] = [{"N": N, "T": 8, "V": 2, "n_start": 16, "lag_seed": 0, "seq_len": 64} for N in (1, 2, 3, 4, 5, 6)]
+LADDERS["multitask_notoken"] = [{"tasks": mix(LADDERS, i, 64), "seq_len": 64} for i in range(len(LADDERS["multitask"]))]
 
 
 def ladder(name: str) -> list[Task]:
