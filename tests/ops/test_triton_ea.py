@@ -148,6 +148,19 @@ def check_auto_and_supports_under_interpreter():
     assert not BACKENDS["triton"].chosen_by_auto(p)  # supported on CPU tensors, never picked by "auto"
 
 
+def check_empty_inputs():
+    # Empty L, S, E, Ev, B (4-D and 3-D) through backend="triton": SDPA's shapes, zeros, zero grads.
+    for shapes in (((2, 2, 0, 16), (2, 2, 5, 16)), ((2, 2, 4, 16), (2, 2, 0, 16)),
+                   ((2, 2, 4, 0), (2, 2, 5, 0)), ((0, 2, 4, 16), (0, 2, 5, 16)), ((3, 0, 16), (3, 5, 16))):
+        q = torch.randn(*shapes[0], requires_grad=True)
+        k = torch.randn(*shapes[1], requires_grad=True)
+        v = torch.randn(*shapes[1][:-1], 16, requires_grad=True)
+        out = expressive_attention(q, k, v, backend="triton", is_causal=True)
+        assert out.shape == (*shapes[0][:-1], 16) and (out == 0).all(), shapes
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, (q, k, v))), shapes
+
+
 def check_double_backward_raises():
     # The backward is not itself differentiable: say so instead of returning wrong zeros.
     q, k, v = _inputs(1, 1, 1, 5, 6, 16, 16, seed=11)
@@ -199,7 +212,7 @@ def check_kernels_compile_for_sm90():
 GROUPS = {  # name: (run under the interpreter?, checks); one child process each
     "shapes_gqa": (True, [check_shapes_and_causal, check_gqa,
                           check_auto_and_supports_under_interpreter,
-                          check_double_backward_raises]),
+                          check_double_backward_raises, check_empty_inputs]),
     "masks_precision_strides": (True, [check_masks_and_empty_rows,
                                        check_half_precision_large_scores,
                                        check_strides_3d_and_expanded_grad]),

@@ -12,6 +12,7 @@ Third-party backends join the table with `register_backend`:
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import blocked, fused_cpu, linear, reference, triton_ea
@@ -42,8 +43,31 @@ def choose_backend(p: Problem) -> Backend:
     return max(candidates, key=lambda b: b.priority)
 
 
+class _EmptyEA(torch.autograd.Function):
+    """The output of a problem with an empty dim (`Problem.is_empty`): zeros (B, H, L, Ev), as SDPA
+    gives for S = 0; with E = 0 every score is 0 and f(0) = 0, so the rows attend to nothing (SDPA,
+    whose softmax of zeros is uniform, averages v instead). Every gradient is zero as well."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v):
+        return q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs
+        ctx.shapes = (q.shape, k.shape, v.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return tuple(dout.new_zeros(s) for s in ctx.shapes)
+
+
 def run_backend(name: str, p: Problem) -> Tensor:
     if name == "auto":
+        if p.is_empty:
+            return _EmptyEA.apply(p.q, p.k, p.v)
         return choose_backend(p).run(p)
     if name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
@@ -51,4 +75,6 @@ def run_backend(name: str, p: Problem) -> Tensor:
     reason = backend.unsupported(p)
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run this call: {reason}")
+    if p.is_empty:  # every backend agrees (and kernels never see a 0-sized dim)
+        return _EmptyEA.apply(p.q, p.k, p.v)
     return backend.run(p)

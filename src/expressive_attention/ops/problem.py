@@ -44,6 +44,12 @@ class Problem:
         return self.q.shape[1] // self.k.shape[1]
 
     @property
+    def is_empty(self) -> bool:
+        """True when some dim is 0: the output is then empty or all zeros (nothing to attend to, or
+        E = 0 where every score is 0 and f(0) = 0), and so are the gradients."""
+        return min(*self.q.shape, *self.k.shape, self.v.shape[-1]) == 0
+
+    @property
     def requires_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
 
@@ -149,14 +155,40 @@ def check_mask(attn_mask, is_causal: bool, query: Tensor, S: int) -> None:
         ) from None
 
 
+# Scales up to this size skip the overflow check below (which reads q and k once).
+_SCALE_CHECKED_ABOVE = 1e4
+
+
+def check_scores_fit(q: Tensor, k: Tensor, scale: float) -> None:
+    """A huge `scale` makes s^2 (and its row sums) overflow the compute dtype, and every backend
+    would return NaN. Bound |s_ij| <= |scale| max_i |q_i| max_j |k_j| (Cauchy-Schwarz) and refuse."""
+    if abs(scale) <= _SCALE_CHECKED_ABOVE or q.numel() == 0 or k.numel() == 0:
+        return
+    from .reference import compute_dtype
+
+    ct = compute_dtype(q.dtype)
+    qn = torch.linalg.vector_norm(q.detach().to(ct), dim=-1).max().item()
+    kn = torch.linalg.vector_norm(k.detach().to(ct), dim=-1).max().item()
+    bound = abs(scale) * qn * kn
+    limit = math.sqrt(torch.finfo(ct).max / max(1, k.shape[-2]))
+    if not bound < limit:
+        raise ValueError(
+            f"scale={scale!r} is too large for these inputs: scores |scale * q.k| can reach {bound:.3g}, "
+            f"and their squares (summed over {k.shape[-2]} keys) overflow {ct} (largest safe |s|: "
+            f"{limit:.3g}), which would turn every output into NaN. Use a smaller scale (the default "
+            "is 1/sqrt(E))."
+        )
+
+
 def to_4d(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(..., H, L, E) -> (B, H, L, E) views, B the product of the leading dims (1 when there are none)."""
     if query.dim() == 2:
         return query[None, None], key[None, None], value[None, None]
     if query.dim() == 3:
         return query[None], key[None], value[None]
-    return (query.reshape(-1, *query.shape[-3:]), key.reshape(-1, *key.shape[-3:]),
-            value.reshape(-1, *value.shape[-3:]))
+    n = math.prod(query.shape[:-3])  # explicit: with an empty dim, reshape(-1, ...) would be ambiguous
+    return (query.reshape(n, *query.shape[-3:]), key.reshape(n, *key.shape[-3:]),
+            value.reshape(n, *value.shape[-3:]))
 
 
 def mask_to_4d(attn_mask: Tensor | None, query: Tensor, S: int) -> Tensor | None:
@@ -172,7 +204,7 @@ def mask_to_4d(attn_mask: Tensor | None, query: Tensor, S: int) -> Tensor | None
         if all(d == 1 for d in m.shape[:-3]):
             m = m.reshape(1, *m.shape[-3:])
         else:
-            m = m.expand(*query.shape[:-3], *m.shape[-3:]).reshape(-1, *m.shape[-3:])
+            m = m.expand(*query.shape[:-3], *m.shape[-3:]).reshape(math.prod(query.shape[:-3]), *m.shape[-3:])
     return m.expand(*m.shape[:-1], S)
 
 
@@ -185,13 +217,16 @@ def normalise(
     S, E = key.shape[-2], query.shape[-1]
     check_mask(attn_mask, is_causal, query, S)
     q, k, v = to_4d(query, key, value)
+    if scale is not None:
+        check_scores_fit(q, k, float(scale))
     return Problem(
         q=q,
         k=k,
         v=v,
         mask=mask_to_4d(attn_mask, query, S),
         is_causal=bool(is_causal),
-        scale=float(E**-0.5 if scale is None else scale),
+        # E == 0: every score is 0 whatever the scale (f(0) = 0: the output is zeros); 1.0 avoids 0**-0.5
+        scale=float((E**-0.5 if E > 0 else 1.0) if scale is None else scale),
         variant=variant,
         eps=float(eps),
         dropout_p=float(dropout_p),

@@ -399,8 +399,6 @@ def supports(p: Problem) -> "str | None":
     E, Ev = p.q.shape[-1], p.v.shape[-1]
     if max(E, Ev) > MAX_HEAD_DIM:
         return f"head dims E={E}, Ev={Ev}: at most {MAX_HEAD_DIM} are supported"
-    if min(p.q.shape[-2], p.k.shape[-2], E, Ev, p.q.shape[0], p.q.shape[1]) == 0:
-        return "empty tensors are not supported"
     if max(p.q.shape[0], p.q.shape[1]) > 65535:  # CUDA grid dims y and z
         return f"batch {p.q.shape[0]} and heads {p.q.shape[1]} must each be <= 65535"
     dev = p.q.device.type

@@ -1,0 +1,89 @@
+"""Empty inputs (a 0-sized B, H, L, S, E or Ev; 3-D and 4-D) behave as SDPA does on every backend:
+an empty output for L, Ev, B or H = 0, zeros for S = 0 (no key to attend to), zero gradients of the
+inputs' shapes. E = 0 follows EA's definition: every score is 0 and f(0) = 0, so the output is zeros
+(SDPA's softmax of zeros averages v instead). Regression: reshape errors, a division by zero for E = 0."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expressive_attention import expressive_attention
+
+# (q shape, k shape, v shape): 4-D and 3-D, each dim 0 in turn
+SHAPES = {
+    "L=0": ((2, 3, 0, 8), (2, 3, 5, 8), (2, 3, 5, 8)),
+    "S=0": ((2, 3, 4, 8), (2, 3, 0, 8), (2, 3, 0, 8)),
+    "E=0": ((2, 3, 4, 0), (2, 3, 5, 0), (2, 3, 5, 8)),
+    "Ev=0": ((2, 3, 4, 8), (2, 3, 5, 8), (2, 3, 5, 0)),
+    "B=0": ((0, 3, 4, 8), (0, 3, 5, 8), (0, 3, 5, 8)),
+    "H=0": ((2, 0, 4, 8), (2, 0, 5, 8), (2, 0, 5, 8)),
+    "3d L=0": ((3, 0, 8), (3, 5, 8), (3, 5, 8)),
+    "3d S=0": ((3, 4, 8), (3, 0, 8), (3, 0, 8)),
+    "3d B=0": ((0, 4, 8), (0, 5, 8), (0, 5, 8)),
+    "5d L=0": ((2, 2, 3, 0, 8), (2, 2, 3, 5, 8), (2, 2, 3, 5, 8)),
+}
+CASES = [(b, v) for b in ("auto", "reference", "blocked", "fused_cpu") for v in ("saturating", "squared")]
+CASES += [("linear", "squared")]
+
+
+def _leaves(shapes):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(*s, generator=g).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("backend,variant", CASES)
+@pytest.mark.parametrize("name", sorted(SHAPES))
+@pytest.mark.parametrize("masked", ["none", "causal", "mask"])
+def test_empty_inputs_like_sdpa(backend, variant, name, masked):
+    shapes = SHAPES[name]
+    q, k, v = _leaves(shapes)
+    L, S = shapes[0][-2], shapes[1][-2]
+    kw = {}
+    if masked == "causal":
+        kw["is_causal"] = True
+        if backend == "linear" and L != S:  # refused for any size, empty or not
+            with pytest.raises(ValueError, match="needs L == S"):
+                expressive_attention(q, k, v, variant=variant, backend=backend, **kw)
+            return
+    elif masked == "mask":
+        if backend == "linear":
+            kw["attn_mask"] = torch.ones(1, S, dtype=torch.bool)  # key padding only
+        else:
+            kw["attn_mask"] = torch.ones(L, S, dtype=torch.bool).tril()
+    out = expressive_attention(q, k, v, variant=variant, backend=backend, **kw)
+    ref_shape = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), **kw).shape
+    assert out.shape == ref_shape and out.dtype == q.dtype
+    assert (out == 0).all()  # empty, or nothing to attend to
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out), allow_unused=False)
+    for g, t in zip(grads, (q, k, v)):
+        assert g.shape == t.shape and (g == 0).all()
+
+
+def test_empty_rows_match_reference_values_on_the_rest():
+    # A batch with an empty dim elsewhere still gives the reference's values where it has any.
+    q, k, v = _leaves(((2, 3, 4, 8), (2, 3, 5, 8), (2, 3, 5, 8)))
+    a = expressive_attention(q, k, v, backend="fused_cpu")
+    b = expressive_attention(q, k, v, backend="reference")
+    torch.testing.assert_close(a, b)
+
+
+def test_gqa_with_empty_heads_of_keys_is_an_error():
+    q = torch.randn(1, 4, 3, 8)
+    k = torch.randn(1, 0, 3, 8)
+    with pytest.raises(ValueError, match="multiple of the number"):
+        expressive_attention(q, k, k, enable_gqa=True)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "blocked", "fused_cpu", "linear"])
+@pytest.mark.parametrize("scale", [1e30, -1e25, 1e19])
+def test_huge_scale_is_a_clear_error_not_nan(backend, scale):
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    with pytest.raises(ValueError, match="scale=.* too large"):
+        expressive_attention(q, k, v, scale=scale, variant="squared", backend=backend)
+
+
+def test_large_but_safe_scale_is_finite_and_matches_reference():
+    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
+    for backend in ("blocked", "fused_cpu"):
+        out = expressive_attention(q, k, v, scale=1e6, backend=backend)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, expressive_attention(q, k, v, scale=1e6, backend="reference"))
