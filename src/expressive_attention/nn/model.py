@@ -134,6 +134,7 @@ class DecoderLM(nn.Module):
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache must hold one entry per layer ({len(self.blocks)}), got {len(cache)}")
         B, T = idx.shape
+        _check_token_ids(idx, self.cfg.vocab_size)
         past = cache[0].length if cache is not None else 0
         if self.pos_emb is not None and past + T > self.cfg.context_length:
             raise ValueError(
@@ -162,22 +163,55 @@ class DecoderLM(nn.Module):
 
         cache: "kv" (keys/values of past tokens), another key of CACHE_KINDS, "auto" (the smallest
         state that applies), or None (recompute the full forward pass every step).
+        With learned positions, a sequence that outgrows `context_length` is cropped to its last
+        `context_length` tokens for the next step (as nanoGPT does; the cache is then dropped and each
+        further step recomputes the window). The prompt must hold at least one token per row.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError("idx must be a (B, T) long tensor of token ids")
+        if idx.shape[1] == 0:
+            raise ValueError(
+                "generate() needs a prompt of at least one token per row (idx has shape "
+                f"{tuple(idx.shape)}); start from a BOS/separator token of your vocabulary"
+            )
+        _check_sampling(max_new_tokens, temperature, top_k)
         if cache == "auto":
             cache = choose_cache_kind(self.cfg, idx.shape[1] + max_new_tokens)
         state = None if cache is None else self.new_cache(cache)
+        window = self.cfg.context_length if self.pos_emb is not None else None  # learned positions
         out = idx
         step_input = idx
         for _ in range(max_new_tokens):
-            logits = self(step_input, cache=state) if state is not None else self(out)
+            if state is not None and window is not None and state[0].length + step_input.shape[1] > window:
+                state = None  # positions past the window: crop and recompute from here on
+            if state is not None:
+                logits = self(step_input, cache=state)
+            else:
+                logits = self(out if window is None else out[:, -window:])
             nxt = _sample(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
             out = torch.cat([out, nxt], dim=1)
             step_input = nxt
         return out
+
+
+def _check_sampling(max_new_tokens, temperature, top_k) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature >= 0
+    ):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+
+
+def _check_token_ids(idx: Tensor, vocab_size: int) -> None:
+    """Out-of-range ids would give a bare IndexError on CPU and a device-side assert on GPU."""
+    if idx.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = (int(x) for x in torch.aminmax(idx))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids must be in [0, vocab_size={vocab_size}), got values in [{lo}, {hi}]")
 
 
 def _takes_layer(factory) -> bool:
