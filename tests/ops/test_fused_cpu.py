@@ -166,7 +166,7 @@ def test_build_dir_is_keyed_and_relocatable(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     d = fused_cpu.build_dir()
     assert d.parent == tmp_path / "expressive_attention" and d.name.startswith("ea_cpu_")
-    monkeypatch.setattr(fused_cpu, "CFLAGS", fused_cpu.CFLAGS + ["-DCHANGED"])
+    monkeypatch.setattr(fused_cpu, "CFLAGS", fused_cpu.CFLAGS + ("-DCHANGED",))
     assert fused_cpu.build_dir() != d
 
 

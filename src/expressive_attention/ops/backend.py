@@ -41,4 +41,5 @@ class Backend:
 
     def chosen_by_auto(self, p: "Problem") -> bool:
         """Whether `backend="auto"` may pick this backend for `p` (then the highest priority wins)."""
-        return self.unsupported(p) is None and (self.prefer is None or self.prefer(p))
+        # prefer first: it is cheap, and asking a kernel not built yet whether it supports `p` builds it
+        return (self.prefer is None or self.prefer(p)) and self.unsupported(p) is None

@@ -1,15 +1,23 @@
 """The fused CPU kernel (csrc/ea_cpu.cpp): loader, torch custom op with autograd, and backend.
 
 The C++ source is compiled on first use with `torch.utils.cpp_extension.load` (one time, about a
-minute) and cached in ``$TORCH_EXTENSIONS_DIR/expressive_attention`` or
-``~/.cache/expressive_attention``, in a folder keyed by a hash of the source, the compiler flags,
-the torch and Python versions and the CPU (the build uses ``-march=native``). A changed source
-or a different machine therefore rebuilds; concurrent builders (e.g. pytest-xdist workers) wait
-on torch's file lock in that folder. Importing this module builds nothing.
+minute; ``ea info --build`` does it ahead of time) and cached in
+``$TORCH_EXTENSIONS_DIR/expressive_attention`` or ``~/.cache/expressive_attention``, in a folder keyed
+by a hash of everything the build depends on (`build_key`): the source, the compiler and its flags,
+the torch version and install path, the Python version and interpreter path, and the CPU (the build
+uses ``-march=native``). So two environments never share (and never rebuild) each other's kernel.
+Importing this module builds nothing; a message on stderr says when a build starts.
 
-If the build fails (no compiler, no ninja, ...), `is_available()` is False, a warning is issued
-once, and `backend="auto"` falls back to the next backend; `backend="fused_cpu"` then raises
-with the reason.
+Interrupted builds: torch's loader guards a build folder with a ``lock`` file that a killed build
+leaves behind (torch then waits on it forever). Builders here first take an OS file lock
+(``build.flock``, released by the OS when a process dies); whoever holds it removes a leftover
+``lock`` as stale. Waiting for another process's build is bounded by ``$EA_BUILD_TIMEOUT`` seconds
+(default 900); past it, this process falls back with a warning that names the folder.
+
+If the build fails (no compiler, no ninja, ...), `is_available()` is False, a warning with the
+compiler's own error lines is issued once (pointing at the caller's line), and `backend="auto"`
+falls back to the next backend; `backend="fused_cpu"` then raises with the reason. "auto" never
+starts the build for a tiny problem (`worth_building`): another backend runs it at once.
 
 The op is registered with `torch.library.custom_op` (``expressive_attention::fused_cpu_fwd`` /
 ``fused_cpu_bwd``) with fake implementations and autograd, so it works under torch.compile.
@@ -18,32 +26,40 @@ both variants, causal / boolean mask / none, GQA; no dropout.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import platform
 import shutil
 import sys
 import threading
-import warnings
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .._warnings import warn
 from .backend import Backend
 from .problem import Problem
 from .reference import compute_dtype
 
 SOURCE = Path(__file__).parent / "csrc" / "ea_cpu.cpp"
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-march=native", "-fopenmp")  # tuples: torch's loader appends to lists in place
+LDFLAGS = ("-fopenmp",)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+STAMP = "built.ok"  # written after a successful build + load; its absence means the next load builds
+# "auto" does not start the build for problems below this many multiply-adds (B H L S max(E, Ev)):
+# the blocked/reference backends finish them in well under a millisecond.
+MIN_WORK_TO_BUILD = 2**21
 
 _lock = threading.Lock()
 _STATE: dict = {"module": None, "error": None, "warned": False}
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_fingerprint() -> str:
     """Model name and feature flags of this CPU (the build is -march=native)."""
     try:
@@ -54,15 +70,35 @@ def _cpu_fingerprint() -> str:
         return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=None)
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_key() -> dict[str, str]:
+    """Everything the compiled kernel depends on (hashed into the folder name)."""
+    cxx = os.environ.get("CXX", "c++")
+    return {
+        "source": _file_hash(SOURCE),
+        "flags": " ".join(CFLAGS + LDFLAGS),
+        "compiler": f"{cxx} -> {shutil.which(cxx)}",
+        "torch": f"{torch.__version__} at {Path(torch.__file__).parent}",
+        "python": f"{sys.version} at {sys.executable}",
+        "cpu": _cpu_fingerprint(),
+    }
+
+
 def build_dir() -> Path:
-    """Where the extension is built and cached: one folder per (source, flags, torch, CPU)."""
-    h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
-                 sys.version.encode(), _cpu_fingerprint().encode()):
-        h.update(part)
+    """Where the extension is built and cached: one folder per `build_key()`."""
+    h = hashlib.sha256("\n".join(f"{k}={v}" for k, v in sorted(build_key().items())).encode())
     base = os.environ.get("TORCH_EXTENSIONS_DIR")
     root = Path(base) / "expressive_attention" if base else Path.home() / ".cache" / "expressive_attention"
     return root / f"ea_cpu_{h.hexdigest()[:16]}"
+
+
+def is_built() -> bool:
+    """True when the kernel is loaded in this process or its cached build is complete on disk."""
+    return _STATE["module"] is not None or (build_dir() / STAMP).exists()
 
 
 def _ensure_ninja_on_path() -> None:
@@ -76,6 +112,41 @@ def _ensure_ninja_on_path() -> None:
             pass
 
 
+def _timeout_s() -> float:
+    return float(os.environ.get("EA_BUILD_TIMEOUT", "900"))
+
+
+@contextlib.contextmanager
+def _build_lock(d: Path, timeout: float):
+    """Hold an OS lock on `d`/build.flock (waiting at most `timeout` s); the OS releases it when its
+    holder dies, so unlike torch's ``lock`` file it can never be left stale."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; at least never wait on a lock older than `timeout`
+        stale = d / "lock"
+        if stale.exists() and time.time() - stale.stat().st_mtime > timeout:
+            stale.unlink(missing_ok=True)
+        yield
+        return
+    with open(d / "build.flock", "a+") as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another process has been building the kernel in {d} for more than {timeout:.0f} s "
+                        "(set EA_BUILD_TIMEOUT to wait longer)"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _build():
     """Compile (or load the cached build of) the extension module."""
     from torch.utils.cpp_extension import load
@@ -83,12 +154,29 @@ def _build():
     _ensure_ninja_on_path()
     d = build_dir()
     d.mkdir(parents=True, exist_ok=True)
-    name = d.name
-    if not list(d.glob(f"{name}*.so")):
-        print(f"expressive_attention: building the fused CPU kernel (one time, ~1 min) in {d} ...",
-              file=sys.stderr, flush=True)
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                build_directory=str(d), verbose=False)
+    with _build_lock(d, _timeout_s()):
+        # We hold the lock, so no live process is building here: torch's `lock` is a killed build's.
+        (d / "lock").unlink(missing_ok=True)
+        stamp = d / STAMP
+        if not stamp.exists():
+            print(f"expressive_attention: building the fused CPU kernel (one time, ~1 min) in {d} ...",
+                  file=sys.stderr, flush=True)
+        module = load(name=d.name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+                      extra_ldflags=list(LDFLAGS), build_directory=str(d), verbose=False)
+        stamp.write_text("\n".join(f"{k}: {v}" for k, v in build_key().items()) + "\n")
+    return module
+
+
+def _reason(e: Exception) -> str:
+    """A one-paragraph reason: the compiler's own error lines when the build failed."""
+    text = str(e)
+    output = getattr(e, "output", None)  # a compiler run by torch's checks (CalledProcessError)
+    if output:
+        text += "\n" + (output.decode(errors="replace") if isinstance(output, bytes) else str(output))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith(("ninja:", "FAILED:"))]
+    keep = errors[:5] or lines[-3:]
+    return f"{type(e).__name__}: " + " | ".join(keep)[:1500]
 
 
 def load_extension():
@@ -99,15 +187,13 @@ def load_extension():
         if _STATE["module"] is None and _STATE["error"] is None:
             try:
                 _STATE["module"] = _build()
-            except Exception as e:  # no compiler / ninja / headers: fall back, never fail
-                msg = str(e).strip().splitlines()
-                _STATE["error"] = f"{type(e).__name__}: {msg[-1] if msg else ''}"[:500]
+            except Exception as e:  # no compiler / ninja / headers, a timeout: fall back, never fail
+                _STATE["error"] = f"{_reason(e)} (build folder: {build_dir()})"
         if _STATE["error"] is not None and not _STATE["warned"]:
             _STATE["warned"] = True
-            warnings.warn(
+            warn(
                 "expressive_attention: the fused CPU kernel could not be built "
-                f"({_STATE['error']}); falling back to the 'blocked' backend.",
-                RuntimeWarning, stacklevel=3,
+                f"({_STATE['error']}); falling back to the 'blocked' backend."
             )
     return _STATE["module"]
 
@@ -115,11 +201,6 @@ def load_extension():
 def is_available() -> bool:
     """True when the fused CPU kernel is built (builds it on the first call)."""
     return load_extension() is not None
-
-
-def is_built() -> bool:
-    """True when the kernel is loaded in this process (never starts a build)."""
-    return _STATE["module"] is not None
 
 
 def build_error() -> "str | None":
@@ -199,7 +280,15 @@ def fused_cpu_attention(p: Problem) -> Tensor:
     return out
 
 
+def worth_building(p: Problem) -> bool:
+    """The `"auto"` rule: a problem waits for the one-time build only if it is big enough to gain."""
+    if is_built():
+        return True
+    B, H, L, E = p.q.shape
+    return B * H * L * p.k.shape[2] * max(E, p.v.shape[-1]) >= MIN_WORK_TO_BUILD
+
+
 BACKEND = Backend(
-    "fused_cpu", fused_cpu_attention, supports, priority=20,
+    "fused_cpu", fused_cpu_attention, supports, priority=20, prefer=worth_building,
     description="fused C++ CPU kernel (flash-style, built on first use), O(L) extra memory",
 )
