@@ -13,7 +13,7 @@ import shlex
 import sys
 
 # module (in this package) of each subcommand, in the order `ea --help` lists them
-SUBCOMMANDS = ["bench", "ladder", "geometry", "lm", "tasks"]
+SUBCOMMANDS = ["bench", "ladder", "geometry", "lm", "tasks", "info"]
 
 
 def _modules():
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ea",
         description="Expressive attention: benchmarks, the complexity ladder and real-text runs.",
     )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in _modules():
         mod.add_parser(sub)
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A user error (`errors.UserError`, e.g. a missing extra or a bad preset) is
+    one line on stderr and exit status 2; Ctrl-C is one line saying how to resume, status 130."""
+    from ..errors import UserError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         mod = importlib.import_module(f"{__name__}.{argv[0]}")
@@ -39,4 +44,20 @@ def main(argv: list[str] | None = None) -> int:
             argv = [argv[0], *mod.legacy_argv(argv[1:])]
     args = build_parser().parse_args(argv)
     args.command_line = "ea " + shlex.join(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:  # a user's mistake or a missing extra: one line, no traceback
+        print(f"ea {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = getattr(args, "resume_hint", "")
+        print(f"\nea {args.command}: interrupted. {hint}".rstrip(), file=sys.stderr)
+        return 130
+
+
+def version_line() -> str:
+    import torch
+
+    from .. import __version__
+
+    return f"expressive-attention {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})"

@@ -22,6 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def geometry_cmd(args) -> int:
+    from ..errors import UserError
     from ..experiments.geometry import geometry_for, pick_checkpoints, summary_lines
     from ..experiments.results import ResultsStore
 
@@ -31,17 +32,21 @@ def geometry_cmd(args) -> int:
         if run.is_dir():
             records = ResultsStore(run).read()
             if not records:
-                raise SystemExit(f"ea geometry: no results.jsonl records in {run}")
+                raise UserError(f"no results.jsonl records in {run}")
             checkpoints.update(pick_checkpoints(run, _rows_from_records(records)))
             out = out or run
         elif run.is_file():
             from ..experiments.train import load_checkpoint
-            _, cfg = load_checkpoint(run)
+            try:
+                _, cfg = load_checkpoint(run)
+            except Exception as e:  # not a torch file, or not one of ours
+                raise UserError(f"{run} is not a checkpoint written by `ea ladder` "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
             checkpoints.setdefault(f"{run.stem[:8]}", {})[cfg.label] = run
         else:
-            raise SystemExit(f"ea geometry: RUN {run} is neither a directory nor a checkpoint file")
+            raise UserError(f"RUN {run} is neither a directory nor a checkpoint file")
     if not checkpoints:
-        raise SystemExit("ea geometry: found no checkpoints (was the ladder run with --no-checkpoints?)")
+        raise UserError("found no checkpoints (was the ladder run with --no-checkpoints?)")
     out = Path(args.out) if args.out else (out or Path("."))
     res = geometry_for(checkpoints, out, n_sequences=args.sequences)
     print("\n".join(summary_lines(res["panels"])))

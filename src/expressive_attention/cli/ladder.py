@@ -38,18 +38,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_ladder_cmd(args) -> int:
-    import importlib
-
+    from ..errors import UserError
     from ..experiments.ladder import run_ladder, run_label
-    from ..experiments.presets import get_preset
+    from ..experiments.presets import ladder_grid
+    from ..extras import require
 
-    for mod in args.imports:
-        importlib.import_module(mod)
-    preset = get_preset(args.preset).replace(
-        families=args.tasks, kinds=args.kinds, variants=args.variants, seeds=args.seeds,
-        base={"steps": args.steps, "tokens": None} if args.steps else None)
-    grid = preset.grid()  # validates kinds and configs before any work
+    if not (args.list or args.report_only):
+        require("cli", "ea ladder", ("tqdm",))  # before any work; the plots are skipped without matplotlib
+    try:
+        preset, grid = ladder_grid(args.preset, imports=args.imports, families=args.tasks, kinds=args.kinds,
+                                   variants=args.variants, seeds=args.seeds, steps=args.steps)
+    except (ValueError, TypeError, KeyError, ImportError) as e:  # a bad preset, task, kind, parameter
+        raise UserError(str(e).strip("'\"")) from None
     out = Path(args.out or f"runs/ladder-{preset.name}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
     command = args.command_line
     if args.list:
         for p in grid:
@@ -61,6 +64,8 @@ def run_ladder_cmd(args) -> int:
         paths = write_report(preset, out, command=command)
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
         return 0
+    args.resume_hint = (f"Finished runs are kept in {out / 'results.jsonl'}; run the same command again to "
+                        "resume where it stopped.")
     t0 = time.time()
     workers = args.workers or os.cpu_count() or 1
     result = run_ladder(preset, out, workers=workers, checkpoints=not args.no_checkpoints,

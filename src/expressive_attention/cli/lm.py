@@ -49,6 +49,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_lm_cmd(args) -> int:
+    from ..errors import UserError
+    from ..extras import require
+
+    require("hf", "ea lm")  # before any work; the plot is skipped without matplotlib
+    require("cli", "ea lm", ("tqdm",))
     from ..experiments.text_lm import TextLMConfig, format_table, kinds_from_impls, run
 
     kinds, variants = args.kinds, args.variants
@@ -63,7 +68,7 @@ def run_lm_cmd(args) -> int:
     try:
         cfg.check()
     except ValueError as e:
-        raise SystemExit(f"ea lm: {e}") from None
+        raise UserError(str(e)) from None
     t0 = time.perf_counter()
     summary = run(cfg)
     print(format_table(summary))

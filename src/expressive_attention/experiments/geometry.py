@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..extras import has, install_hint
 from ..nn import DecoderLM, MultiheadAttention
 from ..ops import KINDS, expressive_weights
 from ..ops.reference import causal_mask, repeat_kv
@@ -180,16 +181,19 @@ def geometry_for(checkpoints: dict[str, dict[str, Path]], out: Path, n_sequences
     if not panels:
         return {}
     out.mkdir(parents=True, exist_ok=True)
-    plot = out / "geometry.png"
-    plot_geometry(panels, plot, title=title)
+    plot = out / "geometry.png" if has("matplotlib") else None
+    if plot is not None:
+        plot_geometry(panels, plot, title=title)
     blob = {name: {kind: [{"layer": s["layer"], "attention": s["attention"].tolist(), "pairs": s["pairs"].tolist(),
                            "fractions": s["fractions"]} for s in stats] for kind, stats in kinds.items()}
             for name, kinds in panels.items()}
     (out / "geometry.json").write_text(json.dumps({"bins": BINS.tolist(), "panels": blob}, indent=1))
-    return {"plot": str(plot), "json": str(out / "geometry.json"), "panels": panels,
+    figure = ("![geometry](geometry.png)" if plot is not None
+              else f"(plot skipped: matplotlib is not installed; {install_hint('cli')})")
+    return {"plot": None if plot is None else str(plot), "json": str(out / "geometry.json"), "panels": panels,
             "lines": ["Share of attention by cos(q, k) on held-out sequences (seed-0 models at the rung with the "
                       "largest EA - DPA gap of each family; all causal pairs of every head).", "",
-                      "![geometry](geometry.png)", ""] + summary_lines(panels)}
+                      figure, ""] + summary_lines(panels)}
 
 
 def ladder_geometry(preset, out: str | Path, rows: list[dict]) -> dict:

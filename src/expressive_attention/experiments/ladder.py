@@ -9,6 +9,7 @@ import importlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
 import sys
 import time
 import traceback
@@ -18,7 +19,7 @@ from typing import Sequence
 import torch
 
 from .presets import GridPoint, Preset
-from .results import ResultsStore
+from .results import ResultsStore, exclusive
 from .train import RunConfig, train_run
 
 CHECKPOINT_DIR = "checkpoints"
@@ -30,6 +31,7 @@ _progress_q = None
 def _init_worker(progress_q, threads: int, imports: Sequence[str], sys_path: Sequence[str]) -> None:
     global _progress_q
     _progress_q = progress_q
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it ends the pool)
     for p in sys_path:
         if p not in sys.path:
             sys.path.append(p)
@@ -83,14 +85,23 @@ def run_ladder(
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out, "ladder sweep"):  # a second sweep into `out` is refused, not run twice
+        return _run_ladder(preset, out, workers, checkpoints, imports, progress, report, threads, command)
+
+
+def _run_ladder(preset, out, workers, checkpoints, imports, progress, report, threads, command) -> dict:
     for mod in imports:
         importlib.import_module(mod)
     store = ResultsStore(out)
     store.repair()
     grid = preset.grid()
     done = store.keys()
-    todo = [i for i, p in enumerate(grid) if p.config.key() not in done]
-    skipped = len(grid) - len(todo)
+    todo, seen = [], set(done)
+    for i, p in enumerate(grid):  # one run per key (a grid may list a config twice)
+        if p.config.key() not in seen:
+            seen.add(p.config.key())
+            todo.append(i)
+    skipped = sum(p.config.key() in done for p in grid)
     t0, started, load0 = time.perf_counter(), _utc(), _load()
     failed: list[tuple[str, str]] = []
     tqdm = _tqdm()

@@ -173,6 +173,58 @@ def get_preset(name_or_path: str) -> Preset:
     if name_or_path in PRESETS:
         return copy.deepcopy(PRESETS[name_or_path])
     path = Path(name_or_path)
-    if path.suffix == ".json" and path.exists():
-        return Preset.from_dict(json.loads(path.read_text()))
-    raise ValueError(f"preset must be one of {sorted(PRESETS)} or a .json file, got {name_or_path!r}")
+    if path.suffix != ".json":
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} or a .json file, got {name_or_path!r}")
+    if not path.is_file():
+        raise ValueError(f"preset file {name_or_path} does not exist")
+    try:
+        blob = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"preset file {name_or_path} is not valid JSON: {e}") from None
+    if not isinstance(blob, dict):
+        raise ValueError(f"preset file {name_or_path} must hold a JSON object, got {type(blob).__name__}")
+    try:
+        return Preset.from_dict(blob)
+    except TypeError as e:  # unknown or missing fields
+        raise ValueError(f"preset file {name_or_path}: {e}") from None
+
+
+def check_grid(grid: list[GridPoint]) -> None:
+    """Validate every run of a grid before any work: its task (name and parameters) and its model
+    (its checks do not depend on the depth: a one-layer copy is built). Raises ValueError naming
+    the first bad run."""
+    import dataclasses
+
+    from ..tasks import make_task
+    from .train import build_model
+
+    tasks: dict[str, object] = {}
+    models = set()
+    for p in grid:
+        c = p.config
+        try:
+            tkey = json.dumps([c.task, c.task_params], sort_keys=True, default=str)
+            if tkey not in tasks:
+                tasks[tkey] = make_task(c.task, **c.task_params)
+            task = tasks[tkey]
+            mkey = (task.vocab_size, task.seq_len, c.d_model, c.n_heads, c.pos, c.kind, c.variant)
+            if mkey not in models:
+                models.add(mkey)
+                build_model(dataclasses.replace(c, n_layers=1), task)
+        except Exception as e:
+            msg = str(e).strip("'\"") or type(e).__name__
+            raise ValueError(f"family {p.family!r}, rung {p.label} ({c.label}): {msg}") from None
+
+
+def ladder_grid(preset: str, *, imports=(), families=None, kinds=None, variants=None, seeds=None,
+                steps=None) -> tuple[Preset, list[GridPoint]]:
+    """The preset (name or .json file) with the command line's overrides, and its checked grid."""
+    import importlib
+
+    for mod in imports:  # modules that register the user's own tasks
+        importlib.import_module(mod)
+    p = get_preset(preset).replace(families=families, kinds=kinds, variants=variants, seeds=seeds,
+                                   base={"steps": steps, "tokens": None} if steps else None)
+    grid = p.grid()
+    check_grid(grid)
+    return p, grid

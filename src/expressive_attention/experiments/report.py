@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..extras import has, install_hint
 from .presets import Preset
 from .results import ResultsStore
 from .train import machine, versions
@@ -266,8 +267,11 @@ def write_report(preset: Preset, out: str | os.PathLike, *, command: str | None 
     write_summary_csv(rows, paths["summary"])
     grid = preset.grid()
     c0 = grid[0].config
-    plot_ladder(rows, paths["plot"], title=f"preset {preset.name}: d_model {c0.d_model}, {c0.n_layers} layers, "
-                f"{preset.seeds} seeds; solid = token accuracy, dashed = sequence accuracy")
+    if has("matplotlib"):
+        plot_ladder(rows, paths["plot"], title=f"preset {preset.name}: d_model {c0.d_model}, {c0.n_layers} layers, "
+                    f"{preset.seeds} seeds; solid = token accuracy, dashed = sequence accuracy")
+    else:
+        del paths["plot"]
     v = verdicts(rows)
     keys = {p.config.key() for p in grid}
     mine = [r for r in records if r["key"] in keys]
@@ -276,8 +280,9 @@ def write_report(preset: Preset, out: str | os.PathLike, *, command: str | None 
         try:
             from .geometry import ladder_geometry
             geo = ladder_geometry(preset, out, rows)
-            if geo:
+            if geo and geo["plot"]:
                 paths["geometry"] = geo["plot"]
+            if geo:
                 geo_lines = geo["lines"]
         except Exception as exc:  # the report must still be written
             geo_lines = [f"(geometry analysis failed: {type(exc).__name__}: {exc})"]
@@ -318,7 +323,8 @@ def write_report(preset: Preset, out: str | os.PathLike, *, command: str | None 
               f"(with W workers on an otherwise idle machine the sweep takes about CPU / W).", "",
               "## Accuracy (held-out; mean ± std over seeds; token = scored tokens, seq = every scored "
               "token of a sequence right)", "", markdown_table(rows), "",
-              "![ladder](ladder.png)", "",
+              "![ladder](ladder.png)" if "plot" in paths
+              else f"(plot skipped: matplotlib is not installed; {install_hint('cli')})", "",
               "## The paper's claims in this run", "",
               "Judged on token accuracy (>=, widening) and sequence accuracy (100%); seed noise = 2 standard "
               "errors of the EA - DPA difference, at least 0.01.", ""]

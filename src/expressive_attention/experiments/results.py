@@ -6,14 +6,56 @@ run in flight. A line that does not parse (a writer killed mid-line) is dropped 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..errors import UserError
+
 RESULTS_FILE = "results.jsonl"
+LOCK_FILE = ".sweep.lock"
+
+
+class OutputInUse(UserError):
+    """Another live process is writing into this output folder."""
+
+
+@contextlib.contextmanager
+def exclusive(out: str | os.PathLike, what: str = "sweep"):
+    """Hold an OS lock on OUT/.sweep.lock for the duration: a second sweep into the same folder is
+    refused (OutputInUse) instead of training every run twice. The OS releases the lock when its
+    holder dies, so a killed sweep never blocks the next one. (No-op where fcntl is unavailable.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(out) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown process"
+            raise OutputInUse(f"{Path(out)} is in use by another {what} ({holder}); wait for it to finish "
+                              "or choose another output folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def config_key(config: dict[str, Any]) -> str:
@@ -90,13 +132,19 @@ class ResultsStore:
             os.fsync(f.fileno())
         return len(line)
 
-    def append(self, record: dict) -> None:
-        """Write one record as one line, then flush and fsync."""
+    def append(self, record: dict) -> bool:
+        """Write one record as one line, then flush and fsync. A key already in the file is never
+        written twice: returns False (nothing written) in that case, True otherwise."""
         if "key" not in record:
             raise ValueError("record must have a 'key' (use config_key(config))")
+        if record["key"] in self.keys():
+            warnings.warn(f"{self.path}: a record with key {record['key']} is already there; not "
+                          "writing a duplicate", RuntimeWarning, stacklevel=2)
+            return False
         line = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        return True

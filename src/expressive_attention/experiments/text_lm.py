@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..deprecation import warn_renamed
+from ..extras import has, install_hint
 from .kinds import kind_label, kind_specs
 
 # the old `impls` names (attn_implementation names) -> (kind, variant)
@@ -320,6 +321,10 @@ def write_outputs(rows: list[dict], summary: dict, out: Path) -> dict[str, Path]
         w.writeheader()
         w.writerows(rows)
     paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    if not has("matplotlib"):  # the table and the CSV/JSON do not need it
+        del paths["png"]
+        print(f"plot skipped: matplotlib is not installed ({install_hint('cli')})")
+        return paths
     import matplotlib
 
     matplotlib.use("Agg")

@@ -126,10 +126,15 @@ def build(cfg: RunConfig):
     from ..tasks import make_task
     task = make_task(cfg.task, **cfg.task_params)
     torch.manual_seed(cfg.seed)
+    return task, build_model(cfg, task)
+
+
+def build_model(cfg: RunConfig, task) -> DecoderLM:
+    """The run's model for `task` (unseeded: `build` seeds it)."""
     lm = LMConfig(vocab_size=task.vocab_size, context_length=task.seq_len, d_model=cfg.d_model,
                   n_layers=cfg.n_layers, n_heads=cfg.n_heads, pos=cfg.pos, kind=cfg.kind,
                   variant=cfg.variant or "saturating")
-    return task, DecoderLM(lm)
+    return DecoderLM(lm)
 
 
 def _generator(split: str, seed: int) -> torch.Generator:
