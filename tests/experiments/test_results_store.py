@@ -63,7 +63,10 @@ def test_corrupt_middle_line_and_duplicates(tmp_path):
     with open(store.path, "a") as f:
         f.write("{not json\n")
     store.append(_rec(1))
-    store.append(_rec(0) | {"metrics": {"token_acc": 9}})  # same key again: first wins
+    with pytest.warns(RuntimeWarning, match="not writing a duplicate"):
+        assert not store.append(_rec(0) | {"metrics": {"token_acc": 9}})  # refused
+    with open(store.path, "a") as f:  # a duplicate line as written by an older version: first wins
+        f.write(json.dumps(_rec(0) | {"metrics": {"token_acc": 9}}) + "\n")
     with pytest.warns(RuntimeWarning, match=":2:"):
         recs = store.read()
     assert [r["config"]["seed"] for r in recs] == [0, 1]

@@ -137,7 +137,7 @@ class ResultsStore:
         written twice: returns False (nothing written) in that case, True otherwise."""
         if "key" not in record:
             raise ValueError("record must have a 'key' (use config_key(config))")
-        if record["key"] in self.keys():
+        if any((r := self._parse(line)) and r["key"] == record["key"] for _, _, line in self._lines()):
             warnings.warn(f"{self.path}: a record with key {record['key']} is already there; not "
                           "writing a duplicate", RuntimeWarning, stacklevel=2)
             return False
