@@ -31,6 +31,7 @@ class Backend:
     priority: int = 0  # "auto": the highest-priority backend that supports (and prefers) the call
     prefer: Callable[["Problem"], bool] | None = None  # "auto" only where this holds; None: wherever supported
     dropout: bool = False  # implements dropout_p > 0
+    functorch: bool = True  # works under torch.func transforms (grad, vmap, ...)
     description: str = ""
 
     def unsupported(self, p: "Problem") -> "str | None":

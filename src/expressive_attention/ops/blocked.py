@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ._functorch import fold_vmap
 from .backend import Backend
 from .reference import compute_dtype
 
@@ -83,8 +84,10 @@ def _key_end(i1: int, S: int, is_causal: bool) -> int:
 
 
 class _BlockedEA(torch.autograd.Function):
+    """(q, k, v, mask, ...) -> (out (B, H, L, Ev), z (B, Hkv, G, L, 1) the row normalisers)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, mask, is_causal, scale, variant, eps, groups):
+    def forward(q, k, v, mask, is_causal, scale, variant, eps, groups):
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
         ct = compute_dtype(q.dtype)
@@ -102,47 +105,82 @@ class _BlockedEA(torch.autograd.Function):
             zb = torch.where(zb > 0, zb, torch.ones_like(zb))
             out[..., i0:i1, :] = torch.matmul(f, v5[..., :send, :]).div_(zb)
             z[..., i0:i1, :] = zb
-        out = out.view(B, H, L, Ev).to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, z, mask)
-        ctx.args = (is_causal, scale, variant, eps, groups)
-        return out
+        return out.view(B, H, L, Ev).to(q.dtype), z
 
     @staticmethod
-    def backward(ctx, dout):
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, is_causal, scale, variant, eps, groups = inputs
+        out, z = output
+        ctx.mark_non_differentiable(z)
+        ctx.save_for_backward(q, k, v, out, z, mask)
+        ctx.args = (is_causal, scale, variant, eps, groups)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return fold_vmap(_BlockedEA.apply, info, in_dims, args, n_tensors=4, broadcast=(3,))
+
+    @staticmethod
+    def backward(ctx, dout, _dz):
         q, k, v, out, z, mask = ctx.saved_tensors
-        is_causal, scale, variant, eps, groups = ctx.args
-        B, H, L, E = q.shape
-        Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
-        ct = compute_dtype(q.dtype)
-        q5, k5, v5, m5 = _views(q.to(ct), k.to(ct), v.to(ct), mask, groups)
-        do5 = dout.to(ct).reshape(B, Hkv, groups, L, Ev)
-        o5 = out.to(ct).view(B, Hkv, groups, L, Ev)
-        dq = torch.zeros(B, Hkv, groups, L, E, dtype=ct, device=q.device)
-        dk = torch.zeros(B, Hkv, S, E, dtype=ct, device=q.device)
-        dv = torch.zeros(B, Hkv, S, Ev, dtype=ct, device=q.device)
-        rows = _block_rows(B * H, L, S)
-        for i0 in range(0, L, rows):
-            i1 = min(L, i0 + rows)
-            send = _key_end(i1, S, is_causal)
-            if send == 0:
-                continue
-            f, fp = _tile(q5, k5, m5, i0, i1, send, scale, variant, is_causal, True)
-            zb = z[..., i0:i1, :]
-            do_b = do5[..., i0:i1, :]
-            a = f.div_(zb)  # attention weights of the tile
-            dv[:, :, :send] += torch.matmul(a.transpose(-1, -2), do_b).sum(2)
-            d_i = (do_b * o5[..., i0:i1, :]).sum(-1, keepdim=True)
-            ds = torch.matmul(do_b, v5[..., :send, :].transpose(-1, -2)).sub_(d_i).div_(zb)
-            ds = ds.mul_(fp).mul_(scale)
-            dq[..., i0:i1, :] = torch.matmul(ds, k5[..., :send, :])
-            dk[:, :, :send] += torch.matmul(ds.transpose(-1, -2), q5[..., i0:i1, :]).sum(2)
-        dq = dq.view(B, H, L, E).to(q.dtype)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        dq, dk, dv = _BlockedBackward.apply(dout, q, k, v, out, z, mask, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+class _BlockedBackward(torch.autograd.Function):
+    """The backward as a function of its own, so torch.func can vmap it (per-sample gradients)."""
+
+    @staticmethod
+    def forward(dout, q, k, v, out, z, mask, is_causal, scale, variant, eps, groups):
+        return _backward(dout, q, k, v, out, z, mask, is_causal, scale, variant, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return fold_vmap(_BlockedBackward.apply, info, in_dims, args, n_tensors=7, broadcast=(6,))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("the blocked backend's backward is not differentiable (no double backward); "
+                           "use backend='reference' for higher-order gradients")
+
+
+def _backward(dout, q, k, v, out, z, mask, is_causal, scale, variant, groups):
+    """(dq, dk, dv) of `_BlockedEA`; see the module docstring."""
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+    ct = compute_dtype(q.dtype)
+    q5, k5, v5, m5 = _views(q.to(ct), k.to(ct), v.to(ct), mask, groups)
+    do5 = dout.to(ct).reshape(B, Hkv, groups, L, Ev)
+    o5 = out.to(ct).view(B, Hkv, groups, L, Ev)
+    dq = torch.zeros(B, Hkv, groups, L, E, dtype=ct, device=q.device)
+    dk = torch.zeros(B, Hkv, S, E, dtype=ct, device=q.device)
+    dv = torch.zeros(B, Hkv, S, Ev, dtype=ct, device=q.device)
+    rows = _block_rows(B * H, L, S)
+    for i0 in range(0, L, rows):
+        i1 = min(L, i0 + rows)
+        send = _key_end(i1, S, is_causal)
+        if send == 0:
+            continue
+        f, fp = _tile(q5, k5, m5, i0, i1, send, scale, variant, is_causal, True)
+        zb = z[..., i0:i1, :]
+        do_b = do5[..., i0:i1, :]
+        a = f.div_(zb)  # attention weights of the tile
+        dv[:, :, :send] += torch.matmul(a.transpose(-1, -2), do_b).sum(2)
+        d_i = (do_b * o5[..., i0:i1, :]).sum(-1, keepdim=True)
+        ds = torch.matmul(do_b, v5[..., :send, :].transpose(-1, -2)).sub_(d_i).div_(zb)
+        ds = ds.mul_(fp).mul_(scale)
+        dq[..., i0:i1, :] = torch.matmul(ds, k5[..., :send, :])
+        dk[:, :, :send] += torch.matmul(ds.transpose(-1, -2), q5[..., i0:i1, :]).sum(2)
+    dq = dq.view(B, H, L, E).to(q.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def blocked_attention(p: "Problem") -> Tensor:
     """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
-    return _BlockedEA.apply(p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant, p.eps, p.groups)
+    return _BlockedEA.apply(p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant, p.eps, p.groups)[0]
 
 
 def _not_tiny(p: "Problem") -> bool:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import blocked, fused_cpu, linear, reference, triton_ea
+from ._functorch import under_functorch
 from .backend import Backend
 from .problem import Problem
 
@@ -39,7 +40,8 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
 def choose_backend(p: Problem) -> Backend:
     """The `"auto"` policy: of the backends that support `p` and prefer it, the highest priority.
     (The reference supports every call, so there is always one.)"""
-    candidates = [b for b in BACKENDS.values() if b.chosen_by_auto(p)]
+    transformed = under_functorch(p.q, p.k, p.v)  # under torch.func: only backends that support it
+    candidates = [b for b in BACKENDS.values() if (b.functorch or not transformed) and b.chosen_by_auto(p)]
     return max(candidates, key=lambda b: b.priority)
 
 
@@ -73,6 +75,9 @@ def run_backend(name: str, p: Problem) -> Tensor:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
     backend = BACKENDS[name]
     reason = backend.unsupported(p)
+    if reason is None and not backend.functorch and under_functorch(p.q, p.k, p.v):
+        ok = sorted(n for n, b in BACKENDS.items() if b.functorch)
+        reason = f"it does not support torch.func transforms (grad, vmap, ...); backends that do: {ok}"
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run this call: {reason}")
     if p.is_empty:  # every backend agrees (and kernels never see a 0-sized dim)

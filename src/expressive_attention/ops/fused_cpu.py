@@ -289,6 +289,6 @@ def worth_building(p: Problem) -> bool:
 
 
 BACKEND = Backend(
-    "fused_cpu", fused_cpu_attention, supports, priority=20, prefer=worth_building,
+    "fused_cpu", fused_cpu_attention, supports, priority=20, prefer=worth_building, functorch=False,
     description="fused C++ CPU kernel (flash-style, built on first use), O(L) extra memory",
 )

@@ -34,6 +34,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._functorch import fold_vmap
 from .backend import Backend
 from .problem import Problem
 from .reference import compute_dtype, repeat_kv
@@ -271,7 +272,7 @@ class _LinearEA(torch.autograd.Function):
         return qs, k.to(ct).reshape(N, S, E), with_ones(v.to(ct).reshape(N, S, Ev))
 
     @staticmethod
-    def forward(ctx, q, k, v, is_causal, scale, eps, chunk):
+    def forward(q, k, v, is_causal, scale, eps, chunk):
         B, H, L, E = q.shape
         N, Ev = B * k.shape[1], v.shape[-1]
         qs, k3, v1 = _LinearEA._prepare(q, k, v, scale)
@@ -280,21 +281,52 @@ class _LinearEA(torch.autograd.Function):
             out, z = causal_forward(qs, k3, v1, state, eps, chunk)
         else:
             out, z = full_forward(qs, k3, v1, eps, chunk)
-        ctx.save_for_backward(q, k, v, out, z)
-        ctx.args = (is_causal, scale, eps, chunk)
-        return out.view(B, H, L, Ev).to(q.dtype)
+        return out.view(B, H, L, Ev).to(q.dtype), out, z  # the compute-dtype out and z: for backward
 
     @staticmethod
-    def backward(ctx, dout):
+    def setup_context(ctx, inputs, output):
+        q, k, v, is_causal, scale, eps, chunk = inputs
+        _, out, z = output
+        ctx.mark_non_differentiable(out, z)
+        ctx.save_for_backward(q, k, v, out, z)
+        ctx.args = (is_causal, scale, eps, chunk)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return fold_vmap(_LinearEA.apply, info, in_dims, args, n_tensors=3)
+
+    @staticmethod
+    def backward(ctx, dout, _dout_ct, _dz):
         q, k, v, out, z = ctx.saved_tensors
-        is_causal, scale, eps, chunk = ctx.args
+        dq, dk, dv = _LinearBackward.apply(dout, q, k, v, out, z, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+class _LinearBackward(torch.autograd.Function):
+    """The backward as a function of its own, so torch.func can vmap it (per-sample gradients)."""
+
+    @staticmethod
+    def forward(dout, q, k, v, out, z, is_causal, scale, eps, chunk):
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
         qs, k3, v1 = _LinearEA._prepare(q, k, v, scale)
         do = dout.to(qs.dtype).reshape(B * Hkv, H // Hkv, L, Ev)
         dqs, dk, dv = _backward(qs, k3, v1, out, z, do, eps, chunk, is_causal)
         dq = dqs.mul_(scale).view(B, H, L, E).to(q.dtype)
-        return dq, dk.view(B, Hkv, S, E).to(k.dtype), dv.reshape(B, Hkv, S, Ev).to(v.dtype), None, None, None, None
+        return dq, dk.view(B, Hkv, S, E).to(k.dtype), dv.reshape(B, Hkv, S, Ev).to(v.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return fold_vmap(_LinearBackward.apply, info, in_dims, args, n_tensors=6)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("the linear backend's backward is not differentiable (no double backward); "
+                           "use backend='reference' for higher-order gradients")
 
 
 def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
@@ -311,7 +343,7 @@ def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
     chunk = default_chunk(q.shape[-1]) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    return _LinearEA.apply(q, k, v, p.is_causal, p.scale, p.eps, chunk)
+    return _LinearEA.apply(q, k, v, p.is_causal, p.scale, p.eps, chunk)[0]
 
 
 # Sequence length above which backend="auto" runs the linear form on CPU, by head dim E, for

@@ -410,6 +410,6 @@ def supports(p: Problem) -> "str | None":
 
 # "auto" takes it on CUDA only: Triton's CPU interpreter (TRITON_INTERPRET=1) is for tests, never "auto".
 BACKEND = Backend(
-    "triton", triton_attention, supports, priority=30, prefer=lambda p: p.q.is_cuda,
+    "triton", triton_attention, supports, priority=30, prefer=lambda p: p.q.is_cuda, functorch=False,
     description="Triton flash-style kernels (CUDA; CPU via TRITON_INTERPRET=1)",
 )

@@ -1,0 +1,49 @@
+"""torch.func (grad, vmap, jacrev, ...) support for the backends' autograd.Functions.
+
+`fold_vmap` is the vmap rule of every backend whose inputs lead with a batch dim B: it folds the
+vmapped dim into B, (n, B, ...) -> (n * B, ...), runs the function once, and unfolds its outputs
+(each of which leads with a multiple of B). `under_functorch` tells whether a call is being
+transformed; backends that are torch custom ops or kernels without these rules refuse such calls.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def under_functorch(*tensors: Tensor) -> bool:
+    """True when any tensor is wrapped by a torch.func transform (grad, vmap, jvp, ...)."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors if t is not None)
+
+
+def fold_vmap(apply: Callable, info, in_dims, args, n_tensors: int, broadcast: tuple[int, ...] = ()):
+    """The vmap rule: args[:n_tensors] are tensors (B, ...) or None, args[0] is the query (its dim 0
+    is B); the rest are plain arguments. The tensors at the `broadcast` positions (masks) may have a
+    size-1 dim 0 instead of B; one that is not vmapped is then passed as it is. Returns
+    (outputs, out_dims)."""
+    n = info.batch_size
+    q, dq = args[0], in_dims[0]
+    B = q.shape[0] if dq is None else q.movedim(dq, 0).shape[1]
+
+    def fold(x, d, can_broadcast):
+        if x is None:
+            return None
+        if d is None:
+            if can_broadcast and x.shape[0] == 1:
+                return x  # broadcast over every (vmapped, batch) pair
+            x = x.expand(n, *x.shape)
+        else:
+            x = x.movedim(d, 0)
+        if can_broadcast and x.shape[1] == 1 and B != 1:
+            x = x.expand(n, B, *x.shape[2:])
+        return x.reshape(n * x.shape[1], *x.shape[2:])
+
+    folded = [fold(x, d, i in broadcast) for i, (x, d) in enumerate(zip(args[:n_tensors], in_dims[:n_tensors]))]
+    outs = apply(*folded, *args[n_tensors:])
+    single = isinstance(outs, Tensor)
+    unfolded = tuple(o.reshape(n, o.shape[0] // n, *o.shape[1:]) for o in ((outs,) if single else outs))
+    return (unfolded[0], 0) if single else (unfolded, (0,) * len(unfolded))
