@@ -2,6 +2,7 @@
 matplotlib still gives report.md and tables, user errors are one line with exit status 2, Ctrl-C says
 how to resume, a second sweep on one --out is refused, no key is written twice, `ea --version`."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -190,3 +191,29 @@ def test_ctrl_c_ends_with_one_line_saying_how_to_resume(tmp_path):
     last = text.strip().splitlines()[-1]
     assert last.startswith("ea ladder: interrupted.") and "run the same command again to resume" in last
     assert str(out / "results.jsonl") in last
+
+
+def test_info_lists_versions_backends_and_build_folder(capsys):
+    from expressive_attention import __version__
+    from expressive_attention.ops import BACKENDS, fused_cpu
+
+    assert main(["info", "--build"]) == 0  # the kernel is built already (the suite's other tests)
+    out = capsys.readouterr().out
+    assert f"expressive-attention {__version__}" in out and "torch " in out
+    for name in BACKENDS:
+        assert re.search(rf"^  {name} +(available|unavailable: .+|not built yet.*)", out, re.M), name
+    assert re.search(r"^  triton +unavailable: .*CUDA", out, re.M)  # says why not (no GPU here)
+    assert f"build folder: {fused_cpu.build_dir()} (built)" in out
+    assert "fused CPU kernel ready in" in out
+    assert re.search(r"^  \[cli\] ", out, re.M)
+
+
+def test_info_says_how_to_build_when_not_built(tmp_path, monkeypatch, capsys):
+    from expressive_attention.ops import fused_cpu
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(fused_cpu, "_STATE", {"module": None, "error": None, "warned": False})
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "fused_cpu  not built yet" in out and "ea info --build" in out
+    assert fused_cpu._STATE["module"] is None  # `ea info` alone builds nothing
