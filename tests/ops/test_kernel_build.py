@@ -97,12 +97,17 @@ def test_two_interpreter_paths_get_two_build_folders(tmp_path):
     (site / "parent.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
     code = "import sys; from expressive_attention.ops import fused_cpu; print(sys.executable); print(fused_cpu.build_dir())"
     env = _env(tmp_path / "ext")
-    out = [subprocess.run([py, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
-           for py in (sys.executable, str(venv / "bin" / "python"))]
-    assert out[0][0] != out[1][0]  # two interpreter paths ...
-    assert out[0][1] != out[1][1]  # ... never share (and rebuild) one folder
-    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.split()
-    assert again == out[0]  # and the same interpreter always finds its own
+
+    def ask(py):
+        return subprocess.run([str(py), "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+
+    here, there = ask(sys.executable), ask(venv / "bin" / "python")
+    assert here[0] != there[0]  # two interpreter paths in two environments ...
+    assert here[1] != there[1]  # ... never share (and rebuild) one folder
+    assert ask(sys.executable) == here  # the same interpreter always finds its own
+    # `python` and `python3` of one environment (the `ea` script runs the latter) share their build
+    python3 = venv / "bin" / "python3"
+    assert python3.exists() and ask(python3)[1] == there[1] and ask(python3)[0] != there[0]
 
 
 def test_build_key_covers_what_the_build_depends_on(monkeypatch):

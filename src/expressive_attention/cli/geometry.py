@@ -23,6 +23,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def geometry_cmd(args) -> int:
     from ..errors import UserError
+    from ..extras import install_hint
     from ..experiments.geometry import geometry_for, pick_checkpoints, summary_lines
     from ..experiments.results import ResultsStore
 
@@ -50,7 +51,8 @@ def geometry_cmd(args) -> int:
     out = Path(args.out) if args.out else (out or Path("."))
     res = geometry_for(checkpoints, out, n_sequences=args.sequences)
     print("\n".join(summary_lines(res["panels"])))
-    print(f"plot: {res['plot']}\njson: {res['json']}")
+    print(f"plot: {res['plot'] or 'skipped (matplotlib is not installed: ' + install_hint('cli') + ')'}\n"
+          f"json: {res['json']}")
     return 0
 
 

@@ -4,7 +4,7 @@ The C++ source is compiled on first use with `torch.utils.cpp_extension.load` (o
 minute; ``ea info --build`` does it ahead of time) and cached in
 ``$TORCH_EXTENSIONS_DIR/expressive_attention`` or ``~/.cache/expressive_attention``, in a folder keyed
 by a hash of everything the build depends on (`build_key`): the source, the compiler and its flags,
-the torch version and install path, the Python version and interpreter path, and the CPU (the build
+the torch version and install path, the Python version, interpreter and environment, and the CPU (the build
 uses ``-march=native``). So two environments never share (and never rebuild) each other's kernel.
 Importing this module builds nothing; a message on stderr says when a build starts.
 
@@ -83,7 +83,9 @@ def build_key() -> dict[str, str]:
         "flags": " ".join(CFLAGS + LDFLAGS),
         "compiler": f"{cxx} -> {shutil.which(cxx)}",
         "torch": f"{torch.__version__} at {Path(torch.__file__).parent}",
-        "python": f"{sys.version} at {sys.executable}",
+        # the environment (a venv's root) and its interpreter: `python` and `python3` of one venv share
+        # a build, two venvs never do
+        "python": f"{sys.version} at {os.path.realpath(sys.executable)} in {os.path.realpath(sys.prefix)}",
         "cpu": _cpu_fingerprint(),
     }
 
