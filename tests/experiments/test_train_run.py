@@ -16,7 +16,7 @@ TINY = dict(task="tiny_lag", task_params={"lag": 2}, d_model=16, n_layers=1, n_h
 
 def test_record_fields_and_values(tmp_path):
     calls = []
-    rec = train_run(RunConfig(**TINY, kind="ea"), progress=lambda s, n, l: calls.append((s, n)),
+    rec = train_run(RunConfig(**TINY, kind="ea"), progress=lambda s, n, loss: calls.append((s, n)),
                     checkpoint=tmp_path / "c.pt")
     m = rec["metrics"]
     assert 0.0 <= m["token_acc"] <= 1.0 and 0.0 <= m["seq_acc"] <= m["token_acc"] + 1e-9

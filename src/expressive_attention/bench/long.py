@@ -19,7 +19,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import Callable, Iterable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable, Iterable
 
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 variant is its own run, labelled "ea" (saturating, the default) or "ea-<variant>"."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..ops import KINDS
 from ..ops.problem import check_variant

@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import platform
 from collections import defaultdict
 from pathlib import Path
 

@@ -6,6 +6,7 @@ run in flight. A line that does not parse (a writer killed mid-line) is dropped 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -13,8 +14,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import UserError
 
@@ -116,12 +118,10 @@ class ResultsStore:
         """Cut a torn last line (no trailing newline, or not JSON) off the file, so appends start on
         a fresh line. Returns the number of bytes removed. Corrupt lines in the middle are left in
         place (the reader skips them)."""
-        last = None
-        for last in self._lines():
-            pass
-        if last is None:
+        last = collections.deque(self._lines(), maxlen=1)
+        if not last:
             return 0
-        number, offset, line = last
+        number, offset, line = last[0]
         if self._parse(line) is not None or not line.strip():
             return 0
         warnings.warn(f"{self.path}:{number}: removing a truncated last record ({len(line)} bytes); "

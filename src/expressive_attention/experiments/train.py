@@ -10,11 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -7,7 +7,7 @@ runs the layer's attention mechanism. `cache.length` is the number of tokens see
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ class KVCache:
         self.length = 0
 
     def _append(self, k: Tensor, v: Tensor) -> None:
-        T, end = k.shape[2], self.length + k.shape[2]
+        end = self.length + k.shape[2]
         if self.k is None or end > self.k.shape[2]:
             cap = max(end, 2 * (0 if self.k is None else self.k.shape[2]), 16)
             new_k = k.new_empty(*k.shape[:2], cap, k.shape[3])

@@ -11,7 +11,7 @@ Inference only: the state update is not differentiable here (train with backend=
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

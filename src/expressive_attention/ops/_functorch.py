@@ -7,7 +7,7 @@ transformed; backends that are torch custom ops or kernels without these rules r
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -13,7 +13,8 @@ call and whose `prefer(problem)` holds (a crossover rule; None: always), the one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -36,7 +36,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -59,7 +58,7 @@ _lock = threading.Lock()
 _STATE: dict = {"module": None, "error": None, "warned": False}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_fingerprint() -> str:
     """Model name and feature flags of this CPU (the build is -march=native)."""
     try:
@@ -70,7 +69,7 @@ def _cpu_fingerprint() -> str:
         return platform.processor() or platform.machine()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -222,7 +221,7 @@ def _ext():
 # out (B, H, L, Ev) in q's dtype; z (B, H, L) the per-row normaliser in the compute dtype.
 
 @torch.library.custom_op("expressive_attention::fused_cpu_fwd", mutates_args=())
-def fused_cpu_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
+def fused_cpu_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
                   scale: float, saturating: bool, eps: float) -> tuple[Tensor, Tensor]:
     out, z = _ext().forward(q, k, v, mask, is_causal, scale, saturating, eps)
     return out, z
@@ -236,7 +235,7 @@ def _(q, k, v, mask, is_causal, scale, saturating, eps):
 
 @torch.library.custom_op("expressive_attention::fused_cpu_bwd", mutates_args=())
 def fused_cpu_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, z: Tensor,
-                  mask: Optional[Tensor], is_causal: bool, scale: float,
+                  mask: Tensor | None, is_causal: bool, scale: float,
                   saturating: bool) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _ext().backward(dout, q, k, v, out, z, mask, is_causal, scale, saturating)
     return dq, dk, dv
