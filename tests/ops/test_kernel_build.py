@@ -149,6 +149,7 @@ def test_every_build_announces_itself(fresh_state, monkeypatch, capsys):
         calls.append(name)
         if len(calls) < 3:
             raise RuntimeError("simulated failure")
+        (Path(kw["build_directory"]) / f"{name}.so").write_bytes(b"")  # what a finished build leaves
         return object()
 
     monkeypatch.setattr(ce, "load", fake_load)
@@ -157,6 +158,12 @@ def test_every_build_announces_itself(fresh_state, monkeypatch, capsys):
         fused_cpu.load_extension()
         err = capsys.readouterr().err
         assert ("building the fused CPU kernel" in err) == expect_message, (len(calls), err)
+    for so in fused_cpu.build_dir().glob("*.so"):  # the library is gone: the next load builds, and says so
+        so.unlink()
+    monkeypatch.setattr(fused_cpu, "_STATE", {"module": None, "error": None, "warned": True})
+    assert not fused_cpu.is_built()
+    fused_cpu.load_extension()
+    assert "building the fused CPU kernel" in capsys.readouterr().err
 
 
 def test_tiny_problems_never_wait_for_a_build(fresh_state, monkeypatch):

@@ -97,9 +97,15 @@ def build_dir() -> Path:
     return root / f"ea_cpu_{h.hexdigest()[:16]}"
 
 
+def _complete(d: Path) -> bool:
+    """A finished build in `d`: the stamp written after it loaded, and the library itself."""
+    return (d / STAMP).exists() and any(d.glob(f"{d.name}*.so"))
+
+
 def is_built() -> bool:
-    """True when the kernel is loaded in this process or its cached build is complete on disk."""
-    return _STATE["module"] is not None or (build_dir() / STAMP).exists()
+    """True when the kernel is loaded in this process or its cached build is complete on disk
+    (never starts a build)."""
+    return _STATE["module"] is not None or _complete(build_dir())
 
 
 def _ensure_ninja_on_path() -> None:
@@ -159,7 +165,8 @@ def _build():
         # We hold the lock, so no live process is building here: torch's `lock` is a killed build's.
         (d / "lock").unlink(missing_ok=True)
         stamp = d / STAMP
-        if not stamp.exists():
+        if not _complete(d):
+            stamp.unlink(missing_ok=True)
             print(f"expressive_attention: building the fused CPU kernel (one time, ~1 min) in {d} ...",
                   file=sys.stderr, flush=True)
         module = load(name=d.name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
