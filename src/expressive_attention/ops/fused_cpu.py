@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._warnings import warn
+from ..diagnostics import warn
 from .backend import Backend
 from .problem import Problem
 from .reference import compute_dtype

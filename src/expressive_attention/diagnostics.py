@@ -1,4 +1,4 @@
-"""Warnings attributed to the user's code: the first frame outside this package and torch."""
+"""Warnings attributed to the user's code (the first frame outside this package and torch): `warn`."""
 from __future__ import annotations
 
 import sys
