@@ -128,9 +128,11 @@ def test_strided_inputs_and_gqa_via_public_api():
     out = expressive_attention(q, k, v, is_causal=True, enable_gqa=True, backend="fused_cpu")
     ref = reference_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), is_causal=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    do = torch.randn_like(out)
+    do = torch.randn(out.shape, generator=g)  # seeded: the global RNG depends on which tests ran before
+    # float32 against float32: causal row 0 attends to one key, where f / (eps + f) amplifies rounding
+    # (max |diff| beyond rtol over 30 seeds of `do`: 1.1e-5, so atol 1e-5 failed for some)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4)
 
 
 def test_auto_prefers_fused_cpu_on_cpu():
