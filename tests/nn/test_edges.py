@@ -15,9 +15,9 @@ def model(**kw):
     return DecoderLM(LMConfig(**base)).eval()
 
 
-@pytest.mark.parametrize("attention", ["ea", "dpa"])
-def test_multihead_attention_with_empty_sequence(attention):
-    mha = MultiheadAttention(32, 4, n_kv_heads=2, attention=attention)
+@pytest.mark.parametrize("kind", ["ea", "dpa"])
+def test_multihead_attention_with_empty_sequence(kind):
+    mha = MultiheadAttention(32, 4, n_kv_heads=2, kind=kind)
     x = torch.randn(2, 0, 32, requires_grad=True)
     y = mha(x, is_causal=True)
     assert y.shape == (2, 0, 32)
