@@ -79,8 +79,21 @@ def _tile(q5, k5, m5, i0, i1, send, scale, variant, is_causal, need_grad):
     return f, fp
 
 
-def _key_end(i1: int, S: int, is_causal: bool) -> int:
-    return min(S, i1) if is_causal else S
+def _row_blocks(n_bh: int, L: int, S: int, is_causal: bool):
+    """(i0, i1, send) per block of query rows [i0, i1) that sees keys [0, send); causal blocks stop at
+    the diagonal, and blocks with no key to see are skipped (their rows stay zero)."""
+    rows = _block_rows(n_bh, L, S)
+    for i0 in range(0, L, rows):
+        i1 = min(L, i0 + rows)
+        send = min(S, i1) if is_causal else S
+        if send > 0:
+            yield i0, i1, send
+
+
+def _compute_views(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, groups: int):
+    """The compute dtype and the 5-D views (`_views`) of q, k, v cast to it."""
+    ct = compute_dtype(q.dtype)
+    return ct, _views(q.to(ct), k.to(ct), v.to(ct), mask, groups)
 
 
 class _BlockedEA(torch.autograd.Function):
@@ -90,16 +103,10 @@ class _BlockedEA(torch.autograd.Function):
     def forward(q, k, v, mask, is_causal, scale, variant, eps, groups):
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
-        ct = compute_dtype(q.dtype)
-        q5, k5, v5, m5 = _views(q.to(ct), k.to(ct), v.to(ct), mask, groups)
+        ct, (q5, k5, v5, m5) = _compute_views(q, k, v, mask, groups)
         out = torch.zeros(B, Hkv, groups, L, Ev, dtype=ct, device=q.device)
         z = torch.ones(B, Hkv, groups, L, 1, dtype=ct, device=q.device)
-        rows = _block_rows(B * H, L, S)
-        for i0 in range(0, L, rows):
-            i1 = min(L, i0 + rows)
-            send = _key_end(i1, S, is_causal)
-            if send == 0:
-                continue
+        for i0, i1, send in _row_blocks(B * H, L, S, is_causal):
             f, _ = _tile(q5, k5, m5, i0, i1, send, scale, variant, is_causal, False)
             zb = f.sum(-1, keepdim=True).add_(eps)
             zb = torch.where(zb > 0, zb, torch.ones_like(zb))
@@ -151,19 +158,13 @@ def _backward(dout, q, k, v, out, z, mask, is_causal, scale, variant, groups):
     """(dq, dk, dv) of `_BlockedEA`; see the module docstring."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
-    ct = compute_dtype(q.dtype)
-    q5, k5, v5, m5 = _views(q.to(ct), k.to(ct), v.to(ct), mask, groups)
+    ct, (q5, k5, v5, m5) = _compute_views(q, k, v, mask, groups)
     do5 = dout.to(ct).reshape(B, Hkv, groups, L, Ev)
     o5 = out.to(ct).view(B, Hkv, groups, L, Ev)
     dq = torch.zeros(B, Hkv, groups, L, E, dtype=ct, device=q.device)
     dk = torch.zeros(B, Hkv, S, E, dtype=ct, device=q.device)
     dv = torch.zeros(B, Hkv, S, Ev, dtype=ct, device=q.device)
-    rows = _block_rows(B * H, L, S)
-    for i0 in range(0, L, rows):
-        i1 = min(L, i0 + rows)
-        send = _key_end(i1, S, is_causal)
-        if send == 0:
-            continue
+    for i0, i1, send in _row_blocks(B * H, L, S, is_causal):
         f, fp = _tile(q5, k5, m5, i0, i1, send, scale, variant, is_causal, True)
         zb = z[..., i0:i1, :]
         do_b = do5[..., i0:i1, :]
