@@ -82,3 +82,36 @@ def test_recurrent_refuses_gradients():
     m = model().train()
     with pytest.raises(RuntimeError, match="inference"):
         m(torch.zeros(1, 3, dtype=torch.long), cache=m.new_cache("recurrent"))
+
+
+def test_cache_kinds_follow_the_protocols(monkeypatch):
+    from expressive_attention.nn import CacheKind, DecodingCache, register_cache_kind
+    from expressive_attention.nn import cache as cache_mod
+
+    m = model()
+    for name, kind in CACHE_KINDS.items():
+        assert isinstance(kind, CacheKind)
+        assert all(isinstance(c, DecodingCache) for c in m.new_cache(name))
+    with pytest.raises(TypeError, match="for_layer"):
+        register_cache_kind("bad", object)
+
+    class Counting(KVCache):  # a third-party kind: the KV cache, counting its calls
+        calls = 0
+
+        def attend(self, q, k, v, attend_fn):
+            Counting.calls += 1
+            return super().attend(q, k, v, attend_fn)
+
+        @staticmethod
+        def state_bytes(cfg, total_len):
+            return 1  # smaller than anything: "auto" must pick it
+
+    monkeypatch.setattr(cache_mod, "CACHE_KINDS", dict(CACHE_KINDS))
+    from expressive_attention.nn import model as model_mod
+
+    monkeypatch.setattr(model_mod, "CACHE_KINDS", cache_mod.CACHE_KINDS)
+    register_cache_kind("counting", Counting)
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    out = m.generate(idx, 2, cache="auto")
+    assert Counting.calls == 2 * len(m.blocks)
+    torch.testing.assert_close(out, m.generate(idx, 2, cache="kv"))

@@ -18,6 +18,7 @@ import torch
 
 from ..extras import has, install_hint
 from ..nn import DecoderLM, MultiheadAttention
+from ..nn.attention import qk_of_call
 from ..ops import KINDS, expressive_weights
 from ..ops.reference import causal_mask, repeat_kv
 
@@ -52,16 +53,16 @@ def attention_geometry(model: DecoderLM, task, n_sequences: int = 128, seed: int
     mods = [m for m in model.modules() if isinstance(m, MultiheadAttention)]
     was = model.training
     model.eval()
-    for m in mods:
-        m.capture = True
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # (q, k) per layer, in call order
+    hooks = [m.register_forward_pre_hook(lambda m, a, kw: captured.append(qk_of_call(m, a, kw)), with_kwargs=True)
+             for m in mods]
     try:
         from .train import _generator
         x, _, _ = task.sample(n_sequences, _generator("eval", seed))
         model(x)
-        captured = [m.captured for m in mods]
     finally:
-        for m in mods:
-            m.capture, m.captured = False, None
+        for h in hooks:
+            h.remove()
         model.train(was)
     cfg = model.cfg
     out = []

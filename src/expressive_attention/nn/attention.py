@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..deprecation import deprecated_alias, reject_unknown, renamed_kwarg
+from ..deprecation import deprecated_alias, reject_unknown, renamed_kwarg, warn_renamed
 from ..ops import KINDS, VARIANTS, BACKENDS, attention
 
 
@@ -71,7 +71,7 @@ class MultiheadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.rope = rope
-        self.capture = False  # when True, forward stores (q, k) in self.captured for analysis
+        self._capture_hook = None  # the deprecated `capture` switch (use a forward pre-hook + qkv())
         self.captured: tuple[Tensor, Tensor] | None = None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: bool = False) -> Tensor:
@@ -82,15 +82,10 @@ class MultiheadAttention(nn.Module):
             is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads, kind=self.kind, **extra,
         )
 
-    def forward(
-        self,
-        x: Tensor,
-        context: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        is_causal: bool = False,
-        cache=None,
-        positions: Tensor | None = None,
-    ) -> Tensor:
+    def qkv(self, x: Tensor, context: Tensor | None = None, positions: Tensor | None = None):
+        """Projections into heads, RoPE applied: q (B, H, T, E), k and v (B, Hkv, S, E); keys and
+        values from `context` (B, S, C) when given, else from x (B, T, C). For analysis (e.g. a
+        forward pre-hook that wants the layer's q and k) and for `forward`."""
         B, T, C = x.shape
         src = x if context is None else context
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
@@ -102,8 +97,19 @@ class MultiheadAttention(nn.Module):
             if positions is None:
                 positions = torch.arange(T, device=x.device)
             q, k = self.rope(q, positions), self.rope(k, positions)
-        if self.capture:
-            self.captured = (q.detach(), k.detach())
+        return q, k, v
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        cache=None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, context, positions)
         if cache is not None:
             if attn_mask is not None or context is not None:
                 raise ValueError("a decoding cache supports causal self-attention only (no attn_mask/context)")
@@ -113,3 +119,31 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
     attention = deprecated_alias("MultiheadAttention", "attention", "kind")
+
+    @property
+    def capture(self) -> bool:
+        """Deprecated: when True, forward stores (q, k) in `captured`. Register a forward pre-hook that
+        calls `qkv()` instead (as experiments.geometry does)."""
+        return self._capture_hook is not None
+
+    @capture.setter
+    def capture(self, on: bool) -> None:
+        warn_renamed("MultiheadAttention", "capture", "a forward pre-hook calling qkv()", stacklevel=2)
+        if on and self._capture_hook is None:
+            self._capture_hook = self.register_forward_pre_hook(_store_qk, with_kwargs=True)
+        elif not on and self._capture_hook is not None:
+            self._capture_hook.remove()
+            self._capture_hook, self.captured = None, None
+
+
+def qk_of_call(module: MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
+    """The (q, k) a forward call of `module` with these arguments computes (detached): for a
+    forward pre-hook registered with `with_kwargs=True`."""
+    bound = dict(zip(("x", "context"), args), **kwargs)
+    with torch.no_grad():
+        q, k, _ = module.qkv(bound["x"], bound.get("context"), bound.get("positions"))
+    return q.detach(), k.detach()
+
+
+def _store_qk(module, args, kwargs):
+    module.captured = qk_of_call(module, args, kwargs)

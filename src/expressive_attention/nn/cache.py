@@ -1,16 +1,44 @@
 """Per-layer decoding caches.
 
-A cache object holds what one attention layer needs of the past and computes attention for new
-tokens: `out = cache.attend(q, k, v, attend_fn)` with q (B, H, T, E) and k/v (B, Hkv, T, E) for the
-T new tokens (RoPE already applied), where `attend_fn(q, k, v, attn_mask=None, is_causal=False)`
-runs the layer's attention mechanism. `cache.length` is the number of tokens seen so far.
+A cache object (`DecodingCache`) holds what one attention layer needs of the past and computes
+attention for new tokens: `out = cache.attend(q, k, v, attend_fn)` with q (B, H, T, E) and k/v
+(B, Hkv, T, E) for the T new tokens (RoPE already applied), where
+`attend_fn(q, k, v, attn_mask=None, is_causal=False)` runs the layer's attention mechanism.
+`cache.length` is the number of tokens seen so far. A cache kind (`CacheKind`, the class registered
+in CACHE_KINDS) builds one cache per layer and says how big its state gets.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+
+@runtime_checkable
+class DecodingCache(Protocol):
+    """One layer's decoding state."""
+
+    length: int
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attend_fn: Callable[..., Tensor]) -> Tensor: ...
+
+    def nbytes(self) -> int: ...
+
+
+@runtime_checkable
+class CacheKind(Protocol):
+    """What CACHE_KINDS holds (usually the cache class itself)."""
+
+    def for_layer(self, layer) -> DecodingCache:
+        """A fresh cache for `layer` (the layer's MultiheadAttention: variant, eps, heads)."""
+        ...
+
+    def state_bytes(self, cfg, total_len: int) -> int | None:
+        """Bytes per sequence (float32) over all layers after `total_len` tokens, or None when this kind
+        does not apply to `cfg` (`generate(cache="auto")` picks the smallest)."""
+        ...
 
 
 class KVCache:
@@ -34,6 +62,10 @@ class KVCache:
         self.k[:, :, self.length : end] = k
         self.v[:, :, self.length : end] = v
         self.length = end
+
+    @classmethod
+    def for_layer(cls, layer) -> "KVCache":
+        return cls()
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attend_fn: Callable[..., Tensor]) -> Tensor:
         past, T = self.length, q.shape[2]
@@ -60,7 +92,13 @@ class KVCache:
         return per_token * self.length
 
 
-# name -> cache class. Construction: cls() or, when cls.takes_layer is True, cls(layer) with the
-# layer's MultiheadAttention. Optional cls.state_bytes(cfg, total_len) -> bytes per sequence, or None
-# when the kind does not apply to cfg: `cache="auto"` picks the smallest.
-CACHE_KINDS: dict[str, Callable[..., object]] = {"kv": KVCache}
+# name -> cache kind (see CacheKind): `cache=name` in DecoderLM.generate / new_cache.
+CACHE_KINDS: dict[str, CacheKind] = {"kv": KVCache}
+
+
+def register_cache_kind(name: str, kind: CacheKind) -> CacheKind:
+    """Add a cache kind (a class with `for_layer` and `state_bytes`, see CacheKind) under `name`."""
+    if not isinstance(kind, CacheKind):
+        raise TypeError(f"a cache kind needs for_layer(layer) and state_bytes(cfg, total_len); got {kind!r}")
+    CACHE_KINDS[name] = kind
+    return kind

@@ -124,8 +124,7 @@ class DecoderLM(nn.Module):
         """One decoding cache per layer (see nn/cache.py); kind is a key of CACHE_KINDS."""
         if kind not in CACHE_KINDS:
             raise ValueError(f"cache kind must be one of {sorted(CACHE_KINDS)}, got {kind!r}")
-        return [CACHE_KINDS[kind](block.attn) if _takes_layer(CACHE_KINDS[kind]) else CACHE_KINDS[kind]()
-                for block in self.blocks]
+        return [CACHE_KINDS[kind].for_layer(block.attn) for block in self.blocks]
 
     def forward(self, idx: Tensor, cache: list | None = None) -> Tensor:
         """idx (B, T) token ids -> logits (B, T, V). With `cache`, idx continues what it holds."""
@@ -214,16 +213,11 @@ def _check_token_ids(idx: Tensor, vocab_size: int) -> None:
         raise ValueError(f"token ids must be in [0, vocab_size={vocab_size}), got values in [{lo}, {hi}]")
 
 
-def _takes_layer(factory) -> bool:
-    return getattr(factory, "takes_layer", False)
-
-
 def choose_cache_kind(cfg: LMConfig, total_len: int) -> str:
     """The `cache="auto"` policy: the KV cache unless a registered cache kind says it is smaller."""
     best, best_size = "kv", KVCache.state_bytes(cfg, total_len)
-    for name, factory in CACHE_KINDS.items():
-        size_fn = getattr(factory, "state_bytes", None)
-        size = None if size_fn is None else size_fn(cfg, total_len)  # None: does not apply to cfg
+    for name, kind in CACHE_KINDS.items():
+        size = kind.state_bytes(cfg, total_len)  # None: does not apply to cfg
         if size is not None and size < best_size:
             best, best_size = name, size
     return best

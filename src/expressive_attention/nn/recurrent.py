@@ -18,25 +18,27 @@ from torch import Tensor
 
 from ..ops.linear import add_to_state, causal_forward, default_chunk, new_state, read_state, with_ones
 from ..ops.reference import compute_dtype
-from .cache import CACHE_KINDS
+from .cache import register_cache_kind
 
 
 class RecurrentEAState:
     """Per-layer decoding state of the exact linear form of EA-squared (cache kind "recurrent")."""
 
-    takes_layer = True  # constructed as RecurrentEAState(layer) by DecoderLM.new_cache
-
     def __init__(self, layer) -> None:
-        if getattr(layer, "kind", None) != "ea" or getattr(layer, "variant", None) != "squared":
+        if layer.kind != "ea" or layer.variant != "squared":
             raise ValueError(
                 "the recurrent cache needs kind='ea' with variant='squared' (got "
-                f"kind={getattr(layer, 'kind', None)!r}, variant={getattr(layer, 'variant', None)!r}): "
+                f"kind={layer.kind!r}, variant={layer.variant!r}): "
                 "only the squared variant has an exact linear (recurrent) form; use cache='kv'"
             )
         self.scale = layer.head_dim**-0.5  # the layer calls attention with scale=None = 1/sqrt(E)
         self.eps = float(layer.eps)
         self.state: Tensor | None = None  # (B * Hkv, E*E, Ev+1), float32 (float64 for float64 models)
         self.length = 0
+
+    @classmethod
+    def for_layer(cls, layer) -> "RecurrentEAState":
+        return cls(layer)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attend_fn: Callable[..., Tensor] | None = None) -> Tensor:
         """q (B, H, T, E), k/v (B, Hkv, T, E|Ev) of the T new tokens -> (B, H, T, Ev). `attend_fn`
@@ -78,11 +80,11 @@ class RecurrentEAState:
     def state_bytes(cfg, total_len: int) -> int | None:
         """Bytes per sequence (float32) over all layers, or None when cfg is not EA-squared.
         Constant in `total_len` (E^2 (E+1) floats per key/value head and layer)."""
-        if getattr(cfg, "kind", None) != "ea" or getattr(cfg, "variant", None) != "squared":
+        if cfg.kind != "ea" or cfg.variant != "squared":
             return None
         n_kv = cfg.n_kv_heads or cfg.n_heads
         E = cfg.d_model // cfg.n_heads
         return cfg.n_layers * n_kv * E * E * (E + 1) * 4
 
 
-CACHE_KINDS["recurrent"] = RecurrentEAState
+register_cache_kind("recurrent", RecurrentEAState)
