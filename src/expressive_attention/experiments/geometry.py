@@ -21,6 +21,7 @@ from ..nn import DecoderLM, MultiheadAttention
 from ..nn.attention import qk_of_call
 from ..ops import KINDS, expressive_weights
 from ..ops.reference import causal_mask, repeat_kv
+from ..tasks import eval_generator
 
 BINS = np.linspace(-1.0, 1.0, 41)
 ANTI, ORTHO, PARA = -0.5, 0.25, 0.5  # cos < -0.5: antiparallel; |cos| < 0.25: orthogonal; > 0.5: parallel
@@ -57,8 +58,7 @@ def attention_geometry(model: DecoderLM, task, n_sequences: int = 128, seed: int
     hooks = [m.register_forward_pre_hook(lambda m, a, kw: captured.append(qk_of_call(m, a, kw)), with_kwargs=True)
              for m in mods]
     try:
-        from .train import _generator
-        x, _, _ = task.sample(n_sequences, _generator("eval", seed))
+        x, _, _ = task.sample(n_sequences, eval_generator(seed))
         model(x)
     finally:
         for h in hooks:
