@@ -57,6 +57,40 @@ MAX_HEAD_DIM = 256
 # Head h reads key/value head h // G. DOT is the dtype tiles enter tl.dot in (`_dot_dtype`).
 
 @_jit
+def _load_tile(ptr, offs_r, offs_c, s_r, s_c, n_r, n_c, DOT: tl.constexpr):
+    """The (rows, cols) tile ptr[offs_r * s_r + offs_c * s_c] in dtype DOT, zero outside [0, n_r) x [0, n_c)."""
+    return tl.load(ptr + offs_r[:, None] * s_r + offs_c[None, :] * s_c,
+                   mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0).to(DOT)
+
+
+@_jit
+def _f_and_fprime(s, SATURATING: tl.constexpr):
+    """f(s) and f'(s) of a float32 score tile. Saturating, with r = 1 / (1 + s^2): f = 1 - r (finite
+    even when s^2 overflows), f' = 2 s r^2; squared: f = s^2, f' = 2 s. (Unused results are dropped
+    by the compiler.)"""
+    if SATURATING:
+        r = 1.0 / (1.0 + s * s)
+        f = 1.0 - r
+        fp = 2.0 * s * r * r
+    else:
+        f = s * s
+        fp = 2.0 * s
+    return f, fp
+
+
+@_jit
+def _keep(offs_m, offs_n, L, S, m_ptr, sml, sms, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Which (row, key) pairs of the tile take part: in range, causal (j <= i), allowed by the mask."""
+    keep = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_MASK:
+        mk = tl.load(m_ptr + offs_m[:, None] * sml + offs_n[None, :] * sms, mask=keep, other=0)
+        keep = keep & (mk != 0)
+    return keep
+
+
+@_jit
 def _fwd(Q, K, V, M, O, Z,
          sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve,
          smb, smh, sml, sms, sob, soh, sol, soe,
@@ -74,8 +108,7 @@ def _fwd(Q, K, V, M, O, Z,
     offs_ev = tl.arange(0, BLOCK_EV)
     row_ok = offs_m < L
     # (BLOCK_M, BLOCK_E)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_e[None, :] * sqe,
-                mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_e, sql, sqe, L, E, DOT)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     m_base = M + b * smb + h * smh
@@ -86,25 +119,11 @@ def _fwd(Q, K, V, M, O, Z,
         end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for n0 in range(0, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < S
-        # (BLOCK_N, BLOCK_E)
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_e[None, :] * ske,
-                    mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
+        k = _load_tile(k_base, offs_n, offs_e, sks, ske, S, E, DOT)  # (BLOCK_N, BLOCK_E)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
-        if SATURATING:  # f = s^2 / (1 + s^2) = 1 - 1 / (1 + s^2): finite even when s^2 overflows
-            f = 1.0 - 1.0 / (1.0 + s * s)
-        else:
-            f = s * s
-        keep = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_MASK:
-            mk = tl.load(m_base + offs_m[:, None] * sml + offs_n[None, :] * sms, mask=keep, other=0)
-            keep = keep & (mk != 0)
-        f = tl.where(keep, f, 0.0)
-        # (BLOCK_N, BLOCK_EV)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_ev[None, :] * sve,
-                    mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0).to(DOT)
+        f, _ = _f_and_fprime(s, SATURATING)
+        f = tl.where(_keep(offs_m, offs_n, L, S, m_base, sml, sms, CAUSAL, HAS_MASK), f, 0.0)
+        v = _load_tile(v_base, offs_n, offs_ev, svs, sve, S, EV, DOT)  # (BLOCK_N, BLOCK_EV)
         if F32_PV:
             acc += tl.dot(f, v.to(tl.float32), input_precision="tf32")
         else:
@@ -135,12 +154,8 @@ def _bwd_dkdv(Q, K, V, M, DO, Z, D, DK, DV,
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
     col_ok = offs_n < S
-    # (BLOCK_N, BLOCK_E)
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_e[None, :] * ske,
-                mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
-    # (BLOCK_N, BLOCK_EV)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_ev[None, :] * sve,
-                mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0).to(DOT)
+    k = _load_tile(K + b * skb + hk * skh, offs_n, offs_e, sks, ske, S, E, DOT)  # (BLOCK_N, BLOCK_E)
+    v = _load_tile(V + b * svb + hk * svh, offs_n, offs_ev, svs, sve, S, EV, DOT)  # (BLOCK_N, BLOCK_EV)
     dk = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_EV), dtype=tl.float32)
     start = 0
@@ -151,27 +166,13 @@ def _bwd_dkdv(Q, K, V, M, DO, Z, D, DK, DV,
         for m0 in range(start, L, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             row_ok = offs_m < L
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_e[None, :] * sqe,
-                        mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_ev[None, :] * sde,
-                         mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0).to(DOT)
+            q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_e, sql, sqe, L, E, DOT)
+            do = _load_tile(DO + b * sdb + h * sdh, offs_m, offs_ev, sdl, sde, L, EV, DOT)
             zr = tl.load(Z + (b * H + h) * L + offs_m, mask=row_ok, other=1.0)
             dr = tl.load(D + (b * H + h) * L + offs_m, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
-            if SATURATING:  # r = 1/(1+s^2): f = 1 - r, f' = 2 s r^2
-                r = 1.0 / (1.0 + s * s)
-                f = 1.0 - r
-                fp = 2.0 * s * r * r
-            else:
-                f = s * s
-                fp = 2.0 * s
-            keep = row_ok[:, None] & col_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            if HAS_MASK:
-                mk = tl.load(M + b * smb + h * smh + offs_m[:, None] * sml + offs_n[None, :] * sms,
-                             mask=keep, other=0)
-                keep = keep & (mk != 0)
+            f, fp = _f_and_fprime(s, SATURATING)
+            keep = _keep(offs_m, offs_n, L, S, M + b * smb + h * smh, sml, sms, CAUSAL, HAS_MASK)
             a = tl.where(keep, f / zr[:, None], 0.0)  # attention weights of the tile
             dv += tl.dot(tl.trans(a).to(Q.dtype.element_ty).to(DOT), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dO_i . v_j
@@ -200,10 +201,8 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
     row_ok = offs_m < L
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_e[None, :] * sqe,
-                mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_ev[None, :] * sde,
-                 mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0).to(DOT)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_e, sql, sqe, L, E, DOT)
+    do = _load_tile(DO + b * sdb + h * sdh, offs_m, offs_ev, sdl, sde, L, EV, DOT)
     zr = tl.load(Z + (b * H + h) * L + offs_m, mask=row_ok, other=1.0)
     dr = tl.load(D + (b * H + h) * L + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * skb + hk * skh
@@ -215,23 +214,11 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
         end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for n0 in range(0, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < S
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_e[None, :] * ske,
-                    mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_ev[None, :] * sve,
-                    mask=col_ok[:, None] & (offs_ev[None, :] < EV), other=0.0).to(DOT)
+        k = _load_tile(k_base, offs_n, offs_e, sks, ske, S, E, DOT)
+        v = _load_tile(v_base, offs_n, offs_ev, svs, sve, S, EV, DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        if SATURATING:
-            r = 1.0 / (1.0 + s * s)
-            fp = 2.0 * s * r * r
-        else:
-            fp = 2.0 * s
-        keep = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_MASK:
-            mk = tl.load(m_base + offs_m[:, None] * sml + offs_n[None, :] * sms, mask=keep, other=0)
-            keep = keep & (mk != 0)
+        _, fp = _f_and_fprime(s, SATURATING)
+        keep = _keep(offs_m, offs_n, L, S, m_base, sml, sms, CAUSAL, HAS_MASK)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = tl.where(keep, (dp - dr[:, None]) / zr[:, None] * fp * scale, 0.0)
         dq += tl.dot(ds.to(Q.dtype.element_ty).to(DOT), k, input_precision=PRECISION)
