@@ -64,6 +64,17 @@ def _load_tile(ptr, offs_r, offs_c, s_r, s_c, n_r, n_c, DOT: tl.constexpr):
 
 
 @_jit
+def _query_block(G, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr):
+    """This program's query block (grid: query blocks x H x B): block index, head h, batch b, its
+    key/value head h // G, and the row / feature / value-feature offsets."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_m, h, b, h // G, offs_m, tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_EV)
+
+
+@_jit
 def _f_and_fprime(s, SATURATING: tl.constexpr):
     """f(s) and f'(s) of a float32 score tile. Saturating, with r = 1 / (1 + s^2): f = 1 - r (finite
     even when s^2 overflows), f' = 2 s r^2; squared: f = s^2, f' = 2 s. (Unused results are dropped
@@ -99,13 +110,7 @@ def _fwd(Q, K, V, M, O, Z,
          F32_PV: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
          BLOCK_EV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    hk = h // G
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
+    pid_m, h, b, hk, offs_m, offs_e, offs_ev = _query_block(G, BLOCK_M, BLOCK_E, BLOCK_EV)
     row_ok = offs_m < L
     # (BLOCK_M, BLOCK_E)
     q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_e, sql, sqe, L, E, DOT)
@@ -193,13 +198,7 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
             PRECISION: tl.constexpr, DOT: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
             BLOCK_EV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    hk = h // G
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
+    pid_m, h, b, hk, offs_m, offs_e, offs_ev = _query_block(G, BLOCK_M, BLOCK_E, BLOCK_EV)
     row_ok = offs_m < L
     q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_e, sql, sqe, L, E, DOT)
     do = _load_tile(DO + b * sdb + h * sdh, offs_m, offs_ev, sdl, sde, L, EV, DOT)
