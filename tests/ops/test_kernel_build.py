@@ -132,6 +132,17 @@ def test_build_dir_is_stable_across_loading_the_kernel():
     assert fused_cpu.is_built()
 
 
+def test_the_build_names_no_checkout_path():
+    # Checkouts with the same source share a build folder: the build must compile the folder's own copy,
+    # or build.ninja would name each checkout's path in turn and every checkout would rebuild the others'.
+    assert fused_cpu.is_available()
+    d = fused_cpu.build_dir()
+    ninja = (d / "build.ninja").read_text()
+    assert str(fused_cpu.SOURCE) not in ninja
+    assert str(d / fused_cpu.SOURCE.name) in ninja
+    assert (d / fused_cpu.SOURCE.name).read_bytes() == fused_cpu.SOURCE.read_bytes()
+
+
 @pytest.fixture
 def fresh_state(monkeypatch, tmp_path):
     """A process that has not loaded the kernel, with an empty cache folder."""

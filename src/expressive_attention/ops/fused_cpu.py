@@ -169,7 +169,12 @@ def _build():
             stamp.unlink(missing_ok=True)
             print(f"expressive_attention: building the fused CPU kernel (one time, ~1 min) in {d} ...",
                   file=sys.stderr, flush=True)
-        module = load(name=d.name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+        # Compile a copy kept in the build folder: the generated build.ninja then names the same path
+        # for every checkout whose source has these bytes, so two checkouts never rebuild each other.
+        source = d / SOURCE.name
+        if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
+            shutil.copyfile(SOURCE, source)
+        module = load(name=d.name, sources=[str(source)], extra_cflags=list(CFLAGS),
                       extra_ldflags=list(LDFLAGS), build_directory=str(d), verbose=False)
         stamp.write_text("\n".join(f"{k}: {v}" for k, v in build_key().items()) + "\n")
     return module
