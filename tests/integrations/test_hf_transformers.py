@@ -412,3 +412,62 @@ def test_table_gemma2_needs_softcapping_off():
 def test_table_unrouted_architectures_are_refused(model_type):
     with pytest.raises(eah.UnsupportedModelError, match="keep softmax"):
         AutoModelForCausalLM.from_config(_auto_config(model_type), attn_implementation="expressive")
+
+
+@pytest.mark.parametrize("name,variant,power", [("expressive_power4", "power", 4.0),
+                                                ("expressive_exp_squared", "exp_squared", None)])
+def test_higher_contrast_names_run_the_library_op(name, variant, power):
+    eah.register()
+    assert eah.registered()[name] == eah.Spec(variant, 1e-6, "auto", power)
+    q, k, v = _qkv()
+    out, w = _fn(name)(torch.nn.Module(), q, k, v, None, scaling=0.3, output_attentions=True)
+    ref = expressive_attention(q, k, v, is_causal=True, scale=0.3, variant=variant, power=power, backend="reference")
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+    torch.testing.assert_close(out, (w @ v).transpose(1, 2))
+    # a model switched to the name runs it in every layer, and the logits differ from the paper's EA
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=32)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=name).eval()
+    assert eah.verify(model) == 2
+    ids = tokens(1, 8)
+    a = model(input_ids=ids).logits
+    model.set_attn_implementation("expressive")
+    assert (a - model(input_ids=ids).logits).abs().max() > 1e-4
+
+
+def test_register_power_checks_its_degree():
+    assert eah.register("expressive_power6", variant="power", power=6) == "expressive_power6"
+    assert eah.registered()["expressive_power6"].power == 6.0
+    with pytest.raises(ValueError, match="power"):
+        eah.register("expressive_power_bad", variant="power", power=0.1)
+    with pytest.raises(ValueError, match="power"):
+        eah.register("expressive_sat_power", variant="saturating", power=4)
+
+
+@pytest.mark.parametrize("kind,variant", [("ea", "exp_squared"), ("dpa", "saturating")])
+def test_learned_score_gain(kind, variant):
+    name = f"gain_test_{kind}"
+    eah.register(name, kind=kind, variant=variant, learn_scale=True)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=name).eval()
+    ids = tokens(1, 8)
+    with pytest.raises(eah.UnsupportedAttentionError, match="add_score_gain"):
+        model(input_ids=ids)
+    assert eah.add_score_gain(model) == 2 and eah.add_score_gain(model) == 2  # idempotent
+    assert sum(n.endswith("score_log_gain") for n, _ in model.named_parameters()) == 2
+    # gain 0 = the plain mechanism, exactly
+    plain = "sdpa" if kind == "dpa" else "expressive_exp_squared"
+    eah.register()
+    a = model(input_ids=ids).logits
+    model.set_attn_implementation(plain)
+    torch.testing.assert_close(model(input_ids=ids).logits, a, atol=1e-5, rtol=1e-5)
+    model.set_attn_implementation(name)
+    a.square().sum().backward()  # logits of the gained model: the gain gets a gradient
+    for mod in model.modules():
+        if hasattr(mod, "score_log_gain"):
+            mod.score_log_gain.data.fill_(1.5)
+    assert (model(input_ids=ids).logits - a).abs().max() > 1e-4
+    grads = [m.score_log_gain.grad for m in model.modules() if hasattr(m, "score_log_gain")]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)

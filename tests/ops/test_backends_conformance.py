@@ -9,11 +9,10 @@ import torch
 from attention_inputs import MASK_KINDS, assert_matches, make_qkv, mask_kwargs
 
 from expressive_attention import expressive_attention
-from expressive_attention.ops import BACKENDS
+from expressive_attention.ops import BACKENDS, VARIANTS  # every variant (power at its default degree)
 from expressive_attention.ops.problem import normalise
 
 ALL = [*BACKENDS, "auto"]  # every registered backend, and the policy
-VARIANTS = ("saturating", "squared")
 
 
 def refusal(backend, q, k, v, variant, kw) -> "str | None":

@@ -28,12 +28,12 @@ ANTI, ORTHO, PARA = -0.5, 0.25, 0.5  # cos < -0.5: antiparallel; |cos| < 0.25: o
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, kind: str, variant: str = "saturating",
-                      eps: float = 1e-6) -> torch.Tensor:
+                      eps: float = 1e-6, power: float | None = None) -> torch.Tensor:
     """Causal attention weights (B, H, T, T) as the model computes them; q (B,H,T,E), k (B,Hkv,T,E).
     EA: the library's own weights (ops.expressive_weights); DPA: softmax of the scaled scores."""
     k = repeat_kv(k, q.shape[1] // k.shape[1])
     if kind == "ea":
-        return expressive_weights(q, k, is_causal=True, variant=variant, eps=eps)
+        return expressive_weights(q, k, is_causal=True, variant=variant, eps=eps, power=power)
     if kind != "dpa":
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     T = q.shape[-2]
@@ -67,7 +67,7 @@ def attention_geometry(model: DecoderLM, task, n_sequences: int = 128, seed: int
     cfg = model.cfg
     out = []
     for layer, (q, k) in enumerate(captured):
-        a = attention_weights(q, k, cfg.kind, cfg.variant, cfg.eps)  # (B, H, T, T)
+        a = attention_weights(q, k, cfg.kind, cfg.variant, cfg.eps, cfg.power)  # (B, H, T, T)
         kk = repeat_kv(k, q.shape[1] // k.shape[1])
         cos = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(kk, dim=-1).transpose(-1, -2)
         T = q.shape[-2]

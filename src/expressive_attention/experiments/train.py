@@ -23,12 +23,14 @@ from .. import __version__
 from ..deprecation import rename_keys, renamed_fields
 from ..nn import DecoderLM, LMConfig
 from ..ops import KINDS
+from ..ops.reference import resolve_power
 from .kinds import kind_label
 from .results import config_key
 
 # The results key hashes the config under the field names it had when results files were first
 # written: a renamed field keeps its old name in the hash, so existing results.jsonl files resume.
 _KEY_NAMES = {"kind": "attention"}
+_OPTIONAL_FIELDS = ("power", "qk_norm", "learn_scale")  # left out of to_dict() when off
 
 
 @renamed_fields(attention="kind")
@@ -40,6 +42,9 @@ class RunConfig:
     task_params: dict = field(default_factory=dict)
     kind: str = "ea"  # the mechanism: "ea" or "dpa" (deprecated name: attention)
     variant: str | None = "saturating"  # EA variant; None for dpa
+    power: float | None = None  # degree of variant="power" (None: 4)
+    qk_norm: bool = False  # RMSNorm of each head's q and k (EA and DPA)
+    learn_scale: bool = False  # learned per-head score gain (EA and DPA)
     # model
     d_model: int = 64
     n_layers: int = 2
@@ -66,6 +71,10 @@ class RunConfig:
             self.variant = None  # DPA has no variant: keeps dpa configs (and keys) unique
         elif self.variant is None:
             self.variant = "saturating"
+        if self.kind == "dpa" and self.power is not None:
+            raise ValueError(f"power={self.power!r} applies to kind='ea' (variant='power') only")
+        if self.kind == "ea":
+            self.power = resolve_power(self.variant, self.power)
         if self.steps is not None and self.tokens is not None:
             raise ValueError("give steps or tokens, not both")
         if self.steps is None and self.tokens is None:
@@ -87,12 +96,19 @@ class RunConfig:
     @property
     def label(self) -> str:
         """The run's mechanism as one label: "dpa", "ea" (saturating) or "ea-<variant>" (stored as
-        "kind" in results records and summary.csv, as before the rename)."""
-        return kind_label(self.kind, self.variant)
+        "kind" in results records and summary.csv, as before the rename); "ea-power<p>" for the
+        power variant, "+qknorm" / "+gain" when those options are on."""
+        label = f"ea-power{self.power:g}" if self.variant == "power" else kind_label(self.kind, self.variant)
+        return label + ("+qknorm" if self.qk_norm else "") + ("+gain" if self.learn_scale else "")
 
     def to_dict(self) -> dict:
+        """The config as a dict; the options added for the real-text study (power, qk_norm,
+        learn_scale) appear only when set, so every earlier config keeps its results-file key."""
         d = dataclasses.asdict(self)
         d["betas"] = list(d["betas"])
+        for name in _OPTIONAL_FIELDS:
+            if d[name] is None or d[name] is False:
+                del d[name]
         return d
 
     @classmethod
@@ -132,7 +148,8 @@ def build_model(cfg: RunConfig, task) -> DecoderLM:
     """The run's model for `task` (unseeded: `build` seeds it)."""
     lm = LMConfig(vocab_size=task.vocab_size, context_length=task.seq_len, d_model=cfg.d_model,
                   n_layers=cfg.n_layers, n_heads=cfg.n_heads, pos=cfg.pos, kind=cfg.kind,
-                  variant=cfg.variant or "saturating")
+                  variant=cfg.variant or "saturating", power=cfg.power, qk_norm=cfg.qk_norm,
+                  learn_scale=cfg.learn_scale)
     return DecoderLM(lm)
 
 

@@ -5,9 +5,15 @@
     model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="expressive")
     model.set_attn_implementation("expressive_squared")   # or back to "sdpa"
 
-Registered names (``register()``): ``"expressive"`` (f(s) = s^2/(1+s^2)) and ``"expressive_squared"``
-(f(s) = s^2), both with eps=1e-6. ``register("my_name", variant=..., eps=..., backend=...)`` adds
-more. Every model whose attention goes through transformers' ``AttentionInterface`` then runs EA
+Registered names (``register()``): ``"expressive"`` (f(s) = s^2/(1+s^2), the paper's EA),
+``"expressive_squared"`` (f(s) = s^2), ``"expressive_power4"`` (f(s) = |s|^4) and
+``"expressive_exp_squared"`` (f(s) = exp(s^2)), all with eps=1e-6.
+``register("my_name", variant=..., power=..., eps=..., backend=...)`` adds more.
+
+A learned per-head sharpness (a gain exp(g_h) on the scores, g_h = 0 at init) for EA and for
+softmax alike: ``register("ea_exp2_gain", variant="exp_squared", learn_scale=True)`` or
+``register("softmax_gain", kind="dpa", learn_scale=True)``, then ``add_score_gain(model)`` once
+before building the optimizer (it adds a ``score_log_gain`` parameter to each attention module). Every model whose attention goes through transformers' ``AttentionInterface`` then runs EA
 in every attention layer, in training and in ``generate()`` with the KV cache.
 
 How the pieces fit (transformers 5.x):
@@ -42,6 +48,7 @@ from torch import Tensor
 
 from ..ops import expressive_attention, expressive_weights
 from ..ops.problem import check_variant, repeat_kv
+from ..ops.reference import resolve_power
 
 try:
     import transformers
@@ -54,7 +61,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
-DEFAULT_NAMES = {"expressive": "saturating", "expressive_squared": "squared"}
+# name -> (variant, power)
+DEFAULT_NAMES = {"expressive": ("saturating", None), "expressive_squared": ("squared", None),
+                 "expressive_power4": ("power", 4.0), "expressive_exp_squared": ("exp_squared", None)}
 _FORBIDDEN = ("flash", "sdpa", "flex", "eager", "paged", "/", ":", "@")
 # kwargs some models pass that have no meaning once softmax is replaced
 _UNSUPPORTED = {
@@ -65,6 +74,7 @@ _UNSUPPORTED = {
 }
 
 
+GAIN_PARAMETER = "score_log_gain"
 _ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
@@ -81,6 +91,9 @@ class Spec:
     variant: str
     eps: float
     backend: str
+    power: float | None = None  # the degree of variant="power"
+    kind: str = "ea"  # "dpa": softmax (SDPA), for a like-for-like learned gain
+    learn_scale: bool = False  # scores times exp(module.score_log_gain[h]) (see add_score_gain)
 
 
 _REGISTRY: dict[str, Spec] = {}
@@ -164,22 +177,56 @@ def _make_forward(name: str, spec: Spec):
             causal = causal and Lq > 1
             if causal and S > Lq:  # empty static-cache prefill: top-left causal never reaches them
                 key, value = key[:, :, :Lq], value[:, :, :Lq]
+        if spec.learn_scale:
+            query = query * _score_gain(module, name, query.shape[1]).to(query.dtype)[:, None, None]
+        if spec.kind == "dpa":
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal, scale=scaling,
+                enable_gqa=query.shape[1] != key.shape[1])
+            return out.transpose(1, 2).contiguous(), None
         out = expressive_attention(
             query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal,
             scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
-            variant=spec.variant, eps=spec.eps, backend=spec.backend,
+            variant=spec.variant, eps=spec.eps, backend=spec.backend, power=spec.power,
         )  # (B, Hq, Lq, Ev)
         weights = None
         if kwargs.get("output_attentions"):
             g = query.shape[1] // key.shape[1]
             weights = expressive_weights(
-                query, repeat_kv(key, g), mask, causal, scaling, variant=spec.variant, eps=spec.eps
+                query, repeat_kv(key, g), mask, causal, scaling, variant=spec.variant, eps=spec.eps,
+                power=spec.power,
             ).to(query.dtype)
         return out.transpose(1, 2).contiguous(), weights
 
     expressive_attention_forward.__name__ = f"expressive_attention_forward[{name}]"
     expressive_attention_forward.spec = spec
     return expressive_attention_forward
+
+
+def _score_gain(module: torch.nn.Module, name: str, heads: int) -> Tensor:
+    gain = getattr(module, GAIN_PARAMETER, None)
+    if gain is None:
+        raise UnsupportedAttentionError(
+            f"attn_implementation={name!r} learns a per-head score gain: call add_score_gain(model) first")
+    if gain.shape != (heads,):
+        raise UnsupportedAttentionError(f"{GAIN_PARAMETER} has shape {tuple(gain.shape)}, expected ({heads},)")
+    return gain.exp()
+
+
+def add_score_gain(model: PreTrainedModel) -> int:
+    """Add a learned per-head log gain ``score_log_gain`` (num_attention_heads,), zeros, to every
+    attention module of ``model`` (idempotent); returns how many modules have one. Used by names
+    registered with ``learn_scale=True``; call it before building the optimizer."""
+    heads = model.config.num_attention_heads
+    mods = [m for m in model.modules()
+            if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "head_dim")]
+    if not mods:
+        raise UnsupportedModelError(f"{type(model).__name__}: no attention modules with layer_idx/head_dim found")
+    p = next(model.parameters())
+    for m in mods:
+        if getattr(m, GAIN_PARAMETER, None) is None:
+            m.register_parameter(GAIN_PARAMETER, torch.nn.Parameter(torch.zeros(heads, device=p.device)))
+    return len(mods)
 
 
 # ---------------------------------------------------------------- guard for old architectures
@@ -252,26 +299,36 @@ def _check_name(name: str) -> None:
 
 
 def register(
-    name: str | None = None, *, variant: str = "saturating", eps: float = 1e-6, backend: str = "auto"
+    name: str | None = None, *, variant: str = "saturating", eps: float = 1e-6, backend: str = "auto",
+    power: float | None = None, kind: str = "ea", learn_scale: bool = False,
 ) -> str:
     """Register expressive attention with transformers; returns the implementation name.
 
-    ``register()`` registers ``"expressive"`` (saturating) and ``"expressive_squared"``; with a
-    name it registers that one with the given ``variant``, ``eps`` and op ``backend``. Calling it
+    ``register()`` registers the names in ``DEFAULT_NAMES`` ("expressive" = the paper's saturating
+    EA, "expressive_squared", "expressive_power4", "expressive_exp_squared"); with a name it
+    registers that one with the given ``variant`` (and ``power`` for variant="power"), ``eps``
+    and op ``backend``; ``kind="dpa"`` registers softmax attention instead (with ``learn_scale``,
+    the like-for-like baseline of a learned EA gain); ``learn_scale=True`` multiplies each head's
+    scores by a learned gain (see `add_score_gain`). Calling it
     again with the same settings does nothing; the same name with other settings raises.
     """
     _check_transformers_version()
     if name is None:
-        for n, v in DEFAULT_NAMES.items():
-            register(n, variant=v)
+        for n, (v, p) in DEFAULT_NAMES.items():
+            register(n, variant=v, power=p)
         return "expressive"
     _check_name(name)
     check_variant(variant)
+    power = resolve_power(variant, power)
+    if kind not in ("ea", "dpa"):
+        raise ValueError(f"kind must be 'ea' or 'dpa', got {kind!r}")
+    if kind == "dpa" and (variant, power, backend) != ("saturating", None, "auto"):
+        raise ValueError("variant/power/backend apply to kind='ea' only")
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    spec = Spec(variant, float(eps), backend)
+    spec = Spec(variant, float(eps), backend, power, kind, bool(learn_scale))
     if name in _REGISTRY:
         if _REGISTRY[name] != spec:
             raise ValueError(f"name={name!r} is already registered as {_REGISTRY[name]}, not {spec}")

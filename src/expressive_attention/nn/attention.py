@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..deprecation import deprecated_alias, reject_unknown, renamed_kwarg, warn_renamed
 from ..ops import KINDS, VARIANTS, BACKENDS, attention
+from ..ops.reference import resolve_power
 
 
 class RotaryEmbedding(nn.Module):
@@ -32,6 +33,12 @@ class MultiheadAttention(nn.Module):
 
     forward(x (B, T, C), context (B, S, C) | None) -> (B, T, C). With `context`, keys and values come
     from it (cross-attention); otherwise from x. GQA when n_kv_heads < n_heads.
+
+    Options for both mechanisms (off by default; off adds no parameters and changes nothing):
+    ``qk_norm`` RMS-normalises each head's q and k (learned per-feature weight, as in Qwen3) before
+    RoPE; ``learn_scale`` multiplies each head's scores by a learned gain exp(g_h) (g_h = 0 at init):
+    a temperature for DPA, a sharpness for EA's "saturating" / "exp_squared" (the "power" variant
+    is scale-invariant, so the gain does nothing there). ``power`` is the degree of variant="power".
     """
 
     def __init__(
@@ -47,6 +54,9 @@ class MultiheadAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = False,
         rope: RotaryEmbedding | None = None,
+        power: float | None = None,
+        qk_norm: bool = False,
+        learn_scale: bool = False,
         **deprecated,
     ):
         super().__init__()
@@ -61,22 +71,34 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if kind == "dpa" and power is not None:
+            raise ValueError(f"power={power!r} applies to kind='ea' (variant='power') only")
+        power = resolve_power(variant, power) if kind == "ea" else None
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
         self.kind, self.variant, self.eps, self.backend = kind, variant, eps, backend
+        self.power = power
         self.dropout = dropout
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.rope = rope
+        if qk_norm:  # (Qwen3-style) per-head RMSNorm of q and k
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        if learn_scale:  # per-head log gain of the scores, 0 = the default scale
+            self.log_gain = nn.Parameter(torch.zeros(n_heads))
+        self.qk_norm, self.learn_scale = bool(qk_norm), bool(learn_scale)
         self._capture_hook = None  # the deprecated `capture` switch (use a forward pre-hook + qkv())
         self.captured: tuple[Tensor, Tensor] | None = None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: bool = False) -> Tensor:
         """The configured mechanism on (B, H, L, E) / (B, Hkv, S, E) tensors."""
-        extra = dict(variant=self.variant, eps=self.eps, backend=self.backend) if self.kind == "ea" else {}
+        extra = {}
+        if self.kind == "ea":
+            extra = dict(variant=self.variant, eps=self.eps, backend=self.backend, power=self.power)
         return attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads, kind=self.kind, **extra,
@@ -91,6 +113,10 @@ class MultiheadAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
         k = self.k_proj(src).view(B, src.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(src).view(B, src.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.learn_scale:  # scores scale with q: s_h = exp(g_h) * scale * q.k
+            q = q * self.log_gain.exp().to(q.dtype)[:, None, None]
         if self.rope is not None:
             if context is not None:
                 raise ValueError("RoPE applies to self-attention only; pass rope=None for cross-attention")

@@ -27,7 +27,10 @@ class LMConfig:
     n_kv_heads: int | None = None  # GQA when smaller than n_heads
     pos: str = "learned"  # "learned" absolute positions or "rope"
     kind: str = "ea"  # the mechanism: "ea" or "dpa" (deprecated name: attention)
-    variant: str = "saturating"  # EA variant: "saturating" or "squared"
+    variant: str = "saturating"  # EA variant: "saturating", "squared", "power", "exp_squared"
+    power: float | None = None  # degree of variant="power" (None: 4)
+    qk_norm: bool = False  # RMSNorm of each head's q and k (EA and DPA)
+    learn_scale: bool = False  # learned per-head score gain (EA and DPA)
     eps: float = 1e-6
     backend: str = "auto"  # EA backend
     dropout: float = 0.0
@@ -79,6 +82,7 @@ class Block(nn.Module):
         self.attn = MultiheadAttention(
             cfg.d_model, cfg.n_heads, cfg.n_kv_heads, kind=cfg.kind, variant=cfg.variant,
             eps=cfg.eps, backend=cfg.backend, dropout=cfg.dropout, bias=cfg.bias, rope=rope,
+            power=cfg.power, qk_norm=cfg.qk_norm, learn_scale=cfg.learn_scale,
         )
         self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg)

@@ -9,6 +9,10 @@ The backward is flash-attention shaped. With a_ij = f_ij / Z_i and D_i = dO_i . 
     dF_ij = (dO_i . v_j - D_i) / Z_i,   dS = f'(S) * dF,   dq = scale dS k,   dk = scale dS^T q,
     dv = a^T dO.
 
+For variant="power" / "exp_squared" each tile row is divided by the row's largest allowed f
+(a tile holds every key of its rows), and eps by the same constant; backward recomputes the
+same constant, so Z and f' are in the same units and the formulas above hold unchanged.
+
 GQA is native: query heads are viewed as (Hkv, G) groups against one key/value head.
 """
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import Tensor
 
 from ._functorch import fold_vmap
 from .backend import Backend
-from .reference import compute_dtype
+from .reference import compute_dtype, row_scaled_f
 
 if TYPE_CHECKING:
     from .problem import Problem
@@ -60,23 +64,43 @@ def _views(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, groups: int):
     return q5, k5, v5, m5
 
 
-def _tile(q5, k5, m5, i0, i1, send, scale, variant, is_causal, need_grad):
-    """f (and f') of the tile rows [i0, i1) x keys [0, send), masked keys zeroed."""
+def _tile(q5, k5, m5, i0, i1, send, scale, variant, power, is_causal, need_grad):
+    """Rows [i0, i1) x keys [0, send): (f, f', eps_factor) with masked keys zeroed. For "power" and
+    "exp_squared" f and f' are divided by a per-row constant r (see reference.row_scaled_f) and
+    eps_factor (rows, 1) = 1 / r multiplies eps in the normaliser; else eps_factor is None."""
     s = torch.matmul(q5[..., i0:i1, :], k5[..., :send, :].transpose(-1, -2)).mul_(scale)
-    f, fp = _f_and_grad(s, variant, need_grad)
     keep = None
     if m5 is not None:
         keep = m5[..., :send] if m5.shape[-2] == 1 else m5[..., i0:i1, :send]
     if is_causal and send > i0:
-        diag = torch.ones(i1 - i0, send - i0, dtype=torch.bool, device=f.device).tril()
-        causal = torch.ones(i1 - i0, send, dtype=torch.bool, device=f.device)
+        diag = torch.ones(i1 - i0, send - i0, dtype=torch.bool, device=s.device).tril()
+        causal = torch.ones(i1 - i0, send, dtype=torch.bool, device=s.device)
         causal[:, i0:] = diag
         keep = causal if keep is None else keep & causal
+    if variant in ("saturating", "squared"):
+        f, fp = _f_and_grad(s, variant, need_grad)
+        eps_factor = None
+    else:
+        f, fp, eps_factor = _scaled_f_and_grad(s, keep, variant, power, need_grad)
     if keep is not None:
         f = f.masked_fill_(~keep, 0.0)
         if fp is not None:
             fp = fp.masked_fill_(~keep, 0.0)
-    return f, fp
+    return f, fp, eps_factor
+
+
+def _scaled_f_and_grad(s: Tensor, keep: Tensor | None, variant: str, power: float, need_grad: bool):
+    """g = f / r and g' = f' / r for the row-rescaled variants, and 1 / r (rows, 1)."""
+    keep_b = None if keep is None else keep.expand(s.shape)
+    g, log_r = row_scaled_f(s, keep_b, variant, power)
+    fp = None
+    if need_grad:
+        if variant == "power":  # d/ds (|s| / m)^p = p g / s  (0 where s = 0 since p >= 1)
+            m = (log_r / power).exp()
+            fp = (s.abs() / m).pow(power - 1.0).mul_(torch.sign(s)).div_(m).mul_(power)
+        else:  # exp_squared: d/ds exp(s^2 - M) = 2 s g
+            fp = s.mul(g).mul_(2.0)
+    return g, fp, (-log_r).exp()
 
 
 def _row_blocks(n_bh: int, L: int, S: int, is_causal: bool):
@@ -100,15 +124,16 @@ class _BlockedEA(torch.autograd.Function):
     """(q, k, v, mask, ...) -> (out (B, H, L, Ev), z (B, Hkv, G, L, 1) the row normalisers)."""
 
     @staticmethod
-    def forward(q, k, v, mask, is_causal, scale, variant, eps, groups):
+    def forward(q, k, v, mask, is_causal, scale, variant, eps, groups, power=None):
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
         ct, (q5, k5, v5, m5) = _compute_views(q, k, v, mask, groups)
         out = torch.zeros(B, Hkv, groups, L, Ev, dtype=ct, device=q.device)
         z = torch.ones(B, Hkv, groups, L, 1, dtype=ct, device=q.device)
         for i0, i1, send in _row_blocks(B * H, L, S, is_causal):
-            f, _ = _tile(q5, k5, m5, i0, i1, send, scale, variant, is_causal, False)
-            zb = f.sum(-1, keepdim=True).add_(eps)
+            f, _, eps_factor = _tile(q5, k5, m5, i0, i1, send, scale, variant, power, is_causal, False)
+            zb = f.sum(-1, keepdim=True)
+            zb = zb.add_(eps) if eps_factor is None else zb.add_(eps_factor.mul_(eps))
             zb = torch.where(zb > 0, zb, torch.ones_like(zb))
             out[..., i0:i1, :] = torch.matmul(f, v5[..., :send, :]).div_(zb)
             z[..., i0:i1, :] = zb
@@ -116,11 +141,11 @@ class _BlockedEA(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, mask, is_causal, scale, variant, eps, groups = inputs
+        q, k, v, mask, is_causal, scale, variant, eps, groups, power = inputs
         out, z = output
         ctx.mark_non_differentiable(z)
         ctx.save_for_backward(q, k, v, out, z, mask)
-        ctx.args = (is_causal, scale, variant, eps, groups)
+        ctx.args = (is_causal, scale, variant, eps, groups, power)
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -130,15 +155,15 @@ class _BlockedEA(torch.autograd.Function):
     def backward(ctx, dout, _dz):
         q, k, v, out, z, mask = ctx.saved_tensors
         dq, dk, dv = _BlockedBackward.apply(dout, q, k, v, out, z, mask, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 class _BlockedBackward(torch.autograd.Function):
     """The backward as a function of its own, so torch.func can vmap it (per-sample gradients)."""
 
     @staticmethod
-    def forward(dout, q, k, v, out, z, mask, is_causal, scale, variant, eps, groups):
-        return _backward(dout, q, k, v, out, z, mask, is_causal, scale, variant, groups)
+    def forward(dout, q, k, v, out, z, mask, is_causal, scale, variant, eps, groups, power=None):
+        return _backward(dout, q, k, v, out, z, mask, is_causal, scale, variant, groups, power)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -154,7 +179,7 @@ class _BlockedBackward(torch.autograd.Function):
                            "use backend='reference' for higher-order gradients")
 
 
-def _backward(dout, q, k, v, out, z, mask, is_causal, scale, variant, groups):
+def _backward(dout, q, k, v, out, z, mask, is_causal, scale, variant, groups, power=None):
     """(dq, dk, dv) of `_BlockedEA`; see the module docstring."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
@@ -165,7 +190,7 @@ def _backward(dout, q, k, v, out, z, mask, is_causal, scale, variant, groups):
     dk = torch.zeros(B, Hkv, S, E, dtype=ct, device=q.device)
     dv = torch.zeros(B, Hkv, S, Ev, dtype=ct, device=q.device)
     for i0, i1, send in _row_blocks(B * H, L, S, is_causal):
-        f, fp = _tile(q5, k5, m5, i0, i1, send, scale, variant, is_causal, True)
+        f, fp, _ = _tile(q5, k5, m5, i0, i1, send, scale, variant, power, is_causal, True)
         zb = z[..., i0:i1, :]
         do_b = do5[..., i0:i1, :]
         a = f.div_(zb)  # attention weights of the tile
@@ -181,7 +206,7 @@ def _backward(dout, q, k, v, out, z, mask, is_causal, scale, variant, groups):
 
 def blocked_attention(p: "Problem") -> Tensor:
     """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
-    return _BlockedEA.apply(p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant, p.eps, p.groups)[0]
+    return _BlockedEA.apply(p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant, p.eps, p.groups, p.power)[0]
 
 
 def _not_tiny(p: "Problem") -> bool:

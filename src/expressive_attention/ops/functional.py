@@ -23,6 +23,7 @@ def expressive_attention(
     variant: str = "saturating",
     eps: float = 1e-6,
     backend: str = "auto",
+    power: float | None = None,
 ) -> Tensor:
     """Expressive attention (Gros, arXiv 2407.18601), a drop-in for `F.scaled_dot_product_attention`.
 
@@ -30,6 +31,7 @@ def expressive_attention(
 
         out_i = sum_j a_ij v_j,   a_ij = f(s_ij) / (eps + sum_l f(s_il))
         f(s) = s^2 / (1 + s^2)  (variant="saturating", default)   or   s^2  (variant="squared")
+        f(s) = |s|^p  (variant="power", p = ``power``, default 4)   or   exp(s^2)  (variant="exp_squared")
 
     Args mirror SDPA: query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev);
     ``attn_mask`` boolean broadcastable to (..., L, S), True = take part (a float mask raises
@@ -38,10 +40,11 @@ def expressive_attention(
     ``dropout_p`` drops attention weights (always applied when > 0, as in SDPA);
     ``enable_gqa`` lets Hkv divide Hq. Rows with no key to attend to return zeros.
 
-    ``backend``: "auto" (fastest supported), "reference", "blocked", or any registered backend.
+    ``backend``: "auto" (fastest supported), "reference", "blocked", or any registered backend
+    (a backend that does not implement ``variant`` says so; "auto" then picks one that does).
     Returns (..., Hq, L, Ev) in the dtype of ``query``.
     """
-    p = normalise(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps)
+    p = normalise(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps, power)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     return run_backend(backend, p).reshape(p.out_shape)
@@ -61,18 +64,21 @@ def attention(
     variant: str = "saturating",
     eps: float = 1e-6,
     backend: str = "auto",
+    power: float | None = None,
 ) -> Tensor:
     """One switch between mechanisms: ``kind="ea"`` is `expressive_attention`, ``kind="dpa"`` is
-    exactly `torch.nn.functional.scaled_dot_product_attention` (``variant``/``eps``/``backend``
-    then do not apply and must stay at their defaults)."""
+    exactly `torch.nn.functional.scaled_dot_product_attention` (``variant``/``eps``/``backend``/
+    ``power`` then do not apply and must stay at their defaults)."""
     if kind == "ea":
         return expressive_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-            variant=variant, eps=eps, backend=backend,
+            variant=variant, eps=eps, backend=backend, power=power,
         )
     if kind == "dpa":
         if backend != "auto":
             raise ValueError(f"backend={backend!r} applies to kind='ea' only; kind='dpa' runs SDPA")
+        if power is not None:
+            raise ValueError(f"power={power!r} applies to kind='ea' (variant='power') only")
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,

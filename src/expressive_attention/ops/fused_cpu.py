@@ -22,7 +22,8 @@ starts the build for a tiny problem (`worth_building`): another backend runs it 
 The op is registered with `torch.library.custom_op` (``expressive_attention::fused_cpu_fwd`` /
 ``fused_cpu_bwd``) with fake implementations and autograd, so it works under torch.compile.
 Supported: CPU tensors in float32, float64, bfloat16, float16 (the latter two computed in float32),
-both variants, causal / boolean mask / none, GQA; no dropout.
+variants "saturating" and "squared" (others: supports() refuses, "auto" falls back), causal /
+boolean mask / none, GQA; no dropout.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ STAMP = "built.ok"  # written after a successful build + load; its absence means
 # "auto" does not start the build for problems below this many multiply-adds (B H L S max(E, Ev)):
 # the blocked/reference backends finish them in well under a millisecond.
 MIN_WORK_TO_BUILD = 2**21
+KERNEL_VARIANTS = ("saturating", "squared")
 
 _lock = threading.Lock()
 _STATE: dict = {"module": None, "error": None, "warned": False}
@@ -279,6 +281,8 @@ fused_cpu_fwd.register_autograd(_backward, setup_context=_setup_context)
 def supports(p: Problem) -> "str | None":
     if p.q.device.type != "cpu":
         return f"fused_cpu runs on CPU tensors only, got device {p.q.device}"
+    if p.variant not in KERNEL_VARIANTS:
+        return f"variant={p.variant!r} is not in the fused CPU kernel (it has {KERNEL_VARIANTS}); use 'blocked'"
     if p.q.dtype not in DTYPES:
         return f"fused_cpu supports dtypes {[str(d) for d in DTYPES]}, got {p.q.dtype}"
     if not is_available():

@@ -50,8 +50,9 @@ def supports(p: Problem) -> "str | None":
     """None when the linear backend can run `p`, else the reason."""
     if p.variant != "squared":
         return (
-            f"variant={p.variant!r} has no finite feature map: the linear (recurrent) form exists "
-            "only for variant='squared', where (q.k)^2 = <q(x)q, k(x)k>"
+            f"variant={p.variant!r}: the linear (recurrent) form is implemented only for "
+            "variant='squared', where (q.k)^2 = <q(x)q, k(x)k> (saturating and exp_squared have "
+            "no finite feature map)"
         )
     L, S = p.q.shape[2], p.k.shape[2]
     if p.is_causal and L != S:

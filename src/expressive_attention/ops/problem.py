@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .reference import VARIANTS, repeat_kv
+from .reference import VARIANTS, repeat_kv, resolve_power
 
 __all__ = ["Problem", "VARIANTS", "check_mask", "check_options", "check_qkv", "check_tensor", "check_variant",
            "mask_to_4d", "normalise", "repeat_kv", "to_4d"]
@@ -38,6 +38,7 @@ class Problem:
     eps: float
     dropout_p: float
     out_shape: tuple[int, ...]
+    power: float | None = None  # the degree of variant="power" (resolved), else None
 
     @property
     def groups(self) -> int:
@@ -209,11 +210,12 @@ def mask_to_4d(attn_mask: Tensor | None, query: Tensor, S: int) -> Tensor | None
 
 
 def normalise(
-    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps, power=None
 ) -> Problem:
     """Validate the arguments of `expressive_attention` and bring them into `Problem` form."""
     check_qkv(query, key, value, enable_gqa)
     check_options(dropout_p, scale, variant, eps)
+    power = resolve_power(variant, power)
     S, E = key.shape[-2], query.shape[-1]
     check_mask(attn_mask, is_causal, query, S)
     q, k, v = to_4d(query, key, value)
@@ -231,4 +233,5 @@ def normalise(
         eps=float(eps),
         dropout_p=float(dropout_p),
         out_shape=(*query.shape[:-1], value.shape[-1]),
+        power=power,
     )
