@@ -20,7 +20,7 @@ def tiny(tmp_path, **kw):
         (tmp_path / "text" / f"f{i}.py").write_text(TEXT[i * 100:] + TEXT[: i * 100])
     (tmp_path / "text" / "skip.txt").write_text("not python\n" * 100)
     base = dict(paths=[str(tmp_path / "text")], d_model=32, layers=1, heads=2, kv_heads=1, context=16,
-                batch_size=4, steps=6, lr=1e-2, eval_every=3, eval_windows=8, out=str(tmp_path / "out"),
+                batch_size=4, steps=6, lrs=(1e-2,), eval_every=3, eval_windows=8, out=str(tmp_path / "out"),
                 threads=1)
     return text_lm.TextLMConfig(**{**base, **kw})
 
@@ -32,6 +32,7 @@ def test_lm_run_writes_curves_and_compares(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "out" / "lm_curves.csv")))
     assert [r["kind"] for r in rows] == ["dpa"] * 3 + ["ea"] * 3
     assert [r["attn_implementation"] for r in rows] == ["sdpa"] * 3 + ["expressive"] * 3
+    assert {(r["lr"], r["seed"]) for r in rows} == {("0.01", "0")}
     assert [int(r["step"]) for r in rows] == [0, 3, 6] * 2
     for r in rows:  # byte-level: bits per byte = nats per token / ln 2
         assert math.isclose(float(r["val_bpb"]), float(r["val_loss"]) / math.log(2), rel_tol=1e-9)
@@ -63,7 +64,10 @@ def test_held_out_split_and_files(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(tokenizer="word"), dict(kinds=("softmax",)), dict(variants=("cubic",)), dict(arch="bert"),
-                                 dict(heads=3), dict(steps=0), dict(val_fraction=1.5), dict(paths=["/nonexistent"])])
+                                 dict(heads=3), dict(steps=0), dict(val_fraction=1.5), dict(paths=["/nonexistent"]),
+                                 dict(corpus="poetry"), dict(corpus="prose"), dict(lrs=()), dict(lrs=(2.0,)),
+                                 dict(seeds=(0, 0)), dict(seeds=(-1,)), dict(variants=("power", "power4")),
+                                 dict(variants=("power0.5",)), dict(scales=("sometimes",))])
 def test_bad_config_raises(tmp_path, bad):
     with pytest.raises((ValueError, FileNotFoundError)):
         text_lm.run(tiny(tmp_path, **bad), progress=False, log=lambda *_: None)
@@ -86,7 +90,7 @@ def test_impls_and_lmconfig_are_deprecated_names(tmp_path):
     with pytest.warns(DeprecationWarning, match="kinds"):
         cfg = text_lm.TextLMConfig(impls=("sdpa", "expressive_squared"))
     assert (cfg.kinds, cfg.variants) == (("dpa", "ea"), ("squared",))
-    assert [label for label, _, _ in cfg.runs()] == ["dpa", "ea-squared"]
+    assert [m.label for m in cfg.runs()] == ["dpa", "ea-squared"]
     with pytest.warns(DeprecationWarning, match="TextLMConfig"):
         assert text_lm.LMConfig is text_lm.TextLMConfig
     cfg = tiny(tmp_path)
@@ -96,3 +100,78 @@ def test_impls_and_lmconfig_are_deprecated_names(tmp_path):
                        "--arch", "gpt2", "--out", str(tmp_path / "old")])
     assert rc == 0
     assert list(json.loads((tmp_path / "old" / "lm_summary.json").read_text())["results"]) == ["ea-squared"]
+
+
+def test_mechanisms_by_name():
+    cfg = text_lm.TextLMConfig(variants=("saturating", "power", "power8", "exp_squared"), scales=("fixed", "learned"))
+    labels = [m.label for m in cfg.runs()]
+    assert labels == ["dpa", "ea", "ea-power4", "ea-power8", "ea-exp_squared",
+                      "dpa+gain", "ea+gain", "ea-power4+gain", "ea-power8+gain", "ea-exp_squared+gain"]
+    impls = [text_lm.hf_implementation(m) for m in cfg.runs()]
+    assert impls[:5] == ["sdpa", "expressive", "expressive_power4", "expressive_power8", "expressive_exp_squared"]
+    assert impls[5] == "softmax_gain" and impls[-1] == "expressive_exp_squared_gain"
+    assert [text_lm.label_of_impl(i) for i in impls] == labels
+
+
+def test_seeds_and_lrs_study_resumes_and_reports(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, variants=("power",), seeds=(0, 1), lrs=(1e-2, 3e-3), steps=3, eval_every=3)
+    summary = text_lm.run(cfg, progress=False, log=lambda *_: None)
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and summary["records"] == 8
+    grid = {(r["impl"], r["lr"]): r for r in summary["grid"]}
+    cell = grid[("dpa", 1e-2)]
+    assert cell["n"] == 2 and cell["seeds"] == [0, 1] and cell["val_bpb"][0] != cell["val_bpb"][1]
+    assert math.isclose(cell["mean"], sum(cell["val_bpb"]) / 2)
+    assert math.isclose(cell["std"], abs(cell["val_bpb"][0] - cell["val_bpb"][1]) / math.sqrt(2))
+    for label, best in summary["results"].items():  # the lr selected on seed 0
+        seed0 = {r["lr"]: r["val_bpb"][0] for r in summary["grid"] if r["impl"] == label}
+        assert best["lr"] == min(seed0, key=seed0.get)
+    assert "gap" in summary["verdict"] and "provisional" in summary["verdict"] and "ea-power4" in summary["verdict"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| ea-power4 |" in report and "± " in report and "top-key weight" in report
+    rec = json.loads(lines[0])
+    layers = rec["diagnosis"]["final"]
+    assert len(layers) == 1 and 0 < layers[0]["top_weight"] <= 1 and layers[0]["abs_s_max"] > 0
+    assert set(layers[0]["top_weight_if"]) == {"softmax", "saturating", "squared", "power4", "exp_squared"}
+    # resume: the same command trains nothing; one more seed trains only the new runs
+    monkeypatch.setattr(text_lm, "train_one", lambda *a, **k: pytest.fail("a finished run was redone"))
+    again = text_lm.run(cfg, progress=False, log=lambda *_: None)
+    assert again["grid"] == summary["grid"]
+    monkeypatch.undo()
+    more = text_lm.run(tiny(tmp_path, kinds=("dpa",), seeds=(2,), lrs=(1e-2,), steps=3, eval_every=3),
+                       progress=False, log=lambda *_: None)
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 9
+    assert {(r["impl"], r["lr"]): r["n"] for r in more["grid"]}[("dpa", 1e-2)] == 3
+
+
+def test_prose_corpus_is_english_from_pydoc_topics(tmp_path):
+    cfg = text_lm.TextLMConfig(corpus="prose", max_bytes=200_000, context=64)
+    train, val, n = text_lm.load_text(cfg)
+    assert n > 10 and len(train) + len(val) >= 190_000
+    text = train.decode()
+    assert "the" in text.split() and "def " not in text[:2000]
+    assert text_lm.load_text(cfg) == (train, val, n)  # fixed order
+
+
+def test_cli_seeds_lrs_scales(tmp_path, capsys):
+    cfg = tiny(tmp_path)
+    rc = cli.main(["lm", *cfg.paths, "--steps", "2", "--eval-every", "2", "--d-model", "32", "--layers", "1",
+                   "--context", "16", "--batch-size", "2", "--threads", "1", "--seeds", "0,1", "--lr", "1e-2,2e-3",
+                   "--variants", "exp_squared", "--scales", "fixed,learned", "--no-diagnose",
+                   "--out", str(tmp_path / "cli")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| ea-exp_squared+gain |" in out and "| dpa+gain |" in out and "lr 0.002" in out and "gap" in out
+    assert len((tmp_path / "cli" / "results.jsonl").read_text().splitlines()) == 16
+    with pytest.raises(SystemExit):
+        cli.main(["lm", "--seeds", "a,b"])
+
+
+def test_learned_gain_mechanisms_train_their_gain(tmp_path):
+    cfg = tiny(tmp_path, variants=("exp_squared",), scales=("learned",), steps=3, eval_every=3)
+    text_lm.run(cfg, progress=False, log=lambda *_: None)
+    recs = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in recs] == ["dpa+gain", "ea-exp_squared+gain"]
+    for r in recs:
+        init, final = r["diagnosis"]["init"][0]["gain"], r["diagnosis"]["final"][0]["gain"]
+        assert init == [1.0, 1.0] and final != init  # exp(0) at init, learned after

@@ -2,20 +2,27 @@
 text (same initial weights, same batches, same number of steps), compared on held-out bits per byte.
 
 The model is built from a config (no downloaded weights); one run per mechanism of ``kinds`` x
-``variants`` (as in the ladder: "dpa", "ea", "ea-squared"), switched with transformers'
-``attn_implementation`` ("sdpa", "expressive", "expressive_squared"), so only the attention rule
-differs between runs. The text is any local files; the default corpus is the Python standard
-library's own source files, which every machine running this has. Tokens are bytes (vocab 256) or
-characters (vocab from the training text). The last ``val_fraction`` of the text (whole files,
-in a fixed pseudo-random file order) is held out.
+``variants`` x ``scales`` (as in the ladder: "dpa", "ea", "ea-squared", "ea-power4",
+"ea-exp_squared", "+gain" for a learned per-head score gain), switched with transformers'
+``attn_implementation`` ("sdpa", "expressive", "expressive_squared", ...; see `hf_implementation`),
+so only the attention rule differs between runs. The text is any local files, or one of two
+corpora every Python install has offline (``corpus``): "code", the standard library's own source
+files, and "prose", the English help texts of ``pydoc_data/topics.py`` (the pages
+`help("topic")` shows, ~0.47 MB). Tokens are bytes (vocab 256) or characters (vocab from the
+training text). The last ``val_fraction`` of the text (whole files / topics, in a fixed
+pseudo-random order) is held out.
+
+A study is one command: every (seed, lr, mechanism) in ``seeds`` x ``lrs`` x ``runs()`` is one
+run; each finished run is appended to OUT/results.jsonl at once, and a rerun skips the runs
+already there (an interrupted study resumes). Summary, tables, plot and OUT/report.md cover every
+run in the file with the same setting (experiments/text_study.py); each run also records
+per-layer attention statistics at init and at the end (experiments/attention_stats.py).
 """
 from __future__ import annotations
 
 import copy
-import csv
 import fnmatch
 import functools
-import json
 import math
 import os
 import sysconfig
@@ -27,13 +34,16 @@ from pathlib import Path
 import torch
 
 from ..deprecation import warn_renamed
-from ..extras import has, install_hint
+from ..ops.reference import DEFAULT_POWER, VARIANTS, resolve_power
 from .kinds import kind_label, kind_specs
+from .results import RESULTS_FILE, ResultsStore, config_key
 
 # the old `impls` names (attn_implementation names) -> (kind, variant)
 IMPLEMENTATIONS = {"sdpa": ("dpa", None), "expressive": ("ea", "saturating"),
                    "expressive_squared": ("ea", "squared")}
-ARCHS = ("llama", "qwen2", "mistral", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+CORPORA = ("code", "prose")
+SCALES = ("fixed", "learned")  # the score scale: 1/sqrt(E), or times a learned per-head gain
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
 
 
@@ -47,19 +57,74 @@ def kinds_from_impls(impls) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return kinds, tuple(dict.fromkeys(v for _, v in specs if v is not None)) or ("saturating",)
 
 
-def hf_implementation(kind: str, variant: str | None) -> str:
-    """transformers' attn_implementation name for a run: "sdpa" for DPA, else the registered EA name."""
-    if kind == "dpa":
-        return "sdpa"
+def parse_variant(spec: str) -> tuple[str, float | None]:
+    """An EA variant as written on the command line -> (variant, power): "saturating", "squared",
+    "exp_squared", "power" (degree 4) or "power<p>" (e.g. "power8")."""
+    if spec.startswith("power") and spec != "power":
+        try:
+            degree = float(spec[len("power"):])
+        except ValueError:
+            degree = None
+        if degree is not None:
+            return "power", resolve_power("power", degree)
+    if spec not in VARIANTS:
+        raise ValueError(f"variants must be among {VARIANTS} or power<p> (e.g. power8), got {spec!r}")
+    return spec, (DEFAULT_POWER if spec == "power" else None)
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One run's attention: kind, EA variant (and degree), learned score gain or not."""
+
+    kind: str
+    variant: str | None
+    power: float | None = None
+    learn_scale: bool = False
+
+    @property
+    def label(self) -> str:
+        """"dpa", "ea", "ea-squared", "ea-power4", "ea-exp_squared"; "+gain" with a learned gain."""
+        base = f"ea-power{self.power:g}" if self.variant == "power" else kind_label(self.kind, self.variant)
+        return base + ("+gain" if self.learn_scale else "")
+
+
+def hf_implementation(m: Mechanism) -> str:
+    """transformers' attn_implementation name for a run, registered on first use: "sdpa" (DPA),
+    "softmax_gain" (DPA with a learned gain), else "expressive[_<variant>][_gain]" (the paper's
+    saturating EA is "expressive")."""
     from ..integrations import transformers as ea_hf
 
-    defaults = {v: name for name, v in ea_hf.DEFAULT_NAMES.items()}
-    return ea_hf.register(defaults.get(variant, f"expressive_{variant}"), variant=variant)
+    if m.kind == "dpa":
+        if not m.learn_scale:
+            return "sdpa"
+        return ea_hf.register("softmax_gain", kind="dpa", learn_scale=True)
+    defaults = {spec: name for name, spec in ea_hf.DEFAULT_NAMES.items()}
+    name = defaults.get((m.variant, m.power)) or f"expressive_{m.variant}" + (f"{m.power:g}" if m.power else "")
+    if m.learn_scale:
+        name += "_gain"
+    return ea_hf.register(name, variant=m.variant, power=m.power, learn_scale=m.learn_scale)
+
+
+def label_of_impl(impl: str) -> str:
+    """The run label of an attn_implementation name from `hf_implementation` (for records that
+    stored only the name): "sdpa" -> "dpa", "expressive_exp_squared_gain" -> "ea-exp_squared+gain"."""
+    gain = impl.endswith("_gain")
+    base = impl[: -len("_gain")] if gain else impl
+    if base in ("sdpa", "softmax"):
+        label = "dpa"
+    elif base == "expressive":
+        label = "ea"
+    elif base.startswith("expressive_"):
+        label = "ea-" + base[len("expressive_"):]
+    else:
+        label = base
+    return label + ("+gain" if gain else "")
 
 
 @dataclass
 class TextLMConfig:
-    paths: list[str] = field(default_factory=list)  # files or directories; empty = the stdlib
+    paths: list[str] = field(default_factory=list)  # files or directories; empty = `corpus`
+    corpus: str = "code"  # without paths: "code" (stdlib source) or "prose" (pydoc topics)
     glob: str = "*.py"  # files taken from directories
     max_bytes: int = 4_000_000
     val_fraction: float = 0.1
@@ -72,25 +137,48 @@ class TextLMConfig:
     context: int = 128
     batch_size: int = 16
     steps: int = 300
-    lr: float = 2e-3  # peak; linear warmup over the first 10% of steps, cosine to 10%
+    lrs: tuple[float, ...] = (2e-3,)  # peak lrs; linear warmup over the first 10% of steps, cosine to 10%
     eval_every: int = 25
     eval_windows: int = 128
     kinds: tuple[str, ...] = ("dpa", "ea")
-    variants: tuple[str, ...] = ("saturating",)  # EA variants, each its own run
-    seed: int = 0
+    variants: tuple[str, ...] = ("saturating",)  # EA variants, each its own run (see parse_variant)
+    scales: tuple[str, ...] = ("fixed",)  # "fixed" and/or "learned" (per-head gain), each its own run
+    seeds: tuple[int, ...] = (0,)
+    diagnose: bool = True  # per-layer attention statistics at init and at the end (attention_stats)
     threads: int | None = None  # torch threads; None: 1 on a busy machine, else torch's default
     out: str = "runs/lm"
 
-    def runs(self) -> list[tuple[str, str, str | None]]:
-        """(label, kind, variant) of every run, e.g. [("dpa", "dpa", None), ("ea", "ea", "saturating")]."""
-        return [(kind_label(k, v), k, v) for k, v in kind_specs(self.kinds, self.variants)]
+    def runs(self) -> list[Mechanism]:
+        """The mechanism of every run, in order: kinds x variants (dpa once), then each scale."""
+        specs = {s: parse_variant(s) for s in self.variants}
+        bad = [s for s in self.scales if s not in SCALES]
+        if bad or not self.scales:
+            raise ValueError(f"scales must be a non-empty subset of {SCALES}, got {list(self.scales)}")
+        base = kind_specs(self.kinds, [v for v, _ in specs.values()])
+        powers = iter(p for _, p in specs.values())
+        mechs = [(k, v, None if k == "dpa" else next(powers)) for k, v in base]
+        return [Mechanism(k, v, p, scale == "learned") for scale in self.scales for k, v, p in mechs]
 
     def check(self) -> None:
         if self.tokenizer not in ("byte", "char"):
             raise ValueError(f"tokenizer must be 'byte' or 'char', got {self.tokenizer!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        self.runs()  # kinds and variants
+        labels = [m.label for m in self.runs()]  # kinds, variants, scales
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"the runs repeat a mechanism: {labels}")
+        if self.corpus not in CORPORA:
+            raise ValueError(f"corpus must be one of {CORPORA}, got {self.corpus!r}")
+        if self.paths and self.corpus != "code":
+            raise ValueError(f"corpus={self.corpus!r} and paths exclude each other: give one or the other")
+        if not self.lrs or not all(isinstance(x, (int, float)) and 0 < x < 1 for x in self.lrs):
+            raise ValueError(f"lrs must be a non-empty list of learning rates in (0, 1), got {list(self.lrs)}")
+        if not self.seeds or not all(isinstance(x, int) and x >= 0 for x in self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {list(self.seeds)}")
+        for name in ("lrs", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} has duplicates: {list(values)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.d_model % self.heads or self.heads % self.kv_heads:
@@ -165,11 +253,31 @@ def collect_files(paths: list[str], glob: str) -> list[Path]:
     return [f for _, _, f in sorted(files)]
 
 
+def prose_documents() -> list[bytes]:
+    """The "prose" corpus: the help topics of the standard library's ``pydoc_data/topics.py``
+    (English reference text, shipped with every CPython), in a fixed pseudo-random order."""
+    from pydoc_data.topics import topics
+
+    return [topics[k].encode("utf-8") for k in sorted(topics, key=lambda k: (zlib.crc32(k.encode()), k))]
+
+
+def corpus_description(cfg: TextLMConfig) -> str:
+    if cfg.paths:
+        return ", ".join(cfg.paths)
+    if cfg.corpus == "prose":
+        return "prose: Python's pydoc help topics (pydoc_data/topics.py)"
+    return f"code: Python stdlib source ({stdlib_dir()})"
+
+
 def load_text(cfg: TextLMConfig) -> tuple[bytes, bytes, int]:
     """(train bytes, held-out bytes, number of files read) within ``cfg.max_bytes``."""
     chunks, total = [], 0
-    for f in collect_files(cfg.paths, cfg.glob):
-        data = f.read_bytes()[: cfg.max_bytes - total]
+    if cfg.paths or cfg.corpus == "code":
+        docs = (f.read_bytes() for f in collect_files(cfg.paths, cfg.glob))
+    else:
+        docs = iter(prose_documents())
+    for doc in docs:
+        data = doc[: cfg.max_bytes - total]
         chunks.append(data)
         total += len(data)
         if total >= cfg.max_bytes:
@@ -200,6 +308,14 @@ def tokenize(train: bytes, val: bytes, kind: str):
 def model_config(cfg: TextLMConfig, vocab: int):
     from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
+    if cfg.arch == "qwen3":  # Qwen2 plus RMSNorm of each head's q and k
+        from transformers import Qwen3Config
+
+        return Qwen3Config(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.layers,
+                           num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                           head_dim=cfg.d_model // cfg.heads, intermediate_size=4 * cfg.d_model,
+                           max_position_embeddings=cfg.context, tie_word_embeddings=True,
+                           bos_token_id=0, eos_token_id=0, pad_token_id=None)
     if cfg.arch == "gpt2":
         return GPT2Config(vocab_size=vocab, n_embd=cfg.d_model, n_layer=cfg.layers, n_head=cfg.heads,
                           n_positions=cfg.context, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -211,27 +327,30 @@ def model_config(cfg: TextLMConfig, vocab: int):
                tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=None)
 
 
-def build_model(cfg: TextLMConfig, vocab: int, impl: str):
-    """The same initial weights for every ``impl`` (an attn_implementation name, seeded)."""
+def build_model(cfg: TextLMConfig, vocab: int, impl: str, seed: int, learn_scale: bool = False):
+    """The same initial weights for every ``impl`` (an attn_implementation name, seeded); with
+    ``learn_scale`` the per-head score gains (zeros: the same initial function) are added."""
     from transformers import AutoModelForCausalLM
 
     from ..integrations import transformers as ea_hf
 
     ea_hf.register()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     # a fresh config per model: from_config writes attn_implementation into the object it gets
     model = AutoModelForCausalLM.from_config(copy.deepcopy(model_config(cfg, vocab)), attn_implementation=impl)
+    if learn_scale:
+        ea_hf.add_score_gain(model)
     if impl != "sdpa":
-        ea_hf.verify(model)  # EA really runs in every layer
+        ea_hf.verify(model)  # EA (or the gained softmax) really runs in every layer
     return model
 
 
 # ---------------------------------------------------------------- training
 
 
-def batches(ids: torch.Tensor, cfg: TextLMConfig):
+def batches(ids: torch.Tensor, cfg: TextLMConfig, seed: int):
     """Random training windows (B, context), the same sequence for every implementation."""
-    g = torch.Generator().manual_seed(cfg.seed + 1)
+    g = torch.Generator().manual_seed(seed + 1)
     while True:
         start = torch.randint(0, len(ids) - cfg.context, (cfg.batch_size,), generator=g)
         yield torch.stack([ids[s : s + cfg.context] for s in start.tolist()])
@@ -257,38 +376,49 @@ def evaluate(model, windows: torch.Tensor, batch_size: int) -> float:
     return total / count
 
 
-def lr_at(step: int, cfg: TextLMConfig) -> float:
+def lr_at(step: int, cfg: TextLMConfig, lr: float) -> float:
     warmup = max(1, cfg.steps // 10)
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, cfg.steps - warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train_one(cfg: TextLMConfig, label: str, impl: str, train_ids, val_windows, vocab: int,
-              bytes_per_token: float, progress=True) -> list[dict]:
-    """Train the run `label` (attn_implementation `impl`); its curve as rows."""
+DIAGNOSIS_WINDOWS = 16  # held-out windows the attention statistics are measured on
+
+
+def train_one(cfg: TextLMConfig, mech: Mechanism, impl: str, lr: float, seed: int, train_ids, val_windows,
+              vocab: int, bytes_per_token: float, progress=True) -> tuple[list[dict], dict]:
+    """Train the run `mech` (attn_implementation `impl`) at peak lr `lr`, seed `seed`; returns its
+    curve as rows and its diagnosis {"init": [...], "final": [...]} (or {} with diagnose off)."""
     from tqdm.auto import tqdm
 
-    model = build_model(cfg, vocab, impl).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    from .attention_stats import attention_stats
+
+    label = mech.label
+    model = build_model(cfg, vocab, impl, seed, mech.learn_scale).train()
+    diagnosis = {}
+    if cfg.diagnose:
+        diagnosis["init"] = attention_stats(model, impl, val_windows[:DIAGNOSIS_WINDOWS])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     to_bpb = 1.0 / (math.log(2) * bytes_per_token)  # nats/token -> bits/byte
     rows, t0, train_time = [], time.perf_counter(), 0.0
 
     def record(step, train_loss):
         val = evaluate(model, val_windows, cfg.batch_size)
-        rows.append(dict(kind=label, attn_implementation=impl, step=step, tokens=step * cfg.batch_size * cfg.context,
+        rows.append(dict(kind=label, attn_implementation=impl, lr=lr, seed=seed, step=step, tokens=step * cfg.batch_size * cfg.context,
                          train_loss=train_loss, val_loss=val, val_bpb=val * to_bpb,
                          train_seconds=round(train_time, 2)))
         return val
 
     record(0, float("nan"))
-    data = batches(train_ids, cfg)
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"{label:>10}", disable=not progress, dynamic_ncols=True)
+    data = batches(train_ids, cfg, seed)
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"{label} lr={lr:g} seed={seed}", disable=not progress,
+               dynamic_ncols=True)
     running = None
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, cfg)
+            group["lr"] = lr_at(step - 1, cfg, lr)
         x = next(data)
         t = time.perf_counter()
         loss = model(input_ids=x, labels=x, use_cache=False).loss
@@ -305,81 +435,74 @@ def train_one(cfg: TextLMConfig, label: str, impl: str, train_ids, val_windows, 
             bar.set_postfix(train=f"{running:.3f}", val_bpb=f"{val * to_bpb:.3f}")
         elif step % 10 == 0:
             bar.set_postfix(train=f"{running:.3f}", val_bpb=f"{rows[-1]['val_bpb']:.3f}")
+    if cfg.diagnose:
+        diagnosis["final"] = attention_stats(model, impl, val_windows[:DIAGNOSIS_WINDOWS])
     rows[-1]["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    return rows
+    return rows, diagnosis
 
 
-# ---------------------------------------------------------------- outputs
+# ---------------------------------------------------------------- the study loop
 
 
-def write_outputs(rows: list[dict], summary: dict, out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "lm_curves.csv", "png": out / "lm_curves.png", "json": out / "lm_summary.json"}
-    fields = ["kind", "attn_implementation", "step", "tokens", "train_loss", "val_loss", "val_bpb", "train_seconds"]
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
-    if not has("matplotlib"):  # the table and the CSV/JSON do not need it
-        del paths["png"]
-        print(f"plot skipped: matplotlib is not installed ({install_hint('cli')})")
-        return paths
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for label in summary["runs"]:
-        r = [x for x in rows if x["kind"] == label]
-        axes[0].plot([x["step"] for x in r], [x["val_bpb"] for x in r], marker="o", ms=3, label=label)
-        axes[1].plot([x["step"] for x in r[1:]], [x["train_loss"] for x in r[1:]], label=label)
-    axes[0].set(xlabel="step", ylabel="held-out bits per byte", title="validation")
-    axes[1].set(xlabel="step", ylabel="train loss (nats/token, smoothed)", title="training")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    c = summary["config"]
-    fig.suptitle(f"{c['arch']} d={c['d_model']} L={c['layers']} ctx={c['context']}, "
-                 f"{c['tokenizer']}-level, {summary['train_bytes'] / 1e6:.1f} MB text, seed {c['seed']}")
-    fig.tight_layout()
-    fig.savefig(paths["png"], dpi=120)
-    plt.close(fig)
-    return paths
+def setting(cfg: TextLMConfig) -> dict:
+    """Everything besides (mechanism, lr, seed) that determines a run's numbers."""
+    keep = ("paths", "corpus", "glob", "max_bytes", "val_fraction", "tokenizer", "arch", "d_model", "layers",
+            "heads", "kv_heads", "context", "batch_size", "steps", "eval_every", "eval_windows")
+    d = {k: v for k, v in asdict(cfg).items() if k in keep}
+    if d["paths"]:
+        d.pop("corpus")
+    return d
 
 
-def run(cfg: TextLMConfig, progress: bool = True, log=print) -> dict:
-    """Train one model per mechanism of ``cfg.runs()``; write CSV/PNG/JSON to ``cfg.out``; return the summary."""
+def run_key(cfg: TextLMConfig, impl: str, lr: float, seed: int) -> str:
+    """The results-file key of one run (its attn_implementation name stands for the mechanism)."""
+    return config_key({**setting(cfg), "impl": impl, "lr": float(lr), "seed": int(seed)})
+
+
+def run(cfg: TextLMConfig, progress: bool = True, log=print, command: str = "") -> dict:
+    """Train every (seed, lr, mechanism) not yet in OUT/results.jsonl, appending each record as it
+    finishes; then write the summary, curves, plot and report of every run with this setting."""
+    from .text_study import write_outputs
+
     cfg.check()
     torch.set_num_threads(cfg.threads or auto_threads())
     train, val, n_files = load_text(cfg)
     train_ids, val_ids, vocab, bytes_per_token = tokenize(train, val, cfg.tokenizer)
     windows = eval_windows(val_ids, cfg)
-    source = ", ".join(cfg.paths) if cfg.paths else f"Python stdlib ({stdlib_dir()})"
-    log(f"text: {source}: {n_files} files, {len(train):,} train / {len(val):,} held-out bytes; "
-        f"{cfg.tokenizer}-level, vocab {vocab}; {len(windows)} held-out windows of {cfg.context}")
-    rows, results = [], {}
-    for label, kind, variant in cfg.runs():
-        impl = hf_implementation(kind, variant)
-        r = train_one(cfg, label, impl, train_ids, windows, vocab, bytes_per_token, progress)
-        rows += r
-        results[label] = dict(attn_implementation=impl, val_loss=r[-1]["val_loss"], val_bpb=r[-1]["val_bpb"],
-                             train_seconds=r[-1]["train_seconds"], wall_seconds=r[-1]["wall_seconds"])
-    summary = dict(config=asdict(cfg), runs=list(results), results=results, vocab=vocab,
-                   train_bytes=len(train), val_bytes=len(val), files=n_files,
-                   tokens_per_run=cfg.steps * cfg.batch_size * cfg.context,
-                   torch=torch.__version__, threads=torch.get_num_threads())
+    log(f"text: {corpus_description(cfg)}: {n_files} documents, {len(train):,} train / {len(val):,} held-out "
+        f"bytes; {cfg.tokenizer}-level, vocab {vocab}; {len(windows)} held-out windows of {cfg.context}")
+    out = Path(cfg.out)
+    store = ResultsStore(out / RESULTS_FILE)
+    store.repair()
+    done = store.keys()
+    mechs = [(m, hf_implementation(m)) for m in cfg.runs()]
+    todo = [(seed, lr, m, impl) for seed in cfg.seeds for lr in cfg.lrs for m, impl in mechs]
+    skipped = sum(run_key(cfg, impl, lr, seed) in done for seed, lr, _, impl in todo)
+    if skipped:
+        log(f"{skipped} of {len(todo)} runs already in {store.path}: skipped")
     import transformers
 
-    summary["transformers"] = transformers.__version__
-    summary["paths"] = {k: str(v) for k, v in write_outputs(rows, summary, Path(cfg.out)).items()}
-    return summary
+    for seed, lr, mech, impl in todo:
+        key = run_key(cfg, impl, lr, seed)
+        if key in done:
+            continue
+        rows, diagnosis = train_one(cfg, mech, impl, lr, seed, train_ids, windows, vocab, bytes_per_token, progress)
+        last = rows[-1]
+        store.append(dict(
+            key=key, setting=setting(cfg), kind=mech.label, impl=impl, lr=float(lr), seed=int(seed),
+            val_loss=last["val_loss"], val_bpb=last["val_bpb"], train_seconds=last["train_seconds"],
+            wall_seconds=last["wall_seconds"], curve=rows, diagnosis=diagnosis, vocab=vocab,
+            train_bytes=len(train), val_bytes=len(val), files=n_files, threads=torch.get_num_threads(),
+            torch=torch.__version__, transformers=transformers.__version__,
+        ))
+        done.add(key)
+        log(f"{mech.label} lr={lr:g} seed={seed}: held-out {last['val_bpb']:.4f} bits/byte "
+            f"({last['wall_seconds']:.0f} s) -> {store.path}")
+    records = [r for r in store.read() if r.get("setting") == setting(cfg)]
+    summary = dict(config=asdict(cfg), runs=[m.label for m, _ in mechs], vocab=vocab, train_bytes=len(train),
+                   val_bytes=len(val), files=n_files, corpus=corpus_description(cfg),
+                   tokens_per_run=cfg.steps * cfg.batch_size * cfg.context, torch=torch.__version__,
+                   transformers=transformers.__version__, threads=torch.get_num_threads(), command=command)
+    return write_outputs(records, summary, out)
 
-
-def format_table(summary: dict) -> str:
-    lines = ["| attention | val loss (nats/token) | val bits/byte | train time (s) |",
-             "|---|---|---|---|"]
-    for label, r in summary["results"].items():
-        lines.append(f"| {label} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['train_seconds']:.0f} |")
-    return "\n".join(lines)
+from .text_study import format_table  # noqa: E402,F401  (the tables of a summary)

@@ -1,0 +1,252 @@
+"""Summary, table, plot and report of an `ea lm` study (the records of OUT/results.jsonl).
+
+Protocol the report applies (fixed before any result was seen, see docs/real-text.md): each
+mechanism's learning rate is the one with the lowest held-out bits/byte on the *selection seed*
+(the smallest seed run, normally 0); its figure is the mean ± sample std over every seed run at
+that lr. Verdict: the best EA-family mean against the best SDPA mean; target within 0.02 bits/byte.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+TARGET_GAP = 0.02  # bits/byte: "EA-family within this of SDPA" is the issue's target
+
+
+def label(record: dict) -> str:
+    """A record's mechanism label ("dpa", "ea-power4", ...); older records stored only `impl`."""
+    from .text_lm import label_of_impl
+
+    return record.get("kind") or label_of_impl(record["impl"])
+
+
+def grid(records: list[dict]) -> list[dict]:
+    """One row per (mechanism, lr): the seeds run, their bits/byte, mean, std, and the selection
+    seed's value. ("impl" in these rows is the mechanism label.)"""
+    cells: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        cells.setdefault((label(r), float(r["lr"])), []).append(r)
+    out = []
+    for (impl, lr), rs in cells.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        vals = [r["val_bpb"] for r in rs]
+        out.append(dict(impl=impl, attn_implementation=rs[0]["impl"], lr=lr, seeds=[r["seed"] for r in rs], val_bpb=vals,
+                        mean=statistics.fmean(vals), std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                        n=len(vals), selection_seed=rs[0]["seed"], selection_bpb=vals[0],
+                        val_loss=statistics.fmean(r["val_loss"] for r in rs),
+                        train_seconds=statistics.fmean(r["train_seconds"] for r in rs),
+                        wall_seconds=statistics.fmean(r["wall_seconds"] for r in rs)))
+    return out
+
+
+def best_per_impl(rows: list[dict], impl_order: list[str]) -> dict[str, dict]:
+    """Each mechanism's row at its selected lr (lowest bits/byte of the common selection seed)."""
+    best = {}
+    for impl in impl_order + sorted({r["impl"] for r in rows} - set(impl_order)):
+        mine = [r for r in rows if r["impl"] == impl]
+        if not mine:
+            continue
+        sel = min(r["selection_seed"] for r in mine)
+        eligible = [r for r in mine if r["selection_seed"] == sel]
+        best[impl] = min(eligible, key=lambda r: r["selection_bpb"])
+    return best
+
+
+SOFTMAX = ("dpa", "dpa+gain")  # the softmax side of the verdict; every other mechanism is EA-family
+
+
+def verdict(best: dict[str, dict]) -> str:
+    dpa = {k: v for k, v in best.items() if k in SOFTMAX}
+    ea = {k: v for k, v in best.items() if k not in SOFTMAX}
+    if not dpa or not ea:
+        return "no verdict: needs a softmax (dpa) and an EA-family mechanism"
+    d_impl, d = min(dpa.items(), key=lambda kv: kv[1]["mean"])
+    ea_impl, ea = min(ea.items(), key=lambda kv: kv[1]["mean"])
+    gap = ea["mean"] - d["mean"]
+    seeds = min(d["n"], ea["n"])
+    status = "meets" if gap <= TARGET_GAP else "misses"
+    text = (f"best EA-family: {ea_impl} (lr {ea['lr']:g}) {ea['mean']:.3f} ± {ea['std']:.3f} vs best softmax: "
+            f"{d_impl} (lr {d['lr']:g}) {d['mean']:.3f} ± {d['std']:.3f} bits/byte: gap {gap:+.3f}, "
+            f"{status} the {TARGET_GAP} target")
+    if seeds < 3:
+        text += f" (provisional: {seeds} seed{'s' if seeds != 1 else ''}; the protocol asks for 3)"
+    return text
+
+
+def _cell(r: dict | None, bold: bool = False) -> str:
+    if r is None:
+        return "—"
+    s = f"{r['mean']:.3f}" + (f" ± {r['std']:.3f}" if r["n"] > 1 else "") + f" ({r['n']})"
+    return f"**{s}**" if bold else s
+
+
+def tables(summary: dict) -> str:
+    """Markdown: mechanism x lr (mean ± std (seeds)), then each mechanism at its selected lr."""
+    rows, best = summary["grid"], summary["results"]
+    lrs = sorted({r["lr"] for r in rows})
+    impls = list(best)
+    at = {(r["impl"], r["lr"]): r for r in rows}
+    lines = ["| mechanism | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+             "|---|" + "---|" * len(lrs)]
+    for impl in impls:
+        lines.append(f"| {impl} | " + " | ".join(_cell(at.get((impl, lr)), best[impl]["lr"] == lr) for lr in lrs) + " |")
+    sdpa = best.get("dpa")
+    lines += ["", "| mechanism | lr | held-out bits/byte (mean ± std) | seeds | vs dpa (SDPA) | train s / run |",
+              "|---|---|---|---|---|---|"]
+    for impl, r in best.items():
+        gap = f"{r['mean'] - sdpa['mean']:+.3f}" if sdpa and impl != "dpa" else ""
+        lines.append(f"| {impl} | {r['lr']:g} | {r['mean']:.3f} ± {r['std']:.3f} | "
+                     f"{','.join(map(str, r['seeds']))} | {gap} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def format_table(summary: dict) -> str:
+    return tables(summary)
+
+
+def diagnosis_table(records: list[dict], best: dict[str, dict]) -> str:
+    """Per mechanism (at its selected lr, selection seed) and layer: |s|, top-key weight, entropy at
+    init -> after training, and the top-key weight the final scores would get under each function."""
+    lines = []
+    for impl, b in best.items():
+        rec = _selected_record(records, impl, b)
+        if rec is None:
+            continue
+        d = rec["diagnosis"]
+        from .attention_stats import COUNTERFACTUALS
+
+        got = d["final"][0]["top_weight_if"]
+        names = [n for n in COUNTERFACTUALS if n in got] + sorted(set(got) - set(COUNTERFACTUALS))
+        if not lines:
+            lines = ["| mechanism | layer | median \\|s\\| init → final | p99 \\|s\\| | top-key weight init → final | "
+                     "entropy / uniform (nats) | row mass | " + " | ".join(f"top if {n}" for n in names) + " |",
+                     "|---|---|---|---|---|---|---|" + "---|" * len(names)]
+        for i0, f in zip(d["init"], d["final"]):
+            lines.append(
+                f"| {impl} | {f['layer']} | {i0['abs_s_median']:.3g} → {f['abs_s_median']:.3g} | {f['abs_s_p99']:.3g} | "
+                f"{i0['top_weight']:.3f} → {f['top_weight']:.3f} | {f['entropy']:.2f} / {f['log_keys']:.2f} | "
+                f"{i0.get('mass', float('nan')):.2f} → {f.get('mass', float('nan')):.2f} | "
+                + " | ".join(f"{f['top_weight_if'][n]:.3f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _selected_record(records: list[dict], impl: str, b: dict) -> dict | None:
+    return next((r for r in records if label(r) == impl and float(r["lr"]) == b["lr"]
+                 and r["seed"] == b["selection_seed"] and r.get("diagnosis")), None)
+
+
+def diagnosis_overview(records: list[dict], best: dict[str, dict]) -> str:
+    """One line per mechanism, averaged over layers (max |s|: the largest layer's): how large the
+    scores grow, how much weight the top key gets, how spread the rows are, and the contrast
+    check: the top-key weight the *same final scores* would get under softmax and the EA family."""
+    from .attention_stats import COUNTERFACTUALS
+
+    names = list(COUNTERFACTUALS)
+    lines = ["| mechanism | median \\|s\\| init → final | max \\|s\\| | top-key weight init → final | "
+             "entropy / uniform (nats) | " + " | ".join(f"top if {n}" for n in names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(names)]
+    for impl, b in best.items():
+        rec = _selected_record(records, impl, b)
+        if rec is None:
+            continue
+        init, final = rec["diagnosis"]["init"], rec["diagnosis"]["final"]
+
+        def mean(rows, key):
+            return statistics.fmean(r[key] for r in rows)
+        lines.append(
+            f"| {impl} | {mean(init, 'abs_s_median'):.2g} → {mean(final, 'abs_s_median'):.2g} | "
+            f"{max(r['abs_s_max'] for r in final):.3g} | {mean(init, 'top_weight'):.3f} → {mean(final, 'top_weight'):.3f} | "
+            f"{mean(final, 'entropy'):.2f} / {mean(final, 'log_keys'):.2f} | "
+            + " | ".join(f"{statistics.fmean(r['top_weight_if'][n] for r in final):.3f}" for n in names) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def plot(records: list[dict], summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = summary["results"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for impl, b in best.items():
+        curves = [r["curve"] for r in records if label(r) == impl and float(r["lr"]) == b["lr"]]
+        steps = [x["step"] for x in curves[0]]
+        val = [statistics.fmean(c[i]["val_bpb"] for c in curves) for i in range(len(steps))]
+        line, = axes[0].plot(steps, val, marker="o", ms=3, label=f"{impl} (lr {b['lr']:g}, {len(curves)} seeds)")
+        if len(curves) > 1:
+            lo = [min(c[i]["val_bpb"] for c in curves) for i in range(len(steps))]
+            hi = [max(c[i]["val_bpb"] for c in curves) for i in range(len(steps))]
+            axes[0].fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+        tr = [statistics.fmean(c[i]["train_loss"] for c in curves) for i in range(1, len(steps))]
+        axes[1].plot(steps[1:], tr, color=line.get_color(), label=impl)
+        mine = sorted((r for r in summary["grid"] if r["impl"] == impl), key=lambda r: r["lr"])
+        axes[2].errorbar([r["lr"] for r in mine], [r["mean"] for r in mine], yerr=[r["std"] for r in mine],
+                         marker="o", capsize=3, color=line.get_color(), label=impl)
+    axes[0].set(xlabel="step", ylabel="held-out bits per byte", title="validation (mean, band: min-max over seeds)")
+    axes[1].set(xlabel="step", ylabel="train loss (nats/token, smoothed)", title="training")
+    axes[2].set(xscale="log", xlabel="peak learning rate", ylabel="final held-out bits/byte",
+                title="learning rate (mean ± std over seeds)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    c = summary["config"]
+    fig.suptitle(f"{summary['corpus']} — {c['arch']} d={c['d_model']} L={c['layers']} ctx={c['context']}, "
+                 f"{c['steps']} steps, {c['tokenizer']}-level")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(records: list[dict], summary: dict, out: Path) -> dict:
+    """Fill ``summary`` (grid, results per mechanism at its selected lr, verdict) from ``records``
+    and write lm_curves.csv, lm_curves.png, lm_summary.json and report.md into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = grid(records)
+    best = best_per_impl(rows, list(summary["runs"]))
+    summary.update(grid=rows, results=best, verdict=verdict(best), records=len(records))
+    paths = {"csv": out / "lm_curves.csv", "png": out / "lm_curves.png", "json": out / "lm_summary.json",
+             "report": out / "report.md"}
+    fields = ["kind", "attn_implementation", "lr", "seed", "step", "tokens", "train_loss", "val_loss", "val_bpb", "train_seconds"]
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in records:
+            w.writerows(r["curve"])
+    from ..extras import has, install_hint
+
+    if has("matplotlib"):
+        plot(records, summary, paths["png"])
+    else:  # the tables, CSV and JSON do not need it
+        del paths["png"]
+        print(f"plot skipped: matplotlib is not installed ({install_hint('cli')})")
+    summary["paths"] = {k: str(v) for k, v in paths.items()}
+    paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    c = summary["config"]
+    command = summary.get("command") or "(run through the Python API)"
+    report = [
+        f"# `ea lm` study: {summary['corpus']}", "",
+        f"Command: `{command}`", "",
+        f"{c['arch']}, d_model {c['d_model']}, {c['layers']} layers, {c['heads']} heads / {c['kv_heads']} KV heads, "
+        f"context {c['context']}, batch {c['batch_size']}, {c['steps']} steps ({summary['tokens_per_run']:,} tokens "
+        f"per run), {c['tokenizer']}-level; {summary['train_bytes']:,} train / {summary['val_bytes']:,} held-out bytes; "
+        f"torch {summary['torch']}, transformers {summary['transformers']}, {summary['threads']} thread(s). "
+        f"{summary['records']} runs in results.jsonl with this setting.", "",
+        "Held-out bits per byte after the last step (lower is better): mean ± sample std (number of seeds). "
+        "Bold: the lr selected for the mechanism (lowest on the selection seed).", "",
+        tables(summary), "",
+        f"**Verdict (protocol of docs/real-text.md):** {summary['verdict']}.", "",
+    ]
+    diag = diagnosis_table(records, best)
+    if diag:
+        report += ["## Attention statistics (selected lr, selection seed)", "",
+                   "On 16 held-out windows; top-key weight and entropy over query rows with at least half the "
+                   "window as keys; `top if X`: the top-key weight the same final scores would get under weight "
+                   "function X. Mean over layers (max \\|s\\|: over layers):", "",
+                   diagnosis_overview(records, best), "", "Per layer:", "", diag, ""]
+    if "png" in paths:
+        report += ["![curves](lm_curves.png)", ""]
+    paths["report"].write_text("\n".join(report))
+    return summary
