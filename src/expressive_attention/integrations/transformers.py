@@ -8,13 +8,14 @@
 Registered names (``register()``): ``"expressive"`` (f(s) = s^2/(1+s^2), the paper's EA),
 ``"expressive_squared"`` (f(s) = s^2), ``"expressive_power4"`` (f(s) = |s|^4) and
 ``"expressive_exp_squared"`` (f(s) = exp(s^2)), all with eps=1e-6.
-``register("my_name", variant=..., power=..., eps=..., backend=...)`` adds more.
+``register("my_name", variant=..., power=..., eps=..., backend=...)`` adds more. Every model whose
+attention goes through transformers' ``AttentionInterface`` then runs EA in every attention layer,
+in training and in ``generate()`` with the KV cache.
 
 A learned per-head sharpness (a gain exp(g_h) on the scores, g_h = 0 at init) for EA and for
 softmax alike: ``register("ea_exp2_gain", variant="exp_squared", learn_scale=True)`` or
 ``register("softmax_gain", kind="dpa", learn_scale=True)``, then ``add_score_gain(model)`` once
-before building the optimizer (it adds a ``score_log_gain`` parameter to each attention module). Every model whose attention goes through transformers' ``AttentionInterface`` then runs EA
-in every attention layer, in training and in ``generate()`` with the KV cache.
+before building the optimizer (it adds a ``score_log_gain`` parameter to each attention module).
 
 How the pieces fit (transformers 5.x):
 - An attention *function* is registered under the name; it receives q (B, Hq, Lq, E) and k/v
