@@ -15,6 +15,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "cli": ("tqdm", "matplotlib"),
     "hf": ("transformers",),
     "triton": ("triton",),
+    "ray": ("ray",),
 }
 
 

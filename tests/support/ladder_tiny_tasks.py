@@ -1,8 +1,13 @@
 """A tiny task for the experiments tests (imported in-process and by `ea ladder --import`).
 
 "tiny_lag": random tokens over V symbols; from position `lag` on x_t = x_{t-lag} (scored), except
-that 25% of those steps draw a fresh token instead (not scored)."""
+that 25% of those steps draw a fresh token instead (not scored).
+
+`fail` injects failures for the executor tests: "raise" (an exception in every run), "die" (the
+process exits, as if its node were lost), "die-once:PATH" (exits once, then PATH exists and it runs)."""
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -11,17 +16,26 @@ from expressive_attention.tasks import Task, register_task
 
 @register_task("tiny_lag")
 class TinyLag(Task):
-    def __init__(self, lag: int = 1, V: int = 4, seq_len: int = 8, delay: float = 0.0):
+    def __init__(self, lag: int = 1, V: int = 4, seq_len: int = 8, delay: float = 0.0, fail: str | None = None):
         self.lag, self.V, self.seq_len, self.vocab_size = lag, V, seq_len, V
         self.delay = delay  # seconds of sleep per sample() call: runs that take time on any machine
+        self.fail = fail
 
     def params(self):
-        return {"lag": self.lag, "V": self.V, "seq_len": self.seq_len, "delay": self.delay}
+        extra = {"fail": self.fail} if self.fail else {}
+        return {"lag": self.lag, "V": self.V, "seq_len": self.seq_len, "delay": self.delay, **extra}
 
     def describe(self):
         return f"tiny_lag lag={self.lag}"
 
     def _sample_raw(self, n, generator):
+        if self.fail == "raise":
+            raise RuntimeError("injected failure")
+        if self.fail == "die" or (self.fail and self.fail.startswith("die-once:")
+                                  and not Path(self.fail[len("die-once:"):]).exists()):
+            if self.fail != "die":
+                Path(self.fail[len("die-once:"):]).touch()
+            os._exit(3)
         if self.delay:
             time.sleep(self.delay)
         x = torch.randint(0, self.V, (n, self.seq_len + 1), generator=generator)

@@ -13,7 +13,7 @@ import shlex
 import sys
 
 # module (in this package) of each subcommand, in the order `ea --help` lists them
-SUBCOMMANDS = ["bench", "ladder", "geometry", "lm", "tasks", "info"]
+SUBCOMMANDS = ["bench", "ladder", "train", "geometry", "lm", "tasks", "info"]
 
 
 def _modules():

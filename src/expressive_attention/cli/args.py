@@ -32,6 +32,17 @@ def positive_float(s: str) -> float:
     return v
 
 
+def nonnegative_float(s: str) -> float:
+    """A float >= 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
 def csv_of(item: Callable[[str], T] = str, choices: Iterable[str] | None = None) -> Callable[[str], list[T]]:
     """A non-empty comma-separated list, each element converted by `item` (and one of `choices`)."""
     allowed = tuple(choices) if choices is not None else None

@@ -7,7 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from .args import csv_of, positive_int
+from .args import csv_of, nonnegative_float, positive_float, positive_int
+
+RAY_FLAGS = ("address", "cpus_per_run", "gpus_per_run")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,6 +30,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=None,
                    help="parallel worker processes, one torch thread each (default: one per CPU core)")
     p.add_argument("--no-checkpoints", action="store_true", help="do not save model checkpoints")
+    p.add_argument("--storage", default=None, metavar="PATH",
+                   help="write checkpoints under PATH/checkpoints instead of OUT (with --executor ray: a "
+                        "directory every node sees; without it, checkpoints travel back to the driver's OUT)")
+    x = p.add_argument_group("executor", "where the runs execute (docs/scale.md); results.jsonl is written by "
+                                         "this process alone, so a sweep can move between executors and resume")
+    x.add_argument("--executor", choices=["serial", "pool", "ray"], default=None,
+                   help="serial (this process), pool (--workers local processes) or ray (each run a Ray task; "
+                        "needs the [ray] extra). Default: pool, or serial with --workers 1")
+    x.add_argument("--address", default=None,
+                   help="ray: the cluster to use, e.g. auto, HOST:6379 or ray://HOST:10001 (default: "
+                        "$RAY_ADDRESS, else a Ray instance running on this machine, else a new local one)")
+    x.add_argument("--cpus-per-run", type=positive_float, default=None,
+                   help="ray: CPUs (and torch threads) per run (default 1)")
+    x.add_argument("--gpus-per-run", type=nonnegative_float, default=None,
+                   help="ray: GPUs per run, e.g. 0.25 (default 0)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (in every worker), e.g. one that registers your own tasks")
     p.add_argument("--list", action="store_true", help="print the grid and exit")
@@ -54,6 +71,7 @@ def run_ladder_cmd(args) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     command = args.command_line
+    executor, workers = _executor(args)  # flag errors before any work
     if args.list:
         for p in grid:
             print(f"{p.config.key()}  {run_label(p)}  steps={p.config.steps}")
@@ -67,11 +85,37 @@ def run_ladder_cmd(args) -> int:
     args.resume_hint = (f"Finished runs are kept in {out / 'results.jsonl'}; run the same command again to "
                         "resume where it stopped.")
     t0 = time.time()
-    workers = args.workers or os.cpu_count() or 1
     result = run_ladder(preset, out, workers=workers, checkpoints=not args.no_checkpoints,
-                        imports=args.imports, command=command)
+                        imports=args.imports, command=command, executor=executor, storage=args.storage)
     print(f"{result['ran']} runs trained, {result['skipped']} already done, {len(result['failed'])} failed "
           f"in {(time.time() - t0) / 60:.1f} min")
     for k, v in result.get("report", {}).items():
         print(f"{k}: {v}")
     return 1 if result["failed"] else 0
+
+
+def _executor(args):
+    """(executor name or object, workers) from the flags; a flag that does not apply is an error."""
+    from ..errors import UserError
+
+    name = args.executor
+    if args.no_checkpoints and args.storage:
+        raise UserError("--storage is where checkpoints go; it contradicts --no-checkpoints")
+    ray_flags = [f"--{f.replace('_', '-')}" for f in RAY_FLAGS if getattr(args, f) is not None]
+    if name != "ray":
+        if ray_flags:
+            raise UserError(f"{', '.join(ray_flags)} apply to --executor ray only")
+        if name == "serial" and args.workers not in (None, 1):
+            raise UserError("--executor serial runs one run at a time; drop --workers")
+        workers = 1 if name == "serial" else args.workers or os.cpu_count() or 1
+        return name, workers
+    if args.workers is not None:
+        raise UserError("--workers sets the local pool; with --executor ray the cluster's CPUs "
+                         "and --cpus-per-run decide how many runs go at once")
+    from ..experiments.executors import RayExecutor
+    from ..extras import require
+
+    require("ray", "ea ladder --executor ray")  # before any work
+    return RayExecutor(address=args.address, cpus_per_run=args.cpus_per_run or 1,
+                       gpus_per_run=args.gpus_per_run or 0, ship_checkpoints=args.storage is None,
+                       imports=args.imports), 1

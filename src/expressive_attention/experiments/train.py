@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from ..ops import KINDS
 from ..ops.reference import resolve_power
 from .kinds import kind_label
 from .results import config_key
+
+if TYPE_CHECKING:
+    from .distributed import Shard
 
 # The results key hashes the config under the field names it had when results files were first
 # written: a renamed field keeps its old name in the hash, so existing results.jsonl files resume.
@@ -219,9 +223,11 @@ def evaluate(model: DecoderLM, task, n_sequences: int, gen: torch.Generator, bat
     g_tok = np.zeros((len(names or []), 2))  # (right, total) per group
     g_seq = np.zeros((len(names or []), 2))
     done = 0
+    dev = next(model.parameters()).device
     while done < n_sequences:
         b = min(batch, n_sequences - done)
         x, y, m, g = _sample(task, b, gen, groups=names is not None)
+        x, y, m, g = x.to(dev), y.to(dev), m.to(dev), (None if g is None else g.to(dev))
         logits = model(x)  # (b, T, V)
         right = (logits.argmax(-1) == y) & m  # (b, T)
         loss_sum += F.cross_entropy(logits[m], y[m], reduction="sum").item()
@@ -253,14 +259,27 @@ def train_run(
     checkpoint: str | Path | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     curve_points: int = 20,
-) -> dict:
+    device: str | torch.device = "cpu",
+    shard: "Shard | None" = None,
+) -> dict | None:
     """Train, evaluate on held-out data, optionally save a checkpoint; return the run's record.
 
-    progress(step, total_steps, recent_loss) is called about 50 times per run."""
+    progress(step, total_steps, recent_loss) is called about 50 times per run.
+    shard: this process's part of a data-parallel run (distributed.Shard, under torchrun): the model
+    is wrapped in DistributedDataParallel and each rank trains on its slice of every global batch;
+    rank 0 alone evaluates, writes the checkpoint and returns the record (the other ranks: None)."""
     t0, c0 = time.perf_counter(), time.process_time()
     task, model = build(cfg)
     steps = num_steps(cfg, task.seq_len)
+    device = shard.device if shard is not None else torch.device(device)
+    model.to(device)
     opt = _optimizer(model, cfg)
+    net = model
+    if shard is not None:
+        from torch.nn.parallel import DistributedDataParallel
+        shard.check_batch(cfg.batch_size)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    main = shard is None or shard.is_main
     train_gen = _generator("train", cfg.seed)
     model.train()
     every = max(1, steps // curve_points)
@@ -269,27 +288,41 @@ def train_run(
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, steps)
-        x, y, m, _ = _sample(task, cfg.batch_size, train_gen, groups=False)
-        logits = model(x)  # (B, T, V)
-        loss = masked_loss(logits, y, m)
+        x, y, m, _ = _sample(task, cfg.batch_size, train_gen, groups=False)  # the global batch
+        if shard is not None:
+            x, y, m = shard.take(x), shard.take(y), shard.take(m)  # this rank's rows
+        else:
+            x, y, m = x.to(device), y.to(device), m.to(device)
+        logits = net(x)  # (B, T, V)
+        right, scored = (logits[m].argmax(-1) == y[m]).sum(), m.sum()
+        if shard is None:
+            loss = objective = masked_loss(logits, y, m)
+        else:  # this slice's share of the global batch's mean loss (DDP averages gradients: * world size)
+            right, scored = shard.sum(right), shard.sum(scored.float())
+            objective = F.cross_entropy(logits[m], y[m], reduction="sum") / scored
+            loss = shard.sum(objective.detach().clone())  # the global batch's loss (logs, NaN check)
+            objective = objective * shard.world_size
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} ({cfg.task}, {cfg.label})")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         with torch.no_grad():
             win_loss += loss.item()
-            win_right += int((logits[m].argmax(-1) == y[m]).sum())
-            win_total += int(m.sum())
+            win_right += int(right)
+            win_total += int(scored)
             win_n += 1
         if (step + 1) % every == 0 or step + 1 == steps:
             curve.append({"step": step + 1, "loss": win_loss / win_n, "token_acc": win_right / max(1, win_total)})
             win_loss, win_right, win_total, win_n = 0.0, 0, 0, 0
-        if progress is not None and ((step + 1) % report_every == 0 or step + 1 == steps):
+        if main and progress is not None and ((step + 1) % report_every == 0 or step + 1 == steps):
             progress(step + 1, steps, loss.item())
     train_s = time.perf_counter() - t0
+    if not main:
+        shard.barrier()  # rank 0 evaluates and writes
+        return None
     metrics = evaluate(model, task, cfg.eval_sequences, _generator("eval", cfg.eval_seed))
     metrics["train_loss"] = curve[-1]["loss"]
     record = {
@@ -310,9 +343,15 @@ def train_run(
         "machine": machine(),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if device.type != "cpu":
+        record["device"] = str(device)
+    if shard is not None:
+        record["distributed"] = {"world_size": shard.world_size, "backend": torch.distributed.get_backend()}
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, cfg)
         record["checkpoint"] = str(checkpoint)
+    if shard is not None:
+        shard.barrier()
     return record
 
 
