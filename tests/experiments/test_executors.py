@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ladder_tiny_tasks import tiny_preset  # noqa: E402  (registers "tiny_lag")
+from ladder_tiny_tasks import tiny_preset  # registers "tiny_lag"
 
-from expressive_attention.cli import main  # noqa: E402
-from expressive_attention.experiments import Family, Preset, ResultsStore, run_ladder  # noqa: E402
-from expressive_attention.experiments.executors import RayExecutor, make_executor  # noqa: E402
+from expressive_attention.cli import main
+from expressive_attention.experiments import Family, Preset, ResultsStore, run_ladder
+from expressive_attention.experiments.executors import RayExecutor, make_executor
 
-HERE = Path(__file__).parent
-SRC = HERE.parent.parent / "src"
+SUPPORT = Path(__file__).parents[1] / "support"  # ladder_tiny_tasks, for Ray workers and subprocesses
+SRC = Path(__file__).parents[2] / "src"
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,7 @@ def _cli(preset_file, out, *flags):
 
 
 def _env():
-    path = [str(HERE), str(SRC), os.environ.get("PYTHONPATH", "")]
+    path = [str(SUPPORT), str(SRC), os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
 
 

@@ -48,7 +48,7 @@ def test_tiny_ladder_writes_everything_and_resumes(tmp_path):
     assert "**tiny**, ea vs dpa" in report and "torch" in report
     assert "antiparallel" in report
 
-    assert "`ea ladder --tiny` with 1 workers" in report and "wall time" in report
+    assert "`ea ladder --tiny` on serial (in-process)" in report and "wall time" in report
 
     again = run_ladder(preset, tmp_path, workers=1, progress=False)
     assert again["ran"] == 0 and again["skipped"] == 12

@@ -65,8 +65,8 @@ def _init_worker(progress_q, threads: int | None, imports: Sequence[str], sys_pa
         torch.set_num_threads(threads)
 
 
-def _run_point(index: int, cfg_dict: dict, checkpoint: str | None, worker: str | None = None
-               ) -> tuple[int, dict | None, str | None]:
+def _run_point(index: int, cfg_dict: dict, checkpoint: str | None, worker: str | None = None,
+               device: str = "cpu") -> tuple[int, dict | None, str | None]:
     """Train one grid point; never raises: (index, record, error traceback)."""
     worker = worker or str(os.getpid())
 
@@ -79,7 +79,7 @@ def _run_point(index: int, cfg_dict: dict, checkpoint: str | None, worker: str |
 
     try:
         cfg = RunConfig.from_dict(cfg_dict)
-        return index, train_run(cfg, checkpoint=checkpoint, progress=progress), None
+        return index, train_run(cfg, checkpoint=checkpoint, progress=progress, device=device), None
     except Exception:  # reported by the driver; the sweep goes on
         return index, None, traceback.format_exc()
 
@@ -195,8 +195,9 @@ class PoolExecutor:
 
 
 def _ray_task(index: int, cfg_dict: dict, checkpoint: str | None, ship_checkpoint: bool, progress_q,
-              threads: int | None, imports: Sequence[str], sys_path: Sequence[str]):
-    """The body of one Ray task: (index, record, error, checkpoint bytes or None).
+              threads: int | None, imports: Sequence[str], sys_path: Sequence[str], device: str):
+    """The body of one Ray task: (index, record, error, checkpoint bytes or None). device "cuda" is
+    the GPU Ray gave the task (it sets CUDA_VISIBLE_DEVICES).
 
     ship_checkpoint: train into a temporary file on the worker's node and return its bytes (the
     driver writes them to `checkpoint`); otherwise write `checkpoint` directly (shared storage)."""
@@ -206,10 +207,10 @@ def _ray_task(index: int, cfg_dict: dict, checkpoint: str | None, ship_checkpoin
     worker = f"{ctx.get_node_id()[:6]}:{os.getpid()}"
     _init_worker(progress_q, threads, imports, sys_path)
     if checkpoint is None or not ship_checkpoint:
-        return (*_run_point(index, cfg_dict, checkpoint, worker), None)
+        return (*_run_point(index, cfg_dict, checkpoint, worker, device), None)
     with tempfile.TemporaryDirectory(prefix="ea-ckpt-") as tmp:
         path = Path(tmp) / Path(checkpoint).name
-        index, record, error = _run_point(index, cfg_dict, str(path), worker)
+        index, record, error = _run_point(index, cfg_dict, str(path), worker, device)
         return index, record, error, (path.read_bytes() if error is None else None)
 
 
@@ -222,7 +223,7 @@ def _write_atomic(path: Path, blob: bytes) -> None:
 
 class RayExecutor:
     """Each run a Ray task (`cpus_per_run` CPUs, `gpus_per_run` GPUs, as many torch threads as CPUs);
-    records stream back to the driver as tasks finish.
+    records stream back to the driver as tasks finish. With gpus_per_run > 0 the runs train on the GPU.
 
     address: a Ray cluster ("host:port", "ray://host:10001", "auto"); None means Ray's default:
       RAY_ADDRESS if set, else a Ray instance already started on this machine, else a new local one.
@@ -282,7 +283,8 @@ class RayExecutor:
         threads = max(1, int(self.cpus_per_run))
         progress_q = Queue(actor_options={"num_cpus": 0}) if progress else None
         by_ref = {task.remote(j.index, j.config, j.checkpoint, self.ship_checkpoints, progress_q, threads,
-                              self.imports, tuple(sys.path)): j for j in jobs}
+                              self.imports, tuple(sys.path), "cuda" if self.gpus_per_run else "cpu"): j
+                  for j in jobs}
         bars = RunBars({j.index: j.label for j in jobs}, progress)
         try:
             while by_ref:

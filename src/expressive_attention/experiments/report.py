@@ -310,7 +310,8 @@ def write_report(preset: Preset, out: str | os.PathLike, *, command: str | None 
         for sw in sweeps:
             sw_load = (f"; load {sw['load_start'][0]:.1f} / {sw['load_end'][0]:.1f}"
                        if sw.get("load_start") and sw.get("load_end") else "")
-            lines.append(f"- `{sw.get('command')}` with {sw.get('workers')} workers, {sw.get('started_utc')}: "
+            how = sw.get("executor") or f"{sw.get('workers')} workers"  # older sweeps.jsonl: workers only
+            lines.append(f"- `{sw.get('command')}` on {how}, {sw.get('started_utc')}: "
                          f"{sw.get('ran')} runs trained, {sw.get('skipped')} found done, {sw.get('failed')} failed, "
                          f"wall time **{sw.get('wall_s', 0) / 60:.1f} min**{sw_load}")
     elif sweep is not None:
