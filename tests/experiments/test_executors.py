@@ -84,6 +84,15 @@ def test_ray_failures_are_reported_lost_workers_retried(tmp_path, local_ray):
         assert Path(r["checkpoint"]).parent == storage / "checkpoints" and Path(r["checkpoint"]).exists()
 
 
+def test_ray_warns_when_no_run_fits_the_cluster(local_ray):
+    with pytest.warns(RuntimeWarning, match="1 GPUs, but the cluster has 2 CPUs and 0 GPUs"):
+        _ray_executor(gpus_per_run=1)._check_resources(local_ray)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _ray_executor(cpus_per_run=2)._check_resources(local_ray)
+
+
 def _cli(preset_file, out, *flags):
     return [sys.executable, "-m", "expressive_attention.cli", "ladder", "--preset", str(preset_file), "--out",
             str(out), "--import", "ladder_tiny_tasks", "--no-checkpoints", *flags]

@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -275,12 +276,23 @@ class RayExecutor:
             if started:
                 ray.shutdown()
 
+    def _check_resources(self, ray) -> None:
+        """Warn when no run fits in the cluster as it is (Ray would wait for nodes to join)."""
+        have = ray.cluster_resources()
+        if have.get("CPU", 0) < self.cpus_per_run or have.get("GPU", 0) < self.gpus_per_run:
+            warnings.warn(f"each run asks Ray for {self.cpus_per_run:g} CPUs and {self.gpus_per_run:g} GPUs, but the "
+                          f"cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs now: the runs "
+                          "wait until nodes that fit join (an autoscaling cluster); Ctrl-C if none will",
+                          RuntimeWarning, stacklevel=4)
+
     def _run(self, ray, jobs, finish, progress) -> None:
         from ray.util.queue import Empty, Queue
 
         task = ray.remote(_ray_task).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
                                              max_retries=self.max_retries, retry_exceptions=False)
         threads = max(1, int(self.cpus_per_run))
+        if jobs:
+            self._check_resources(ray)
         progress_q = Queue(actor_options={"num_cpus": 0}) if progress else None
         by_ref = {task.remote(j.index, j.config, j.checkpoint, self.ship_checkpoints, progress_q, threads,
                               self.imports, tuple(sys.path), "cuda" if self.gpus_per_run else "cpu"): j
