@@ -223,7 +223,7 @@ def evaluate(model: DecoderLM, task, n_sequences: int, gen: torch.Generator, bat
     g_tok = np.zeros((len(names or []), 2))  # (right, total) per group
     g_seq = np.zeros((len(names or []), 2))
     done = 0
-    dev = next(model.parameters()).device
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))  # a stub may have none
     while done < n_sequences:
         b = min(batch, n_sequences - done)
         x, y, m, g = _sample(task, b, gen, groups=names is not None)
