@@ -166,8 +166,8 @@ def test_executor_flags_that_do_not_apply_are_errors(tmp_path, capsys, monkeypat
                        (["--executor", "ray", "--workers", "2"], "--workers sets the local pool"),
                        (["--executor", "serial", "--workers", "2"], "drop --workers"),
                        (["--storage", str(tmp_path), "--no-checkpoints"], "contradicts --no-checkpoints")):
-        with pytest.raises(SystemExit, match=msg):
-            main(base + flags)
+        assert main(base + flags + ["--list"]) == 2  # one line, before any work
+        assert msg in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--executor", "ray", "--gpus-per-run", "-1"])
     assert "--gpus-per-run" in capsys.readouterr().err
@@ -181,5 +181,7 @@ def test_executor_flags_that_do_not_apply_are_errors(tmp_path, capsys, monkeypat
     with pytest.raises(ValueError, match="cpus_per_run"):
         RayExecutor(cpus_per_run=0)
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main(base + ["--executor", "ray", "--list"]) == 2  # named before any work
+    assert 'pip install "expressive-attention[ray]"' in capsys.readouterr().err
     with pytest.raises(ImportError, match=r"expressive-attention\[ray\]"):
         RayExecutor().run([], lambda *a: None, progress=False)
