@@ -41,7 +41,7 @@ def test_ray_gives_the_pool_records_and_checkpoints(tmp_path, local_ray):
     preset = tiny_preset(seeds=1)
     pool = run_ladder(preset, tmp_path / "pool", workers=2, imports=["ladder_tiny_tasks"], progress=False,
                       report=False)
-    ray_res = run_ladder(preset, tmp_path / "ray", executor=_ray_executor(), progress=False, report=False)
+    ray_res = run_ladder(preset, tmp_path / "ray", executor=_ray_executor(), progress=True, report=False)  # the progress actor too
     assert pool["ran"] == ray_res["ran"] == 6 and not pool["failed"] and not ray_res["failed"]
     a = {r["key"]: r for r in ResultsStore(tmp_path / "pool").read()}
     b = {r["key"]: r for r in ResultsStore(tmp_path / "ray").read()}

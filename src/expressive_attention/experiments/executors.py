@@ -195,7 +195,33 @@ class PoolExecutor:
             bars.close()
 
 
-def _ray_task(index: int, cfg_dict: dict, checkpoint: str | None, ship_checkpoint: bool, progress_q,
+class _ProgressLog:
+    """A Ray actor holding the runs' progress messages until the driver drains them."""
+
+    def __init__(self):
+        self.msgs: list = []
+
+    def put(self, msg) -> None:
+        self.msgs.append(msg)
+
+    def drain(self) -> list:
+        out, self.msgs = self.msgs, []
+        return out
+
+
+class _SendProgress:
+    """What a Ray task's progress callback puts into: a fire-and-forget actor call. (A blocking
+    ray.get inside a task would lend the task's CPU to the scheduler meanwhile, which then starts
+    more runs than --cpus-per-run allows.)"""
+
+    def __init__(self, log):
+        self.log = log
+
+    def put(self, msg) -> None:
+        self.log.put.remote(msg)
+
+
+def _ray_task(index: int, cfg_dict: dict, checkpoint: str | None, ship_checkpoint: bool, progress_log,
               threads: int | None, imports: Sequence[str], sys_path: Sequence[str], device: str):
     """The body of one Ray task: (index, record, error, checkpoint bytes or None). device "cuda" is
     the GPU Ray gave the task (it sets CUDA_VISIBLE_DEVICES).
@@ -206,7 +232,7 @@ def _ray_task(index: int, cfg_dict: dict, checkpoint: str | None, ship_checkpoin
 
     ctx = ray.get_runtime_context()
     worker = f"{ctx.get_node_id()[:6]}:{os.getpid()}"
-    _init_worker(progress_q, threads, imports, sys_path)
+    _init_worker(None if progress_log is None else _SendProgress(progress_log), threads, imports, sys_path)
     if checkpoint is None or not ship_checkpoint:
         return (*_run_point(index, cfg_dict, checkpoint, worker, device), None)
     with tempfile.TemporaryDirectory(prefix="ea-ckpt-") as tmp:
@@ -286,26 +312,21 @@ class RayExecutor:
                           RuntimeWarning, stacklevel=4)
 
     def _run(self, ray, jobs, finish, progress) -> None:
-        from ray.util.queue import Empty, Queue
-
         task = ray.remote(_ray_task).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
                                              max_retries=self.max_retries, retry_exceptions=False)
         threads = max(1, int(self.cpus_per_run))
         if jobs:
             self._check_resources(ray)
-        progress_q = Queue(actor_options={"num_cpus": 0}) if progress else None
-        by_ref = {task.remote(j.index, j.config, j.checkpoint, self.ship_checkpoints, progress_q, threads,
+        progress_log = ray.remote(num_cpus=0)(_ProgressLog).remote() if progress else None
+        by_ref = {task.remote(j.index, j.config, j.checkpoint, self.ship_checkpoints, progress_log, threads,
                               self.imports, tuple(sys.path), "cuda" if self.gpus_per_run else "cpu"): j
                   for j in jobs}
         bars = RunBars({j.index: j.label for j in jobs}, progress)
         try:
             while by_ref:
                 ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=0.2)
-                if progress_q is not None:
-                    try:
-                        bars.update(progress_q.get_nowait_batch(min(progress_q.qsize(), 1000)))
-                    except Empty:
-                        pass
+                if progress_log is not None:
+                    bars.update(ray.get(progress_log.drain.remote()))
                 for ref in ready:
                     job = by_ref.pop(ref)
                     try:
@@ -323,8 +344,8 @@ class RayExecutor:
             raise
         finally:
             bars.close()
-            if progress_q is not None:
-                progress_q.shutdown()
+            if progress_log is not None:
+                ray.kill(progress_log)
 
 
 def make_executor(name: str, *, workers: int = 1, threads: int | None = None, imports: Sequence[str] = (),
