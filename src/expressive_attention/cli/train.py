@@ -43,12 +43,24 @@ def _int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
 
 
+def _bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
 # argparse type and help of each RunConfig field (a field without an entry fails the CLI tests)
 FIELDS: dict[str, tuple] = {
     "task": (str, "task name (see `ea tasks`)"),
     "task_params": (_json_object, "task parameters as a JSON object, e.g. '{\"T\": 8}'"),
     "kind": (str, f"attention mechanism, one of {', '.join(KINDS)}"),
-    "variant": (str, "EA variant: saturating or squared"),
+    "variant": (str, "EA variant: saturating, squared or power"),
+    "power": (positive_float, "degree of variant=power (default 4)"),
+    "qk_norm": (_bool, "RMSNorm of each head's q and k: true or false"),
+    "learn_scale": (_bool, "learned per-head score gain: true or false"),
     "d_model": (positive_int, "model width"),
     "n_layers": (positive_int, "layers"),
     "n_heads": (positive_int, "attention heads"),
