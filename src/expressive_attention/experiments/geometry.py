@@ -165,6 +165,7 @@ def pick_checkpoints(out: Path, rows: list[dict], preset=None) -> dict[str, dict
         for rec in records:
             lad = rec.get("ladder", {})
             if (lad.get("family") == fam and lad.get("rung") == rung and rec["config"]["seed"] == 0
+                    and not lad.get("point")  # the preset's base settings, not another budget / size
                     and rec.get("checkpoint") and Path(rec["checkpoint"]).exists()
                     and (preset is None or lad.get("preset") == preset.name)):
                 chosen.setdefault(f"{fam} {label}", {})[rec["kind"]] = Path(rec["checkpoint"])

@@ -21,7 +21,8 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def run_label(p: GridPoint) -> str:
-    return f"{p.family} {p.label} {p.config.label} s{p.config.seed}"
+    at = f" {p.point_label}" if p.point else ""
+    return f"{p.family} {p.label}{at} {p.config.label} s{p.config.seed}"
 
 
 def run_ladder(
@@ -83,7 +84,8 @@ def _run_ladder(preset, out, workers, checkpoints, imports, progress, report, th
             failed.append((run_label(p), error))
             bar.write(f"FAILED {run_label(p)}:\n{error}")
         else:
-            record["ladder"] = {"preset": preset.name, "family": p.family, "rung": p.rung, "label": p.label}
+            record["ladder"] = {"preset": preset.name, "family": p.family, "rung": p.rung, "label": p.label,
+                                "axes": list(p.axes), "point": dict(p.point)}
             store.append(record)
             m = record["metrics"]
             bar.write(f"done {run_label(p)}: token {m['token_acc']:.3f} seq {m['seq_acc']:.3f} "

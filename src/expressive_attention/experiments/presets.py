@@ -8,6 +8,15 @@ A preset is plain data, so users can write their own as JSON (`ea ladder --prese
                               "base": {"steps": 1200}}}}
 
 `base` holds RunConfig fields shared by every run; a family's own `base` overrides them.
+
+`axes` (optional) varies the run around that base, for every family, rung, kind and seed:
+
+    "axes": {"budget": [{"steps": 450}, {"steps": 1350}, {"steps": 4050}],
+             "size": [{"d_model": 32}, {"d_model": 64}, {"d_model": 128}]}
+
+Each entry is a set of RunConfig overrides (one point of the axis). Points of different axes that
+give the same config (here d_model 64 at 450 steps, the base) are one run, on both axes. Without
+axes a preset has one point per rung: the base.
 """
 from __future__ import annotations
 
@@ -16,7 +25,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..tasks.ladders import ladder_rungs
+from ..tasks.ladders import DENSE_RECALL, ladder_rungs
 from .kinds import kind_specs
 from .train import RunConfig
 
@@ -42,6 +51,7 @@ class Preset:
     kinds: tuple[str, ...] = ("dpa", "ea")
     variants: tuple[str, ...] = ("saturating",)  # EA variants (each is its own kind)
     description: str = ""
+    axes: dict[str, list[dict]] = field(default_factory=dict)  # axis name -> points (RunConfig overrides)
 
     def __post_init__(self):
         self.families = {k: v if isinstance(v, Family) else Family(**v) for k, v in self.families.items()}
@@ -51,10 +61,16 @@ class Preset:
         for name, fam in self.families.items():
             if not fam.rungs:
                 raise ValueError(f"family {name!r} has no rungs")
+        self.axes = {str(a): [dict(pt) for pt in pts] for a, pts in dict(self.axes).items()}
+        for a, pts in self.axes.items():
+            if not pts or not all(pts):
+                raise ValueError(f"axis {a!r} needs at least one point, each a non-empty dict of RunConfig "
+                                 f"overrides, got {pts!r}")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "seeds": self.seeds,
                 "kinds": list(self.kinds), "variants": list(self.variants), "base": dict(self.base),
+                "axes": {a: [dict(pt) for pt in pts] for a, pts in self.axes.items()},
                 "families": {k: {"task": f.task, "rungs": f.rungs, "base": f.base, "labels": f.labels}
                              for k, f in self.families.items()}}
 
@@ -89,6 +105,27 @@ class Preset:
         """(kind, variant) pairs: dpa, then one EA run per variant."""
         return kind_specs(self.kinds, self.variants)
 
+    def axis_points(self, fam: Family) -> list[tuple[dict, tuple[str, ...]]]:
+        """(RunConfig fields, the axes the point lies on) for one family: the base when there are no
+        axes, else each distinct point of the axes, in axis order (shared points merged)."""
+        fields = {**self.base, **fam.base}
+        if not self.axes:
+            return [(fields, ())]
+        points: list[tuple[dict, list[str]]] = []
+        for axis, pts in self.axes.items():
+            for pt in pts:
+                merged = {**fields, **pt}
+                if "steps" in pt:
+                    merged.pop("tokens", None)
+                if "tokens" in pt:
+                    merged.pop("steps", None)
+                same = next((p for p in points if p[0] == merged), None)
+                if same is None:
+                    points.append((merged, [axis]))
+                elif axis not in same[1]:
+                    same[1].append(axis)
+        return [(f, tuple(a)) for f, a in points]
+
     def grid(self) -> list["GridPoint"]:
         """Every run, seed-major (an interrupted sweep has whole ladders for the first seeds)."""
         points = []
@@ -96,11 +133,12 @@ class Preset:
             for fam_name, fam in self.families.items():
                 labels = fam.labels or rung_labels(fam.rungs)
                 for r, params in enumerate(fam.rungs):
-                    for kind, variant in self.kind_specs():
-                        fields = {**self.base, **fam.base}
-                        cfg = RunConfig(task=fam.task, task_params=dict(params), kind=kind,
-                                        variant=variant, seed=seed, **fields)
-                        points.append(GridPoint(fam_name, r, labels[r], cfg))
+                    for fields, axes in self.axis_points(fam):
+                        for kind, variant in self.kind_specs():
+                            cfg = RunConfig(task=fam.task, task_params=dict(params), kind=kind,
+                                            variant=variant, seed=seed, **fields)
+                            points.append(GridPoint(fam_name, r, labels[r], cfg, axes,
+                                                    _differences(fields, {**self.base, **fam.base})))
         return points
 
 
@@ -110,6 +148,23 @@ class GridPoint:
     rung: int
     label: str
     config: RunConfig
+    axes: tuple[str, ...] = ()  # the preset axes this run lies on (empty: no axes)
+    point: dict = field(default_factory=dict)  # its RunConfig fields that differ from the preset's base
+
+    @property
+    def is_base(self) -> bool:
+        """The run has the preset's base settings (the ladder table and verdicts use these)."""
+        return not self.point
+
+    @property
+    def point_label(self) -> str:
+        """'steps=1350' / 'd_model=32' for off-base points of an axis; '' for the base."""
+        return ",".join(f"{k}={_short(v)}" for k, v in self.point.items())
+
+
+def _differences(fields: dict, base: dict) -> dict:
+    return {k: fields.get(k) for k in list(base) + [k for k in fields if k not in base]
+            if fields.get(k) != base.get(k)}
 
 
 def rung_labels(rungs: list[dict]) -> list[str]:
@@ -143,6 +198,19 @@ def _families(size: str) -> dict[str, Family]:
     return fams
 
 
+def _pick(families: dict[str, Family], rungs: dict[str, list[int]]) -> dict[str, Family]:
+    """The given rungs (indices) of some families, keeping their labels from the full ladder."""
+    out = {}
+    for name, idx in rungs.items():
+        fam = families[name]
+        labels = fam.labels or rung_labels(fam.rungs)
+        out[name] = Family(fam.task, [fam.rungs[i] for i in idx], dict(fam.base), [labels[i] for i in idx])
+    return out
+
+
+_QUICK_BASE = {"d_model": 64, "n_layers": 2, "n_heads": 4, "pos": "learned", **_OPT, "steps": 450, "warmup": 45,
+               "eval_sequences": 512}
+
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
@@ -150,10 +218,25 @@ PRESETS: dict[str, Preset] = {
                     "sequences of length 64 per run, 4 families x 5 rungs x {DPA, EA} x 2 seeds = 80 runs; "
                     "15 minutes measured on a shared 2-core CPU with --workers 2 (about 10 CPU-minutes per worker; "
                     "no GPU needed).",
-        base={"d_model": 64, "n_layers": 2, "n_heads": 4, "pos": "learned", **_OPT, "steps": 450, "warmup": 45,
-              "eval_sequences": 512},
+        base=dict(_QUICK_BASE),
         seeds=2,
         families=_families("quick"),
+    ),
+    "verify": Preset(
+        name="verify",
+        description="Does EA learn faster, or can it do more? The quick preset's model at one rung per family "
+                    "(pointer T=16, lagged_digits N=5, recall K=2), along a budget axis (450, 1350, 4050 steps "
+                    "at d_model 64) and a size axis (d_model 32, 64, 128 at 450 steps), DPA vs EA saturating "
+                    "and squared, 3 seeds: 3 families x 5 points x 3 kinds x 3 seeds = 135 runs, about 55 min "
+                    "on an idle 2-core CPU with --workers 2 (docs/ladder.md, \"The verify preset\").",
+        base=dict(_QUICK_BASE),
+        seeds=3,
+        variants=("saturating", "squared"),
+        axes={"budget": [{"steps": 450}, {"steps": 1350}, {"steps": 4050}],
+              "size": [{"d_model": 32}, {"d_model": 64}, {"d_model": 128}]},
+        # recall: the dense layout (every slot a query), where DPA solves the low rungs at this budget
+        families=_pick({**_families("quick"), "recall": Family("recall", DENSE_RECALL, labels=[
+            f"K={r['K']}" for r in DENSE_RECALL])}, {"pointer": [4], "lagged_digits": [2], "recall": [1]}),
     ),
     "paper": Preset(
         name="paper",

@@ -20,10 +20,13 @@ SOLVED = 0.999  # sequence accuracy that counts as "100%"
 
 
 def collect(preset: Preset, records: list[dict]) -> list[dict]:
-    """One row per (family, rung, kind) of the preset's grid: mean, std, n of each metric."""
+    """One row per (family, rung, kind) of the preset's grid at its base settings (the points of a
+    preset's axes are summarised by `scaling`): mean, std, n of each metric."""
     by_key = {r["key"]: r for r in records}
     cells: dict[tuple, dict] = {}
     for p in preset.grid():
+        if not p.is_base:
+            continue
         cell = cells.setdefault((p.family, p.rung, p.config.label), {
             "family": p.family, "rung": p.rung, "label": p.label, "kind": p.config.label,
             "task": p.config.task, "values": defaultdict(list), "wall": [], "params": None, "expected": 0})
@@ -208,8 +211,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def group_table(preset: Preset, records: list[dict]) -> list[str]:
-    """Per-task token / sequence accuracy inside multitask runs (mean over seeds)."""
-    points = {p.config.key(): p for p in preset.grid()}
+    """Per-task token / sequence accuracy inside multitask runs (mean over seeds; base settings)."""
+    points = {p.config.key(): p for p in preset.grid() if p.is_base}
     cells: dict[tuple, list] = defaultdict(list)
     for r in records:
         p = points.get(r["key"])
@@ -303,6 +306,11 @@ def write_report(preset: Preset, out: str | os.PathLike, *, command: str | None 
         f"{tuple(c.betas)} weight decay {c.weight_decay}, {c.warmup} warm-up steps then cosine to 0, grad clip "
         f"{c.grad_clip}. Evaluation: {c.eval_sequences} held-out sequences per run.",
     ]
+    if preset.axes:
+        axes = "; ".join(f"{a}: " + ", ".join(",".join(f"{k} {v}" for k, v in pt.items()) for pt in pts)
+                         for a, pts in preset.axes.items())
+        lines += ["", f"Axes ({axes}): each point of each axis for every family, rung, kind and seed. The "
+                  f"ladder table and verdicts below are at the base settings; the axes have their own section."]
     sweeps = _read_sweeps(out)
     if sweeps:
         lines += ["", "Sweeps into this directory (one line per invocation; load = 1-minute load average "
@@ -329,6 +337,11 @@ def write_report(preset: Preset, out: str | os.PathLike, *, command: str | None 
               "Judged on token accuracy (>=, widening) and sequence accuracy (100%); seed noise = 2 standard "
               "errors of the EA - DPA difference, at least 0.01.", ""]
     lines += verdict_lines(v) or ["(no rung has both kinds yet)"]
+    if preset.axes:  # budget / size axes: gaps with intervals, trends, factors, two more plots
+        from .scaling import scaling_section
+        axis_lines, axis_paths = scaling_section(mine, out)
+        paths.update(axis_paths)
+        lines += [""] + axis_lines
     groups = group_table(preset, records)
     if groups:
         lines += ["", "## Inside the multitask runs: each task's score (mean over seeds)", ""] + groups

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from .base import Task, make_task
 
-# Per size: pointer T (and vocabulary V), lagged-digits N, recall K (keys = values = n_keys, Q queries).
+# Per size: pointer T (and vocabulary V), lagged-digits N, recall K (keys = values = n_keys, Q queries
+# per sequence, or "all": every slot after the pairs is a query, see recall_slots).
 SIZES: dict[str, dict] = {
     "quick": dict(pointer_T=(2, 4, 8, 12, 16), pointer_V=16, digits_N=(2, 4, 5, 6, 7), recall_K=(1, 2, 3, 4, 6),
                   n_keys=16, Q=8),
@@ -30,17 +31,33 @@ def ladder_rungs(size: str = "quick") -> dict[str, list[dict]]:
         "pointer": [{"T": T, "V": s["pointer_V"], "p": 0.1, "seq_len": 64} for T in s["pointer_T"]],
         "lagged_digits": [{"N": N, "T": 8, "base": 2, "n_start": 16, "lag_seed": 0, "seq_len": 64}
                           for N in s["digits_N"]],
-        "recall": [{"K": K, "Q": s["Q"], "n_keys": s["n_keys"], "n_values": s["n_keys"], "seq_len": 64}
-                   for K in s["recall_K"]],
+        "recall": recall_rungs(s["recall_K"], s["n_keys"], s["Q"]),
     }
     rungs["multitask"] = [{"tasks": mix(rungs, i, 63), "task_token": True, "seq_len": 64}
                           for i in range(len(rungs["pointer"]))]
     return rungs
 
 
+def recall_slots(K: int, seq_len: int) -> int:
+    """The 2-token query slots after K pairs in a recall sequence of seq_len + 1 tokens: Q equal to it
+    is the dense layout, every slot a query (Q > K: keys are queried repeatedly)."""
+    return (seq_len + 1 - 2 * K) // 2
+
+
+def recall_rungs(Ks, n_keys: int, Q, seq_len: int = 64) -> list[dict]:
+    """Recall rungs with K pairs each; Q queries per sequence, or "all" (the dense layout)."""
+    return [{"K": K, "Q": recall_slots(K, seq_len) if Q == "all" else Q, "n_keys": n_keys, "n_values": n_keys,
+             "seq_len": seq_len} for K in Ks]
+
+
 def mix(rungs: dict[str, list[dict]], i: int, seq_len: int) -> list[dict]:
     """Rung i of each of MIXED, as multitask sub-task specs of length seq_len."""
     return [{"name": n, **rungs[n][i], "seq_len": seq_len} for n in MIXED]
+
+
+# The recall family of the verify preset: the quick size's K and vocabulary, every slot a query (DPA
+# solves K <= 2 at the quick budget; calibration in docs/tasks.md).
+DENSE_RECALL: list[dict] = recall_rungs((1, 2, 3, 4, 6), n_keys=16, Q="all")
 
 
 LADDERS: dict[str, list[dict]] = ladder_rungs("quick")
