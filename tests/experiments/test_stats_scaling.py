@@ -116,4 +116,6 @@ def test_scaling_section_writes_plots_and_lines(tmp_path):
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "| fam | K=2 | ea | 9x (900 steps) | 0.900 | 0.900 | +0.000 [-0.023, +0.023] |" in text
     assert "not reached (> 4x)" in text and "5.2x" in text
+    assert ("| fam | K=2 | ea | +0.30 [+0.28, +0.32] | +0.15 [+0.13, +0.17] | +0.00 [-0.02, +0.02] | "
+            "+0.30 [+0.28, +0.32] | +0.30 [+0.28, +0.32] | +0.30 [+0.28, +0.32] | 5.2x | not reached (> 4x) |") in text
     assert scaling_section([r for r in _synthetic() if False], tmp_path) == ([], {})

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import _STYLE, SOLVED
 from .stats import LEVEL, Interval, contrast_interval, equivalent_factor, gap_interval
 
 AXES = {"budget": ("steps", "training steps"), "size": ("params", "parameters")}
 BASE = "dpa"
-SOLVED = 0.999  # sequence accuracy (mean over seeds) that counts as "100%", as in report.py
 METRIC = "token_acc"  # the score the gaps, trends and factors are computed on
 
 
@@ -145,14 +145,40 @@ def _xlabel(axis: str, p: dict, ref_x: float) -> str:
     return f"d_model {p['d_model']} ({p['x'] / 1e3:.0f}k)"
 
 
+def summary_table(res: dict[tuple[str, int], dict[str, dict]]) -> list[str]:
+    """One row per (family, rung, EA kind): the gap at every point of both axes with its interval,
+    and DPA's capacity-equivalent factors."""
+    def labels(axis: str, a: dict) -> list[str]:
+        ref_x = next((p["x"] for p in a["points"] if p["base"]), a["points"][0]["x"])
+        return [f"{p['x'] / ref_x:.0f}x" if axis == "budget" else f"d{p['d_model']}" for p in a["points"]]
+
+    results = [r for kinds in res.values() for r in kinds.values()]
+    cols = {axis: max((labels(axis, r[axis]) for r in results if axis in r), key=len, default=[]) for axis in AXES}
+    heads = [f"gap {c}" for axis in AXES for c in cols.get(axis, [])]
+    lines = ["| family | rung | EA kind | " + " | ".join(heads) + " | DPA steps factor | DPA params factor |",
+             "|" + "---|" * (5 + len(heads))]
+    for (family, rung), kinds in res.items():
+        for kind, r in kinds.items():
+            cells = []
+            for axis in AXES:
+                pts = r.get(axis, {}).get("points", [])
+                for i in range(len(cols.get(axis, []))):
+                    g = pts[i]["gap"] if i < len(pts) else None
+                    cells.append(g.fmt(2) if g else "–")
+            f = [r[a]["factor"].fmt() if a in r else "–" for a in AXES]
+            lines.append(f"| {family} | {r['label']} | {kind} | " + " | ".join(cells) + f" | {f[0]} | {f[1]} |")
+    return lines
+
+
 def report_lines(res: dict[tuple[str, int], dict[str, dict]]) -> list[str]:
-    """The report section: one table per axis, the verdicts, factors and the 100% question."""
+    """The report section: the summary, one table per axis, the verdicts, factors and the 100% question."""
     pct = f"{LEVEL:.0%}"
     lines = [f"Gap = EA - DPA held-out token accuracy, mean over seeds, with its {pct} Welch t-interval "
              f"over seeds in brackets; a side leads where the interval excludes 0. Trend = change of the gap "
              f"from the first to the last point of the axis (same interval rule). Factor = how many times the "
              f"base steps (parameters) DPA needs to reach EA's token accuracy at the base point (log-linear "
              f"interpolation between the axis points). Rules: docs/ladder.md, \"Protocol\".", ""]
+    lines += summary_table(res) + [""]
     for axis, (_, what) in AXES.items():
         rows = []
         for (family, rung), kinds in res.items():
@@ -189,9 +215,6 @@ def report_lines(res: dict[tuple[str, int], dict[str, dict]]) -> list[str]:
                              + f"; DPA needs **{s['factor'].fmt()}** the parameters to match EA at the base size.")
             lines.append(" ".join(parts))
     return lines
-
-
-_STYLE = {"dpa": ("tab:blue", "o"), "ea": ("tab:red", "s"), "ea-squared": ("tab:orange", "^")}
 
 
 def plot_axis(rows: list[dict], axis: str, path: str | Path, title: str = "") -> bool:
