@@ -119,3 +119,11 @@ def test_scaling_section_writes_plots_and_lines(tmp_path):
     assert ("| fam | K=2 | ea | +0.30 [+0.28, +0.32] | +0.15 [+0.13, +0.17] | +0.00 [-0.02, +0.02] | "
             "+0.30 [+0.28, +0.32] | +0.30 [+0.28, +0.32] | +0.30 [+0.28, +0.32] | 5.2x | not reached (> 4x) |") in text
     assert scaling_section([r for r in _synthetic() if False], tmp_path) == ([], {})
+
+
+def test_a_base_run_lies_on_every_axis_whichever_preset_trained_it():
+    recs = _synthetic()
+    for r in recs:  # as if a budget-only preset had trained the base runs first
+        if not r["ladder"]["point"]:
+            r["ladder"]["axes"] = ["budget"]
+    assert scaling_rows(recs) == scaling_rows(_synthetic())

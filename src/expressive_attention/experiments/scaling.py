@@ -26,13 +26,15 @@ METRIC = "token_acc"  # the score the gaps, trends and factors are computed on
 def scaling_rows(records: list[dict]) -> list[dict]:
     """One row per (family, rung, kind, axis, x): the per-seed metrics of the runs on that axis point.
 
-    x is the run's steps (budget) or parameter count (size); `base` marks the preset's base point."""
+    x is the run's steps (budget) or parameter count (size); `base` marks the preset's base point.
+    A base run (no `point`) lies on every axis present in the records, whichever preset (e.g. a
+    JSON preset with fewer axes, run first) trained it."""
+    present = {a for r in records for a in (r.get("ladder") or {}).get("axes") or () if a in AXES}
     cells: dict[tuple, dict] = {}
     for r in records:
         lad = r.get("ladder") or {}
-        for axis in lad.get("axes") or ():
-            if axis not in AXES:
-                continue
+        axes = set(lad.get("axes") or ()) | (present if lad.get("axes") and not lad.get("point") else set())
+        for axis in sorted(axes & present, key=list(AXES).index):
             x = r[AXES[axis][0]]
             cell = cells.setdefault((lad["family"], lad["rung"], r["kind"], axis, x), {
                 "family": lad["family"], "rung": lad["rung"], "label": lad["label"], "kind": r["kind"],
