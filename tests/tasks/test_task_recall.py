@@ -3,6 +3,7 @@ import pytest
 from taskcheck import check_recall
 
 from expressive_attention.tasks import LADDERS, make_task, train_generator
+from expressive_attention.tasks.ladders import DENSE_RECALL, recall_rungs, recall_slots
 
 
 @pytest.mark.parametrize("i", range(len(LADDERS["recall"])))
@@ -30,3 +31,18 @@ def test_query_positions_vary():
 def test_errors(kw, err):
     with pytest.raises((ValueError, TypeError), match=err):
         make_task("recall", **kw)
+
+
+@pytest.mark.parametrize("i", range(len(DENSE_RECALL)))
+def test_dense_layout_every_slot_is_a_query(i):
+    rung = DENSE_RECALL[i]
+    task = make_task("recall", **rung)
+    x, y, m = task.sample(24, train_generator(i))
+    check_recall(task, x, y, m)
+    K = rung["K"]
+    assert rung["Q"] == recall_slots(K, 64) == (65 - 2 * K) // 2
+    # after the K pairs: a key at every even position, its scored answer right after, no filler
+    keys = x[:, 2 * K::2]
+    assert ((keys >= 1) & (keys <= rung["n_keys"])).all()
+    assert m.sum(1).eq(rung["Q"]).all()
+    assert recall_rungs([2], 16, 8) == [{"K": 2, "Q": 8, "n_keys": 16, "n_values": 16, "seq_len": 64}]
