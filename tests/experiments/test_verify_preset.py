@@ -81,6 +81,9 @@ def test_axes_merge_shared_points_and_validate():
     assert Preset.from_dict(p.to_dict()).grid()[5].config == grid[5].config
     with pytest.raises(ValueError, match="axis 'size'"):
         Preset(name="t", families={"f": {"task": "pointer", "rungs": [{"T": 2}]}}, axes={"size": [{}]})
+    with pytest.raises(ValueError, match=r"varies \['steps'\] along its axes"):
+        p.replace(base={"steps": 99, "tokens": None})  # what `ea ladder --steps 99` asks for
+    assert p.replace(base={"lr": 3e-3}).grid()[0].config.lr == 3e-3
     plain = Preset(name="t", families={"f": {"task": "pointer", "rungs": [{"T": 2}]}})
     assert all(g.is_base and g.axes == () for g in plain.grid())
 

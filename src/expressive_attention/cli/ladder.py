@@ -19,7 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "workers; append each finished run to OUT/results.jsonl (a rerun resumes), then write "
                     "OUT/summary.csv, OUT/ladder.png, OUT/report.md and OUT/geometry.png.")
     p.add_argument("--preset", default="quick",
-                   help="quick (CPU, <= 15 min on 2 cores), paper (full size), or a preset .json file")
+                   help="quick (CPU, <= 15 min on 2 cores), verify (budget and size axes, 3 seeds: ~1 h on 2 idle "
+                        "cores), paper (full size), or a preset .json file")
     p.add_argument("--tasks", type=csv_of(), default=None, help="comma-separated task families (default: all in preset)")
     p.add_argument("--kinds", type=csv_of(), default=None, help="attention kinds, e.g. dpa,ea (default: the preset's)")
     p.add_argument("--variants", type=csv_of(), default=None,

@@ -96,6 +96,11 @@ class Preset:
                 raise ValueError(f"seeds must be >= 1, got {seeds}")
             p.seeds = seeds
         if base:
+            fixed = {k for pts in p.axes.values() for pt in pts for k in pt} & {k for k, v in base.items()
+                                                                             if v is not None}
+            if fixed:  # an axis sets these per point: a preset-wide override would be ignored there
+                raise ValueError(f"preset {p.name!r} varies {sorted(fixed)} along its axes; override them by "
+                                 f"editing the axes (a JSON preset), not for every run")
             p.base = {**p.base, **base}
             for fam in p.families.values():  # explicit overrides beat family defaults too
                 fam.base = {k: v for k, v in fam.base.items() if k not in base}
