@@ -97,7 +97,7 @@ def analyse(rows: list[dict]) -> dict[tuple[str, int], dict[str, dict]]:
                 d_s = {r["x"]: r for r in _series(rows, family, rung, BASE, axis)}
                 e_s = {r["x"]: r for r in _series(rows, family, rung, kind, axis)}
                 xs = sorted(set(d_s) & set(e_s))
-                if not xs:
+                if len(xs) < 2:  # an axis needs two points with both kinds (a sweep still running)
                     continue
                 points = []
                 for x in xs:
