@@ -43,7 +43,8 @@ def scaling_rows(records: list[dict]) -> list[dict]:
             cell["seeds"].append(r["config"]["seed"])
             cell["token_acc"].append(float(r["metrics"]["token_acc"]))
             cell["seq_acc"].append(float(r["metrics"]["seq_acc"]))
-    return sorted(cells.values(), key=lambda c: (c["family"], c["rung"], c["axis"], c["kind"], c["x"]))
+    order = {f: i for i, f in enumerate(dict.fromkeys(c["family"] for c in cells.values()))}  # as trained
+    return sorted(cells.values(), key=lambda c: (order[c["family"]], c["rung"], c["axis"], c["kind"], c["x"]))
 
 
 def _series(rows: list[dict], family: str, rung: int, kind: str, axis: str) -> list[dict]:
