@@ -10,7 +10,6 @@ The rules are written down in docs/ladder.md ("Protocol"); every family is judge
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +159,7 @@ def summary_table(res: dict[tuple[str, int], dict[str, dict]]) -> list[str]:
     heads = [f"gap {c}" for axis in AXES for c in cols.get(axis, [])]
     lines = ["| family | rung | EA kind | " + " | ".join(heads) + " | DPA steps factor | DPA params factor |",
              "|" + "---|" * (5 + len(heads))]
-    for (family, rung), kinds in res.items():
+    for (family, _rung), kinds in res.items():
         for kind, r in kinds.items():
             cells = []
             for axis in AXES:
@@ -184,7 +183,7 @@ def report_lines(res: dict[tuple[str, int], dict[str, dict]]) -> list[str]:
     lines += summary_table(res) + [""]
     for axis, (_, what) in AXES.items():
         rows = []
-        for (family, rung), kinds in res.items():
+        for (family, _rung), kinds in res.items():
             for kind, r in kinds.items():
                 a = r.get(axis)
                 if a is None:
@@ -201,7 +200,7 @@ def report_lines(res: dict[tuple[str, int], dict[str, dict]]) -> list[str]:
                   "| family | rung | EA kind | point | DPA token | EA token | gap [interval] | DPA seq | EA seq | "
                   "seeds EA/DPA |", "|---|---|---|---|---|---|---|---|---|---|"] + rows + [""]
     lines += ["### Verdicts", ""]
-    for (family, rung), kinds in res.items():
+    for (family, _rung), kinds in res.items():
         for kind, r in kinds.items():
             b, s = r.get("budget"), r.get("size")
             parts = [f"- **{family} {r['label']}**, {kind} vs dpa:"]

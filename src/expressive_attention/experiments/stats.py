@@ -9,8 +9,8 @@ capacity-equivalent factor (how many times more steps or parameters DPA needs to
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
