@@ -12,7 +12,7 @@ from .errors import MissingExtra
 PACKAGE = "expressive-attention"
 # extra -> the modules it brings (kept equal to pyproject.toml's optional-dependencies by a test)
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "cli": ("tqdm", "matplotlib"),
+    "cli": ("tqdm", "matplotlib", "scipy"),
     "hf": ("transformers",),
     "triton": ("triton",),
     "ray": ("ray",),

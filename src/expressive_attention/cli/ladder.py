@@ -61,13 +61,15 @@ def run_ladder_cmd(args) -> int:
     from ..experiments.presets import ladder_grid
     from ..extras import require
 
-    if not (args.list or args.report_only):
-        require("cli", "ea ladder", ("tqdm",))  # before any work; the plots are skipped without matplotlib
     try:
         preset, grid = ladder_grid(args.preset, imports=args.imports, families=args.tasks, kinds=args.kinds,
                                    variants=args.variants, seeds=args.seeds, steps=args.steps)
     except (ValueError, TypeError, KeyError, ImportError) as e:  # a bad preset, task, kind, parameter
         raise UserError(str(e).strip("'\"")) from None
+    if not args.list:  # before any work; the plots are skipped without matplotlib
+        needs = (() if args.report_only else ("tqdm",)) + (("scipy",) if preset.axes else ())  # axes: t-intervals
+        if needs:
+            require("cli", "ea ladder", needs)
     out = Path(args.out or f"runs/ladder-{preset.name}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
