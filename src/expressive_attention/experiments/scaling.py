@@ -215,6 +215,8 @@ def report_lines(res: dict[tuple[str, int], dict[str, dict]]) -> list[str]:
                              f"**{s['first']} / {s['last']}**; gap {s['trend_word']}"
                              + (f" (change {s['trend'].fmt()})" if s["trend"] else "")
                              + f"; DPA needs **{s['factor'].fmt()}** the parameters to match EA at the base size.")
+            if not (b or s):
+                parts.append("(not yet two points of an axis with both kinds)")
             lines.append(" ".join(parts))
     return lines
 
