@@ -10,37 +10,26 @@ from collections.abc import Callable, Iterable
 T = TypeVar("T")
 
 
-def positive_int(s: str) -> int:
-    """An integer >= 1."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _number(convert: Callable[[str], T], what: str, ok: Callable[[T], bool], bound: str, name: str, doc: str):
+    """An argparse type: `convert` the string (else "expected {what}") and require `ok` (else "must be {bound}")."""
+
+    def parse(s: str) -> T:
+        try:
+            v = convert(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {v}")
+        return v
+
+    parse.__name__ = parse.__qualname__ = name
+    parse.__doc__ = doc
+    return parse
 
 
-def positive_float(s: str) -> float:
-    """A float > 0."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
-
-
-def nonnegative_float(s: str) -> float:
-    """A float >= 0."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+positive_int = _number(int, "an integer", lambda v: v >= 1, ">= 1", "positive_int", "An integer >= 1.")
+positive_float = _number(float, "a number", lambda v: v > 0, "> 0", "positive_float", "A float > 0.")
+nonnegative_float = _number(float, "a number", lambda v: v >= 0, ">= 0", "nonnegative_float", "A float >= 0.")
 
 
 def csv_of(item: Callable[[str], T] = str, choices: Iterable[str] | None = None) -> Callable[[str], list[T]]:
