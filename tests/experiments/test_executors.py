@@ -2,24 +2,20 @@
 workers are reported or retried while the rest goes on; a killed Ray driver resumes; Ray stays
 unimported unless asked for; the CLI refuses flags that do not apply."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from ladder_tiny_tasks import tiny_preset  # registers "tiny_lag"
+from sweep_kill import kill_after_first_record, ladder_cmd, support_env, write_preset
 
 from expressive_attention.cli import main
 from expressive_attention.experiments import Family, Preset, ResultsStore, run_ladder
 from expressive_attention.experiments.executors import RayExecutor, make_executor
 
-SUPPORT = Path(__file__).parents[1] / "support"  # ladder_tiny_tasks, for Ray workers and subprocesses
-SRC = Path(__file__).parents[2] / "src"
 
 
 @pytest.fixture(scope="module")
@@ -93,44 +89,17 @@ def test_ray_warns_when_no_run_fits_the_cluster(local_ray):
         _ray_executor(cpus_per_run=2)._check_resources(local_ray)
 
 
-def _cli(preset_file, out, *flags):
-    return [sys.executable, "-m", "expressive_attention.cli", "ladder", "--preset", str(preset_file), "--out",
-            str(out), "--import", "ladder_tiny_tasks", "--no-checkpoints", *flags]
-
-
-def _env():
-    path = [str(SUPPORT), str(SRC), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
-
-
 @pytest.mark.slow
 def test_killed_ray_driver_restarts_to_one_record_per_config(tmp_path):
     preset = tiny_preset(name="killray", steps=20, delay=0.05)  # >= 1 s per run on any machine
-    preset_file = tmp_path / "p.json"
-    preset_file.write_text(json.dumps(preset.to_dict()))
+    preset_file = write_preset(preset, tmp_path / "p.json")
     out = tmp_path / "out"
     flags = ("--executor", "ray", "--address", "local")  # a fresh local instance, whatever else runs
     store = ResultsStore(out)
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(_cli(preset_file, out, *flags), env=_env(), stdout=log, stderr=log,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if store.path.exists() and store.path.read_bytes().count(b"\n") >= 1:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started, mid-sweep
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-    n_before = len(store.read())
+    n_before = kill_after_first_record(ladder_cmd(preset_file, out, *flags), store, tmp_path / "first.log")
     assert 1 <= n_before < 12, "the sweep was not interrupted mid-way"
 
-    done = subprocess.run(_cli(preset_file, out, *flags), env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(ladder_cmd(preset_file, out, *flags), env=support_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming: {n_before} of 12" in done.stdout + done.stderr
     keys = [json.loads(line)["key"] for line in store.path.read_text().splitlines()]
@@ -144,8 +113,8 @@ def test_ray_is_not_imported_unless_asked_for(tmp_path):
     code = f"""
 import sys
 from expressive_attention.cli import main
-assert main({_cli(preset_file, tmp_path / 'o', '--workers', '1')[3:]!r}) == 0
-assert main({_cli(preset_file, tmp_path / 'o', '--list')[3:]!r}) == 0
+assert main({ladder_cmd(preset_file, tmp_path / 'o', '--workers', '1')[3:]!r}) == 0
+assert main({ladder_cmd(preset_file, tmp_path / 'o', '--list')[3:]!r}) == 0
 assert main(['train', '--task', 'tiny_lag', '--import', 'ladder_tiny_tasks', '--steps', '2', '--d-model', '8',
              '--n-heads', '2', '--n-layers', '1', '--eval-sequences', '8', '--out', {str(tmp_path / 't')!r},
              '--no-progress']) == 0
@@ -154,7 +123,7 @@ bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))
 assert not bad, bad
 print('ok')
 """
-    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", code], env=support_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
     assert len(ResultsStore(tmp_path / "o").read()) == 6
 

@@ -1,22 +1,18 @@
 """A tiny end-to-end ladder: results, summary, plot, report; resume; a killed sweep restarted."""
 import csv
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from ladder_tiny_tasks import tiny_preset  # registers "tiny_lag"
+from sweep_kill import kill_after_first_record, ladder_cmd, support_env, write_preset
 
 from expressive_attention.cli import main
 from expressive_attention.experiments import ResultsStore, run_ladder
 
-SUPPORT = Path(__file__).parents[1] / "support"  # ladder_tiny_tasks, for the subprocesses
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine is shared
 
 
@@ -59,41 +55,19 @@ def test_tiny_ladder_writes_everything_and_resumes(tmp_path):
     assert more["ran"] == 6 and more["skipped"] == 12  # only the new seed runs
 
 
-def _cmd(preset_file, out, workers):
-    return [sys.executable, "-m", "expressive_attention.cli", "ladder", "--preset", str(preset_file), "--out",
-            str(out), "--workers", str(workers), "--import", "ladder_tiny_tasks", "--no-checkpoints"]
-
-
 @pytest.mark.slow
 def test_killed_sweep_restarts_to_one_record_per_config(tmp_path):
     preset = tiny_preset(name="killme", steps=20, delay=0.05)  # >= 1 s per run on any machine
-    preset_file = tmp_path / "p.json"
-    preset_file.write_text(json.dumps(preset.to_dict()))
+    preset_file = write_preset(preset, tmp_path / "p.json")
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")])}
     store = ResultsStore(out)
-    log = open(tmp_path / "first.log", "w")  # a file, not a pipe: progress output never blocks the sweep
-    proc = subprocess.Popen(_cmd(preset_file, out, 2), env=env, stdout=log, stderr=log, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if store.path.exists() and store.path.read_bytes().count(b"\n") >= 1:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
-        os.killpg(proc.pid, signal.SIGKILL)  # the runner and its workers, mid-sweep
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-    n_before = len(store.read())
+    n_before = kill_after_first_record(ladder_cmd(preset_file, out, "--workers", "2"), store, tmp_path / "first.log")
     assert 1 <= n_before < 12, "the sweep was not interrupted mid-way"
     torn = json.dumps({"key": "x" * 16, "config": {}, "metrics": {}})
     with open(store.path, "a") as f:  # as if killed in the middle of a write
         f.write(torn[:25])
 
-    done = subprocess.run(_cmd(preset_file, out, 2), env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(ladder_cmd(preset_file, out, "--workers", "2"), env=support_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "truncated" in done.stderr  # the warning
     assert f"resuming: {n_before} of 12" in done.stdout + done.stderr
