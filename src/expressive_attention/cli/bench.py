@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
 from .args import csv_of, deprecated, positive_int
 
 MODES = ("ops", "long", "model")
@@ -122,7 +123,7 @@ def _model_cmd(args) -> int:
     try:
         check_variant(args.variant)
     except ValueError as e:
-        raise SystemExit(f"ea bench model: {e}") from None
+        raise UserError(f"model: {e}") from None
     run_model_benchmark(variant=args.variant, backend=args.backend, repeats=args.repeats)
     return 0
 
@@ -132,7 +133,7 @@ def _checked(spec):
     try:
         spec.check()
     except ValueError as e:
-        raise SystemExit(f"ea bench: {e}") from None
+        raise UserError(str(e)) from None
     return spec
 
 
