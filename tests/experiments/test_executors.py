@@ -133,6 +133,7 @@ def test_executor_flags_that_do_not_apply_are_errors(tmp_path, capsys, monkeypat
     for flags, msg in ((["--address", "auto"], "--address apply to --executor ray only"),
                        (["--executor", "pool", "--cpus-per-run", "2"], "--cpus-per-run apply"),
                        (["--executor", "ray", "--workers", "2"], "--workers sets the local pool"),
+                       (["--executor", "ray", "--threads", "2"], "--cpus-per-run sets each run's threads"),
                        (["--executor", "serial", "--workers", "2"], "drop --workers"),
                        (["--storage", str(tmp_path), "--no-checkpoints"], "contradicts --no-checkpoints")):
         assert main(base + flags + ["--list"]) == 2  # one line, before any work
@@ -154,3 +155,18 @@ def test_executor_flags_that_do_not_apply_are_errors(tmp_path, capsys, monkeypat
     assert 'pip install "expressive-attention[ray]"' in capsys.readouterr().err
     with pytest.raises(ImportError, match=r"expressive-attention\[ray\]"):
         RayExecutor().run([], lambda *a: None, progress=False)
+
+
+def test_threads_flag_reaches_the_runs(tmp_path, monkeypatch):
+    """`--threads N` is each local run's torch thread count (the serial run sets it in this process)."""
+    import expressive_attention.experiments.ladder as ladder_mod
+
+    seen = {}
+
+    def fake_run_ladder(preset, out, **kw):
+        seen.update(kw)
+        return {"ran": 0, "skipped": 0, "failed": []}
+
+    monkeypatch.setattr(ladder_mod, "run_ladder", fake_run_ladder)  # the command imports it at call time
+    assert main(["ladder", "--preset", "quick", "--out", str(tmp_path), "--workers", "1", "--threads", "1"]) == 0
+    assert seen["threads"] == 1 and seen["workers"] == 1

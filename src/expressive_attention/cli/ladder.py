@@ -30,6 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: runs/ladder-PRESET)")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="parallel worker processes, one torch thread each (default: one per CPU core)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads per run (default: 1 in each pool worker; torch's default with --workers 1, "
+                        "which on a busy machine can be far slower than --threads 1)")
     p.add_argument("--no-checkpoints", action="store_true", help="do not save model checkpoints")
     p.add_argument("--storage", default=None, metavar="PATH",
                    help="write checkpoints under PATH/checkpoints instead of OUT (with --executor ray: a "
@@ -88,7 +91,7 @@ def run_ladder_cmd(args) -> int:
     args.resume_hint = (f"Finished runs are kept in {out / 'results.jsonl'}; run the same command again to "
                         "resume where it stopped.")
     t0 = time.time()
-    result = run_ladder(preset, out, workers=workers, checkpoints=not args.no_checkpoints,
+    result = run_ladder(preset, out, workers=workers, checkpoints=not args.no_checkpoints, threads=args.threads,
                         imports=args.imports, command=command, executor=executor, storage=args.storage)
     print(f"{result['ran']} runs trained, {result['skipped']} already done, {len(result['failed'])} failed "
           f"in {(time.time() - t0) / 60:.1f} min")
@@ -112,6 +115,8 @@ def _executor(args):
             raise UserError("--executor serial runs one run at a time; drop --workers")
         workers = 1 if name == "serial" else args.workers or os.cpu_count() or 1
         return name, workers
+    if args.threads is not None:
+        raise UserError("--threads is for local runs; with --executor ray, --cpus-per-run sets each run's threads")
     if args.workers is not None:
         raise UserError("--workers sets the local pool; with --executor ray the cluster's CPUs "
                          "and --cpus-per-run decide how many runs go at once")
