@@ -13,6 +13,15 @@
 //   dQ += dS K,   dK += dS^T Q,   dV += a^T dO.
 // Parallel over (batch, key/value head): each task owns its dK/dV rows, and loops over the G
 // query heads of its group (GQA) and all query blocks, so no two threads write the same memory.
+// When B x Hkv is smaller than the thread count, each (batch, key head) is split further over its
+// (query head, query block) items, dealt in a zigzag (causal blocks differ in cost); each split
+// writes its own dQ rows and accumulates dK/dV in a private buffer, summed at the end.
+//
+// Decode schedule (L <= kDecodeMaxRows, e.g. one new token against a KV cache): one task per
+// (batch, key/value head, key split) takes the G x L query rows of that key head together (GQA:
+// K/V are read once), and the key axis is split when B x Hkv is smaller than the thread count
+// (flash-decoding). No running max is needed: each split returns acc = sum f v and z = sum f, the
+// combine is a plain sum, then one division.
 //
 // Block products go to the BLAS sgemm_/dgemm_ that libtorch exports (MKL on x86 wheels); if
 // the symbol is absent, a slower at::mm_out path is used. Inputs are float32/float64; bf16/fp16
@@ -41,12 +50,28 @@ namespace {
 // Tile sizes (query rows x keys) of the forward and the backward; set_block_sizes is for tuning.
 int64_t kQBlock = 64, kKvBlock = 512;
 int64_t kBwdQBlock = 128, kBwdKvBlock = 512;
+// Forward calls with at most this many query rows use the decode schedule; its key block.
+int64_t kDecodeMaxRows = 16, kDecodeKvBlock = 1024;
+// Split counts forced by tests (0: chosen from the thread count and the work).
+int64_t g_decode_splits = 0, g_bwd_splits = 0;
 // Problems below this many multiply-adds per thread run on one thread (no fork/join cost).
 constexpr int64_t kMinWorkPerThread = 1 << 18;
 
 // parallel_for grain (in tasks) so that each thread gets at least kMinWorkPerThread.
 inline int64_t grain_for(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_task));
+}
+
+// How many pieces to cut each of `units` independent tasks into so that every thread works:
+// 1 when units >= threads; never more than `max_pieces`, nor so many that a piece falls below
+// kMinWorkPerThread multiply-adds (`work` per unit). `forced` > 0 (tests) overrides.
+inline int64_t split_count(int64_t units, int64_t work, int64_t max_pieces, int64_t forced) {
+  if (forced > 0) return std::max<int64_t>(1, std::min(forced, max_pieces));
+  const int64_t threads = at::get_num_threads();
+  if (units >= threads || max_pieces <= 1) return 1;
+  const int64_t want = (threads + units - 1) / units;
+  const int64_t affordable = std::max<int64_t>(1, work / kMinWorkPerThread);
+  return std::max<int64_t>(1, std::min({want, max_pieces, affordable}));
 }
 
 // Tests set this to exercise the ATen fallback used when libtorch exports no BLAS gemm.
@@ -220,6 +245,84 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
+// Decode schedule: the G x L query rows of a key head at once, the key axis split `ns` ways.
+template <typename T, bool SAT>
+void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskView& mv,
+                 bool is_causal, T scale, T eps, at::Tensor& out, at::Tensor& z) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), E = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), Ev = v.size(3), G = H / Hkv;
+  const int64_t R = G * L, KB = kDecodeKvBlock;  // rows per task: query row r = (head g, row i)
+  const int64_t kend = is_causal ? std::min(S, L) : S;  // causal (top-left): row i sees j <= i < L
+  const Strides4 sq(q), sk(k), sv(v), so(out);
+  const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
+  T *od = out.data_ptr<T>(), *zd = z.data_ptr<T>();
+  const int64_t ns = split_count(B * Hkv, R * kend * (E + Ev), kend, g_decode_splits);
+  const int64_t chunk = (kend + ns - 1) / ns;  // keys per split
+  // partial sums of every split: acc (B Hkv ns, R, Ev) and z (B Hkv ns, R)
+  std::vector<T> pacc(ns > 1 ? B * Hkv * ns * R * Ev : 0), pz(ns > 1 ? B * Hkv * ns * R : 0);
+
+  // out, Z of the rows of (b, hk) from their summed acc (R x Ev) and z (R)
+  auto finish = [&](int64_t b, int64_t hk, const T* acc, const T* zs) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t h = hk * G + r / L, i = r % L;
+      T zr = eps + zs[r];
+      zr = zr > T(0) ? zr : T(1);
+      zd[(b * H + h) * L + i] = zr;
+      const T inv = T(1) / zr;
+      T* o = od + b * so.b + h * so.h + i * so.r;
+      for (int64_t c = 0; c < Ev; ++c) o[c] = acc[r * Ev + c] * inv;
+    }
+  };
+
+  const int64_t grain = grain_for(R * chunk * (E + Ev));
+  at::parallel_for(0, B * Hkv * ns, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> qbuf(R * E), sbuf(R * std::min(KB, std::max<int64_t>(chunk, 1)));
+    std::vector<T> acc(ns > 1 ? 0 : R * Ev), zrow(ns > 1 ? 0 : R);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t bh = idx / ns, sp = idx % ns, b = bh / Hkv, hk = bh % Hkv;
+      const int64_t lo = std::min(kend, sp * chunk), hi = std::min(kend, lo + chunk);
+      T* a = ns > 1 ? pacc.data() + idx * R * Ev : acc.data();
+      T* zs = ns > 1 ? pz.data() + idx * R : zrow.data();
+      std::fill(a, a + R * Ev, T(0));
+      std::fill(zs, zs + R, T(0));
+      for (int64_t r = 0; r < R; ++r) {  // pack the group's query rows: (R, E)
+        const T* src = qd + b * sq.b + (hk * G + r / L) * sq.h + (r % L) * sq.r;
+        std::copy(src, src + E, qbuf.data() + r * E);
+      }
+      const T* kb = kd + b * sk.b + hk * sk.h;
+      const T* vb = vd + b * sv.b + hk * sv.h;
+      for (int64_t j0 = lo; j0 < hi; j0 += KB) {
+        const int64_t n = std::min(KB, hi - j0);
+        T* s = sbuf.data();
+        gemm<T>(false, true, R, n, E, scale, qbuf.data(), E, kb + j0 * sk.r, sk.r, T(0), s, n);
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t h = hk * G + r / L, i = r % L;
+          zs[r] += f_row<T, SAT>(s + r * n, n, causal_count(is_causal, i, j0, n),
+                                 mv.row(b, h, i, j0), mv.sj);
+        }
+        gemm<T>(false, false, R, Ev, n, T(1), s, n, vb + j0 * sv.r, sv.r, T(1), a, Ev);
+      }
+      if (ns == 1) finish(b, hk, a, zs);
+    }
+  });
+  if (ns == 1) return;
+  // combine: a plain sum of the splits' partials (no rescaling), then one division per row
+  at::parallel_for(0, B * Hkv, grain_for(ns * R * (Ev + 1)), [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(R * Ev), zs(R);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const T* pa = pacc.data() + bh * ns * R * Ev;
+      const T* pzz = pz.data() + bh * ns * R;
+      std::copy(pa, pa + R * Ev, acc.begin());
+      std::copy(pzz, pzz + R, zs.begin());
+      for (int64_t sp = 1; sp < ns; ++sp) {
+        for (int64_t x = 0; x < R * Ev; ++x) acc[x] += pa[sp * R * Ev + x];
+        for (int64_t r = 0; r < R; ++r) zs[r] += pzz[sp * R + r];
+      }
+      finish(bh / Hkv, bh % Hkv, acc.data(), zs.data());
+    }
+  });
+}
+
 template <typename T, bool SAT>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& z,
@@ -233,45 +336,76 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const T *od = out.data_ptr<T>(), *dod = dout.data_ptr<T>(), *zd = z.data_ptr<T>();
   T *dqd = dq.data_ptr<T>(), *dkd = dk.data_ptr<T>(), *dvd = dv.data_ptr<T>();
 
-  const int64_t grain = grain_for(G * L * S * (3 * E + 2 * Ev));
-  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
+  // items of one (batch, key head): (query head of the group, query block), the query block fastest
+  const int64_t nqb = (L + QB - 1) / QB, items = G * nqb;
+  const int64_t work = G * L * S * (3 * E + 2 * Ev);  // multiply-adds per (batch, key head)
+  const int64_t ns = split_count(B * Hkv, work, items, g_bwd_splits);
+  // splits 1.. of each (batch, key head) accumulate dK/dV here (split 0 writes dk/dv itself)
+  at::Tensor dk_part, dv_part;
+  if (ns > 1) {
+    dk_part = at::zeros({B * Hkv * (ns - 1), S, E}, dk.options());
+    dv_part = at::zeros({B * Hkv * (ns - 1), S, Ev}, dv.options());
+  }
+
+  const int64_t grain = grain_for(work / ns);
+  at::parallel_for(0, B * Hkv * ns, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> sbuf(QB * KB), pbuf(QB * KB), Drow(QB);
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / Hkv, hk = idx % Hkv;
+      const int64_t bh = idx / ns, sp = idx % ns, b = bh / Hkv, hk = bh % Hkv;
       const T* kb = kd + b * sk.b + hk * sk.h;
       const T* vb = vd + b * sv.b + hk * sv.h;
-      T* dkb = dkd + b * sdk.b + hk * sdk.h;  // zero-initialised, accumulated with beta = 1
-      T* dvb = dvd + b * sdv.b + hk * sdv.h;
-      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-        for (int64_t i0 = 0; i0 < L; i0 += QB) {
-          const int64_t m = std::min(QB, L - i0);
-          const int64_t kend = is_causal ? std::min(S, i0 + m) : S;
-          const T* qb = qd + b * sq.b + h * sq.h + i0 * sq.r;
-          const T* dob = dod + b * sdo.b + h * sdo.h + i0 * sdo.r;
-          const T* ob = od + b * so.b + h * so.h + i0 * so.r;
-          const T* zb = zd + (b * H + h) * L + i0;
-          T* dqb = dqd + b * sdq.b + h * sdq.h + i0 * sdq.r;
-          for (int64_t r = 0; r < m; ++r) {
-            T d = 0;
-            for (int64_t c = 0; c < Ev; ++c) d += dob[r * sdo.r + c] * ob[r * so.r + c];
-            Drow[r] = d;
-          }
-          for (int64_t j0 = 0; j0 < kend; j0 += KB) {
-            const int64_t n = std::min(KB, kend - j0);
-            T *s = sbuf.data(), *p = pbuf.data();
-            gemm<T>(false, true, m, n, E, scale, qb, sq.r, kb + j0 * sk.r, sk.r, T(0), s, n);
-            gemm<T>(false, true, m, n, Ev, T(1), dob, sdo.r, vb + j0 * sv.r, sv.r, T(0), p, n);
-            for (int64_t r = 0; r < m; ++r) {
-              const int64_t i = i0 + r;
-              grad_row<T, SAT>(s + r * n, p + r * n, n, causal_count(is_causal, i, j0, n),
-                               mv.row(b, h, i, j0), mv.sj, Drow[r], T(1) / zb[r], scale);
-            }
-            // dV[j] += a^T dO ; dK[j] += dS^T Q ; dQ[i] += dS K
-            gemm<T>(true, false, n, Ev, m, T(1), s, n, dob, sdo.r, T(1), dvb + j0 * sdv.r, sdv.r);
-            gemm<T>(true, false, n, E, m, T(1), p, n, qb, sq.r, T(1), dkb + j0 * sdk.r, sdk.r);
-            gemm<T>(false, false, m, E, n, T(1), p, n, kb + j0 * sk.r, sk.r, T(1), dqb, sdq.r);
-          }
+      // zero-initialised, accumulated with beta = 1
+      T* dkb = sp == 0 ? dkd + b * sdk.b + hk * sdk.h : dk_part.data_ptr<T>() + (bh * (ns - 1) + sp - 1) * S * E;
+      T* dvb = sp == 0 ? dvd + b * sdv.b + hk * sdv.h : dv_part.data_ptr<T>() + (bh * (ns - 1) + sp - 1) * S * Ev;
+      const int64_t ldk = sp == 0 ? sdk.r : E, ldv = sp == 0 ? sdv.r : Ev;
+      for (int64_t it = 0; it < items; ++it) {
+        // dealt in a zigzag (0 1 .. ns-1 ns-1 .. 1 0 0 1 ..): causal blocks grow in cost along L
+        const int64_t round = it / ns, pos = it % ns;
+        if ((round % 2 == 0 ? pos : ns - 1 - pos) != sp) continue;
+        const int64_t h = hk * G + it / nqb, i0 = (it % nqb) * QB;
+        const int64_t m = std::min(QB, L - i0);
+        const int64_t kend = is_causal ? std::min(S, i0 + m) : S;
+        const T* qb = qd + b * sq.b + h * sq.h + i0 * sq.r;
+        const T* dob = dod + b * sdo.b + h * sdo.h + i0 * sdo.r;
+        const T* ob = od + b * so.b + h * so.h + i0 * so.r;
+        const T* zb = zd + (b * H + h) * L + i0;
+        T* dqb = dqd + b * sdq.b + h * sdq.h + i0 * sdq.r;
+        for (int64_t r = 0; r < m; ++r) {
+          T d = 0;
+          for (int64_t c = 0; c < Ev; ++c) d += dob[r * sdo.r + c] * ob[r * so.r + c];
+          Drow[r] = d;
         }
+        for (int64_t j0 = 0; j0 < kend; j0 += KB) {
+          const int64_t n = std::min(KB, kend - j0);
+          T *s = sbuf.data(), *p = pbuf.data();
+          gemm<T>(false, true, m, n, E, scale, qb, sq.r, kb + j0 * sk.r, sk.r, T(0), s, n);
+          gemm<T>(false, true, m, n, Ev, T(1), dob, sdo.r, vb + j0 * sv.r, sv.r, T(0), p, n);
+          for (int64_t r = 0; r < m; ++r) {
+            const int64_t i = i0 + r;
+            grad_row<T, SAT>(s + r * n, p + r * n, n, causal_count(is_causal, i, j0, n),
+                             mv.row(b, h, i, j0), mv.sj, Drow[r], T(1) / zb[r], scale);
+          }
+          // dV[j] += a^T dO ; dK[j] += dS^T Q ; dQ[i] += dS K
+          gemm<T>(true, false, n, Ev, m, T(1), s, n, dob, sdo.r, T(1), dvb + j0 * ldv, ldv);
+          gemm<T>(true, false, n, E, m, T(1), p, n, qb, sq.r, T(1), dkb + j0 * ldk, ldk);
+          gemm<T>(false, false, m, E, n, T(1), p, n, kb + j0 * sk.r, sk.r, T(1), dqb, sdq.r);
+        }
+      }
+    }
+  });
+  if (ns == 1) return;
+  // dK/dV of each (batch, key head) += its splits' private sums; parallel over (batch, key head, row)
+  const T *dkp = dk_part.data_ptr<T>(), *dvp = dv_part.data_ptr<T>();
+  at::parallel_for(0, B * Hkv * S, grain_for((ns - 1) * (E + Ev)), [&](int64_t begin, int64_t end) {
+    for (int64_t x = begin; x < end; ++x) {
+      const int64_t bh = x / S, j = x % S, b = bh / Hkv, hk = bh % Hkv;
+      T* dkr = dkd + b * sdk.b + hk * sdk.h + j * sdk.r;
+      T* dvr = dvd + b * sdv.b + hk * sdv.h + j * sdv.r;
+      for (int64_t sp = 0; sp < ns - 1; ++sp) {
+        const T* pk = dkp + ((bh * (ns - 1) + sp) * S + j) * E;
+        const T* pv = dvp + ((bh * (ns - 1) + sp) * S + j) * Ev;
+        for (int64_t c = 0; c < E; ++c) dkr[c] += pk[c];
+        for (int64_t c = 0; c < Ev; ++c) dvr[c] += pv[c];
       }
     }
   });
@@ -321,11 +455,13 @@ std::vector<at::Tensor> ea_forward(const at::Tensor& q_in, const at::Tensor& k_i
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   auto z = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   MaskView mv = mask.has_value() ? MaskView(*mask) : MaskView();
+  const bool decode = q.size(2) <= kDecodeMaxRows;  // a few query rows: split the key axis instead
   AT_DISPATCH_FLOATING_TYPES(ct, "ea_forward", [&] {
+    const auto sc = scalar_t(scale), ep = scalar_t(eps);
     if (saturating)
-      forward_impl<scalar_t, true>(q, k, v, mv, is_causal, scalar_t(scale), scalar_t(eps), out, z);
+      (decode ? decode_impl<scalar_t, true> : forward_impl<scalar_t, true>)(q, k, v, mv, is_causal, sc, ep, out, z);
     else
-      forward_impl<scalar_t, false>(q, k, v, mv, is_causal, scalar_t(scale), scalar_t(eps), out, z);
+      (decode ? decode_impl<scalar_t, false> : forward_impl<scalar_t, false>)(q, k, v, mv, is_causal, sc, ep, out, z);
   });
   return {out.to(q_in.scalar_type()), z};
 }
@@ -369,6 +505,16 @@ void set_block_sizes(int64_t q_block, int64_t kv_block, int64_t bwd_q_block, int
 
 void set_force_aten_gemm(bool on) { g_force_aten_gemm = on; }
 
+// Tests: force the decode schedule's key splits and the backward's query splits (0: automatic),
+// and the largest query length that uses the decode schedule.
+void set_splits(int64_t decode_splits, int64_t bwd_splits, int64_t decode_max_rows) {
+  TORCH_CHECK(decode_splits >= 0 && bwd_splits >= 0 && decode_max_rows >= 0,
+              "split counts and decode_max_rows must be >= 0");
+  g_decode_splits = decode_splits;
+  g_bwd_splits = bwd_splits;
+  kDecodeMaxRows = decode_max_rows;
+}
+
 bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
 }  // namespace
@@ -379,6 +525,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &ea_backward, "fused expressive attention backward -> (dq, dk, dv)",
         py::call_guard<py::gil_scoped_release>());
   m.def("set_block_sizes", &set_block_sizes, "tile sizes (forward q rows, keys, backward q rows, keys); for tuning");
+  m.def("set_splits", &set_splits,
+        "force the decode key splits / backward query splits (0: automatic) and the decode row limit (tests)");
   m.def("set_force_aten_gemm", &set_force_aten_gemm, "use the ATen gemm fallback (for tests)");
   m.def("has_blas", &has_blas, "True when the BLAS gemm from libtorch is used for block products");
 }
