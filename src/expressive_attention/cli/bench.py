@@ -3,6 +3,7 @@
     ea bench ops   --E 32,64 --L 256,1024,4096     # one attention call per case (the default: `ea bench`)
     ea bench long  --threads 1                     # long contexts: the linear form; decode steps
     ea bench model --repeats 5                     # one DecoderLM training step, EA vs DPA
+    ea bench decode                                # one decoding step on a KV cache, EA vs SDPA interleaved
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import argparse
 from ..errors import UserError
 from .args import csv_of, deprecated, positive_int
 
-MODES = ("ops", "long", "model")
+MODES = ("ops", "long", "model", "decode")
 
 
 def legacy_argv(argv: list[str]) -> list[str]:
@@ -128,6 +129,41 @@ def _model_cmd(args) -> int:
     return 0
 
 
+def _add_decode(sub) -> None:
+    from ..bench.decode import DecodeBench
+
+    d = DecodeBench()
+    p = sub.add_parser("decode", help="one decoding step on a KV cache: EA vs SDPA, interleaved",
+                       description="L new query rows against a cache of S keys, EA (attention(kind='ea')) and "
+                                   "SDPA on the same tensors, timed alternately; medians and the median ratio.")
+    p.add_argument("--contexts", type=csv_of(positive_int), default=list(d.contexts),
+                   help="cache lengths S (default 1024,4096,16384)")
+    p.add_argument("--E", type=csv_of(positive_int), default=list(d.E), help="head dims (default 16,32,64)")
+    p.add_argument("--B", type=csv_of(positive_int), default=list(d.B), help="batch sizes (default 1,4)")
+    p.add_argument("--H", type=positive_int, default=d.H, help="query heads (default %(default)s)")
+    p.add_argument("--kv-heads", type=csv_of(positive_int), default=list(d.kv_heads),
+                   help="key/value heads, each dividing H; fewer than H is GQA (default 8,2)")
+    p.add_argument("--rows", type=positive_int, default=d.rows, help="new query rows per step (default 1)")
+    p.add_argument("--variant", default=d.variant, help="EA variant (default %(default)s)")
+    p.add_argument("--backend", default=d.backend, help="EA backend (default %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=d.steps,
+                   help="timed calls of each kind per case, >= 5 (median; default %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--no-flush", action="store_true", help="do not evict the CPU caches before each call")
+    p.add_argument("--json", metavar="PATH", help="also write the records as JSON")
+    p.set_defaults(func=_decode_cmd)
+
+
+def _decode_cmd(args) -> int:
+    from ..bench.decode import DecodeBench, run_decode_benchmark
+
+    spec = DecodeBench(contexts=args.contexts, E=args.E, B=args.B, H=args.H, kv_heads=args.kv_heads,
+                       rows=args.rows, variant=args.variant, backend=args.backend, steps=args.steps,
+                       threads=args.threads, flush=not args.no_flush, json=args.json)
+    run_decode_benchmark(_checked(spec))
+    return 0
+
+
 def _checked(spec):
     """`spec` after its own check; a bad value becomes a one-line error naming the field."""
     try:
@@ -140,8 +176,9 @@ def _checked(spec):
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="time and memory of EA vs PyTorch SDPA on the same shapes",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="bench_mode", required=True, metavar="{ops,long,model}")
+    sub = p.add_subparsers(dest="bench_mode", required=True, metavar="{ops,long,model,decode}")
     _add_ops(sub)
     _add_long(sub)
     _add_model(sub)
+    _add_decode(sub)
     return p
