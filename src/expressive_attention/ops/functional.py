@@ -47,7 +47,8 @@ def expressive_attention(
     p = normalise(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps, power)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    return run_backend(backend, p).reshape(p.out_shape)
+    out = run_backend(backend, p)
+    return out if out.dim() == len(p.out_shape) else out.reshape(p.out_shape)  # 4-D in: already its shape
 
 
 def attention(

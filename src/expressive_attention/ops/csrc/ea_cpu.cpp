@@ -56,21 +56,25 @@ int64_t kDecodeMaxRows = 16, kDecodeKvBlock = 1024;
 int64_t g_decode_splits = 0, g_bwd_splits = 0;
 // Problems below this many multiply-adds per thread run on one thread (no fork/join cost).
 constexpr int64_t kMinWorkPerThread = 1 << 18;
+// The decode schedule's threshold: a decode step is short, so a smaller piece already pays for the
+// fork/join of the threads (a few us on an idle machine).
+constexpr int64_t kDecodeMinWorkPerThread = 1 << 16;
 
 // parallel_for grain (in tasks) so that each thread gets at least kMinWorkPerThread.
-inline int64_t grain_for(int64_t work_per_task) {
-  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_task));
+inline int64_t grain_for(int64_t work_per_task, int64_t min_work = kMinWorkPerThread) {
+  return std::max<int64_t>(1, min_work / std::max<int64_t>(1, work_per_task));
 }
 
 // How many pieces to cut each of `units` independent tasks into so that every thread works:
 // 1 when units >= threads; never more than `max_pieces`, nor so many that a piece falls below
 // kMinWorkPerThread multiply-adds (`work` per unit). `forced` > 0 (tests) overrides.
-inline int64_t split_count(int64_t units, int64_t work, int64_t max_pieces, int64_t forced) {
+inline int64_t split_count(int64_t units, int64_t work, int64_t max_pieces, int64_t forced,
+                           int64_t min_work = kMinWorkPerThread) {
   if (forced > 0) return std::max<int64_t>(1, std::min(forced, max_pieces));
   const int64_t threads = at::get_num_threads();
   if (units >= threads || max_pieces <= 1) return 1;
   const int64_t want = (threads + units - 1) / units;
-  const int64_t affordable = std::max<int64_t>(1, work / kMinWorkPerThread);
+  const int64_t affordable = std::max<int64_t>(1, work / min_work);
   return std::max<int64_t>(1, std::min({want, max_pieces, affordable}));
 }
 
@@ -256,7 +260,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const Strides4 sq(q), sk(k), sv(v), so(out);
   const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
   T *od = out.data_ptr<T>(), *zd = z.data_ptr<T>();
-  const int64_t ns = split_count(B * Hkv, R * kend * (E + Ev), kend, g_decode_splits);
+  const int64_t ns = split_count(B * Hkv, R * kend * (E + Ev), kend, g_decode_splits, kDecodeMinWorkPerThread);
   const int64_t chunk = (kend + ns - 1) / ns;  // keys per split
   // partial sums of every split: acc (B Hkv ns, R, Ev) and z (B Hkv ns, R)
   std::vector<T> pacc(ns > 1 ? B * Hkv * ns * R * Ev : 0), pz(ns > 1 ? B * Hkv * ns * R : 0);
@@ -274,7 +278,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     }
   };
 
-  const int64_t grain = grain_for(R * chunk * (E + Ev));
+  const int64_t grain = grain_for(R * chunk * (E + Ev), kDecodeMinWorkPerThread);
   at::parallel_for(0, B * Hkv * ns, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> qbuf(R * E), sbuf(R * std::min(KB, std::max<int64_t>(chunk, 1)));
     std::vector<T> acc(ns > 1 ? 0 : R * Ev), zrow(ns > 1 ? 0 : R);
