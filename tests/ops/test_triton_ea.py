@@ -139,6 +139,44 @@ def check_strides_3d_and_expanded_grad():
     _check(q3, k3, v3, is_causal=True, variant="squared")
 
 
+def check_decode():
+    # L <= 16 rows (decode, split-K): S = 1, S < L, S crossing several 16-key blocks and splits;
+    # GQA (the G x L rows of a key head in one tile), masks with empty rows, causal, cache views.
+    cases = [(1, 2, 2, 1, 1), (2, 4, 1, 3, 5), (1, 6, 2, 1, 70), (2, 2, 1, 16, 40), (1, 4, 4, 7, 33)]
+    for variant in VARIANTS:
+        for B, H, Hkv, L, S in cases:
+            q, k, v = _inputs(B, H, Hkv, L, S, 16, 12, seed=L * 100 + S)
+            _check(q, k, v, enable_gqa=True, variant=variant)
+            _check(q, k, v, enable_gqa=True, is_causal=True, variant=variant)
+            mask = torch.rand(B, H, L, S, generator=torch.Generator().manual_seed(S)) > 0.4
+            mask[0, 0, 0] = False  # a row that sees nothing
+            out, _ = _check(q, k, v, attn_mask=mask, enable_gqa=True, variant=variant, eps=0.0)
+            assert (out[0, 0, 0] == 0).all(), "empty row not zero"
+            pad = torch.ones(B, 1, 1, S, dtype=torch.bool)
+            pad[0, ..., S // 2:] = False
+            _check(q, k, v, attn_mask=pad, enable_gqa=True, variant=variant)
+    # k/v as a KV cache holds them (the first S rows of a longer buffer); bf16
+    buf = torch.randn(2, 1, 2, 64, 16)
+    k, v = (t[:, :, :45].requires_grad_() for t in buf)
+    q = torch.randn(1, 4, 1, 16, requires_grad=True)
+    _check(q, k, v, enable_gqa=True)
+    _check(*(t.detach().bfloat16().requires_grad_() for t in (q, k, v)), tol=3e-2, enable_gqa=True)
+
+
+def check_decode_split_counts():
+    # forced split counts, more splits than key blocks (empty splits) included, against the reference
+    from expressive_attention.ops import triton_ea as te
+
+    q, k, v = (t.detach() for t in _inputs(2, 4, 2, 2, 50, 16, 16, seed=12))
+    for splits in (1, 2, 3, 9):
+        for causal in (False, True):
+            out, z = te._forward_decode(q, k, v, None, causal, 0.25, "saturating", 1e-6, splits=splits)
+            ref = expressive_attention(q, k, v, is_causal=causal, scale=0.25, enable_gqa=True,
+                                       backend="reference")
+            _assert_close(out, ref, 2e-5, f"splits={splits} causal={causal}")
+            assert z.shape == (2 * 4, 2) and (z > 0).all()
+
+
 def check_auto_and_supports_under_interpreter():
     # The interpreter runs CPU tensors on request, but "auto" keeps Triton for CUDA tensors.
     assert interpreter_enabled()
@@ -187,7 +225,7 @@ def check_kernels_compile_for_sm90():
     target = GPUTarget("cuda", 90, 32)
     for dtype, variant in ((torch.bfloat16, "saturating"), (torch.float16, "squared")):
         dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        kernels = ((te._fwd, False), (te._bwd_delta, True), (te._bwd_dkdv, True),
+        kernels = ((te._fwd, False), (te._fwd_decode, False), (te._bwd_delta, True), (te._bwd_dkdv, True),
                    (te._bwd_dq, True))
         for fn, backward in kernels:
             if dtype == torch.float16 and backward:
@@ -196,10 +234,13 @@ def check_kernels_compile_for_sm90():
             consts = dict(SATURATING=variant == "saturating", CAUSAL=dtype == torch.bfloat16,
                           HAS_MASK=True, PRECISION=None, DOT=te._dot_dtype(dtype), BLOCK_E=64,
                           BLOCK_EV=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-            if fn is te._fwd:
+            if fn is te._fwd_decode:  # 2 query heads x 8 rows, as for GQA with a few new tokens
+                consts.update(BLOCK_M=16, BLOCK_N=64)
+            if fn in (te._fwd, te._fwd_decode):
                 consts["F32_PV"] = variant == "squared" and dtype == torch.float16
             consts = {n: c for n, c in consts.items() if n in fn.arg_names}
-            types = {"M": "*u8", "Z": "*fp32", "D": "*fp32", "scale": "fp32", "eps": "fp32",
+            types = {"M": "*u8", "Z": "*fp32", "D": "*fp32", "PACC": "*fp32", "PZ": "*fp32",
+                     "scale": "fp32", "eps": "fp32",
                      **{t: "*" + dt for t in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}}
             sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
             kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
@@ -216,6 +257,7 @@ GROUPS = {  # name: (run under the interpreter?, checks); one child process each
     "masks_precision_strides": (True, [check_masks_and_empty_rows,
                                        check_half_precision_large_scores,
                                        check_strides_3d_and_expanded_grad]),
+    "decode": (True, [check_decode, check_decode_split_counts]),
     "compile_sm90": (False, [check_kernels_compile_for_sm90]),
 }
 

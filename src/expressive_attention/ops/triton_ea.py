@@ -11,7 +11,9 @@ Only Z = eps + z (one float per query row) is saved for backward, which recomput
     D_i = dO_i . O_i,   dF_ij = (dO_i . v_j - D_i) / Z_i,   dS = f'(S) * dF * scale,
     dq = dS k,   dk = dS^T q,   dv = (F / Z)^T dO.
 
-Kernels: `_fwd` (grid: query blocks x H x B), `_bwd_dkdv` (key blocks x Hkv x B, loops over the
+Kernels: `_fwd` (grid: query blocks x H x B), `_fwd_decode` (decoding, L <= 16: key splits x Hkv x B,
+the G x L rows of a key head in one tile; the splits' partial sums are added and divided after it),
+`_bwd_dkdv` (key blocks x Hkv x B, loops over the
 G query heads of its group, so GQA needs no atomics) and `_bwd_dq` (query blocks x H x B).
 Scores, f, z and all accumulators are float32; the f V and dS k products feed the tensor cores
 in the input dtype like flash-attention (f <= 1 for "saturating"; for "squared" in fp16, where f
@@ -141,6 +143,66 @@ def _fwd(Q, K, V, M, O, Z,
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_ev[None, :] * soe,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_ev[None, :] < EV))
     tl.store(Z + (b * H + h) * L + offs_m, z, mask=row_ok)
+
+
+@_jit
+def _fwd_decode(Q, K, V, M, PACC, PZ,
+                sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve,
+                smb, smh, sml, sms,
+                G, L, S, E, EV, CHUNK, scale,
+                SATURATING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                F32_PV: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                BLOCK_EV: tl.constexpr):
+    """Decode (split-K, as flash-decoding): program (split, key head hk, batch b) takes the G x L
+    query rows of hk (row r = query head hk G + r // L, position r % L; GQA reads K/V once) against
+    keys [split CHUNK, (split + 1) CHUNK), and stores its partial acc = sum f v and z = sum f, in
+    float32, to PACC (B, Hkv, NS, G L, EV) / PZ (B, Hkv, NS, G L). No running max: the partials
+    are summed afterwards and divided once."""
+    sp = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    ns = tl.num_programs(0)
+    R = G * L
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    row_ok = offs_r < R
+    h = hk * G + offs_r // L  # (BLOCK_M,) query head of each row
+    i = offs_r % L  # its position
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None] * sql + offs_e[None, :] * sqe,
+                mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(DOT)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    acc = tl.zeros((BLOCK_M, BLOCK_EV), dtype=tl.float32)
+    z = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    lo = sp * CHUNK
+    hi = tl.minimum(S, lo + CHUNK)
+    if CAUSAL:  # row i sees keys j <= i < L
+        hi = tl.minimum(hi, L)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, offs_e, sks, ske, hi, E, DOT)  # (BLOCK_N, BLOCK_E)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
+        f, _ = _f_and_fprime(s, SATURATING)
+        keep = row_ok[:, None] & (offs_n[None, :] < hi)
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= i[:, None])
+        if HAS_MASK:
+            mk = tl.load(M + b * smb + h[:, None] * smh + i[:, None] * sml + offs_n[None, :] * sms,
+                         mask=keep, other=0)
+            keep = keep & (mk != 0)
+        f = tl.where(keep, f, 0.0)
+        v = _load_tile(v_base, offs_n, offs_ev, svs, sve, hi, EV, DOT)  # (BLOCK_N, BLOCK_EV)
+        if F32_PV:
+            acc += tl.dot(f, v.to(tl.float32), input_precision="tf32")
+        else:
+            acc += tl.dot(f.to(Q.dtype.element_ty).to(DOT), v, input_precision=PRECISION)
+        z += tl.sum(f, axis=1)
+    part = (b * tl.num_programs(1) + hk) * ns + sp  # this program's slot
+    tl.store(PACC + (part * R + offs_r[:, None]) * EV + offs_ev[None, :], acc,
+             mask=row_ok[:, None] & (offs_ev[None, :] < EV))
+    tl.store(PZ + part * R + offs_r, z, mask=row_ok)
 
 
 @_jit
@@ -310,6 +372,8 @@ def _mask_args(mask: Tensor | None, q: Tensor):
 def _forward(q, k, v, mask, is_causal, scale, variant, eps):
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+    if L <= DECODE_MAX_L and H // Hkv * L <= DECODE_MAX_ROWS:  # a few rows: split the key axis instead
+        return _forward_decode(q, k, v, mask, is_causal, scale, variant, eps)
     out = torch.empty(B, H, L, Ev, dtype=q.dtype, device=q.device)
     z = torch.empty(B * H, L, dtype=torch.float32, device=q.device)
     m, ms = _mask_args(mask, q)
@@ -323,6 +387,48 @@ def _forward(q, k, v, mask, is_causal, scale, variant, eps):
         DOT=_dot_dtype(q.dtype), BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev), **cfg,
     )
     return out, z
+
+
+# Calls with at most this many query rows, G x L of them at most DECODE_MAX_ROWS, use `_fwd_decode`.
+DECODE_MAX_L = 16
+DECODE_MAX_ROWS = 64
+
+
+def _decode_splits(B: int, Hkv: int, keys: int, block_n: int, device: torch.device) -> int:
+    """Key splits: enough programs for about two per SM (one per CPU thread under the interpreter,
+    at most 4), never more splits than key blocks."""
+    if device.type == "cuda":
+        want = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        want = 4
+    return max(1, min(triton.cdiv(want, B * Hkv), triton.cdiv(keys, block_n)))
+
+
+def _forward_decode(q, k, v, mask, is_causal, scale, variant, eps, splits=None):
+    """The decode forward: partial sums per key split (`_fwd_decode`), summed and divided here."""
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+    G, R = H // Hkv, H // Hkv * L
+    keys = min(S, L) if is_causal else S
+    block_n = 16 if interpreter_enabled() else (64 if max(E, Ev) <= 64 else 32)
+    ns = splits or _decode_splits(B, Hkv, keys, block_n, q.device)
+    chunk = triton.cdiv(triton.cdiv(keys, ns), block_n) * block_n  # a whole number of key blocks
+    pacc = torch.empty(B, Hkv, ns, R, Ev, dtype=torch.float32, device=q.device)
+    pz = torch.empty(B, Hkv, ns, R, dtype=torch.float32, device=q.device)
+    m, ms = _mask_args(mask, q)
+    extra = {} if interpreter_enabled() else dict(num_warps=4, num_stages=2)
+    _fwd_decode[(ns, Hkv, B)](
+        q, k, v, m, pacc, pz, *q.stride(), *k.stride(), *v.stride(), *ms,
+        G, L, S, E, Ev, chunk, scale,
+        SATURATING=variant == "saturating", CAUSAL=is_causal, HAS_MASK=mask is not None,
+        F32_PV=variant == "squared" and q.dtype == torch.float16, PRECISION=_precision(q.dtype),
+        DOT=_dot_dtype(q.dtype), BLOCK_M=_pow2(R), BLOCK_N=block_n, BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev),
+        **extra,
+    )
+    z = pz.sum(2) + eps  # (B, Hkv, R): rows (g, i) of query head hk G + g
+    z = torch.where(z > 0, z, torch.ones_like(z))  # eps == 0 and nothing to attend to: 0 / 1
+    out = (pacc.sum(2) / z[..., None]).view(B, H, L, Ev).to(q.dtype)
+    return out, z.view(B * H, L)
 
 
 def _backward(q, k, v, mask, out, z, dout, is_causal, scale, variant):
