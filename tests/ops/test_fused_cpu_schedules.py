@@ -164,6 +164,10 @@ def test_compile_without_grad_keeps_the_custom_op(ext):
     with torch.no_grad():
         out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
         torch.testing.assert_close(out, f(q, k, v))
+        # a tracer (make_fx's dispatch mode) must record the op, not run the kernel behind its back
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        assert "fused_cpu_fwd" in make_fx(f)(q, k, v).code
 
 
 @pytest.mark.parametrize("n_kv_heads", [None, 2])

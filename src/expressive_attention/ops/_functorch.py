@@ -4,6 +4,7 @@
 vmapped dim into B, (n, B, ...) -> (n * B, ...), runs the function once, and unfolds its outputs
 (each of which leads with a multiple of B). `under_functorch` tells whether a call is being
 transformed; backends that are torch custom ops or kernels without these rules refuse such calls.
+`plain_eager` tells whether a kernel may skip its custom op (no tracing or transform can see the call).
 """
 from __future__ import annotations
 
@@ -11,13 +12,26 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # looked up once: every call pays for it
 
 
 def under_functorch(*tensors: Tensor) -> bool:
     """True when any tensor is wrapped by a torch.func transform (grad, vmap, jvp, ...)."""
     if torch.compiler.is_compiling():
         return False
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors if t is not None)
+    return any(_is_wrapped(t) for t in tensors if t is not None)
+
+
+def plain_eager(*tensors: Tensor) -> bool:
+    """True when the tensors are plain `torch.Tensor`s (not fake, functional or functorch-wrapped)
+    and no compiler, tracer (make_fx) or torch_dispatch mode is active: a kernel may then be called
+    directly instead of through its torch custom op (which such machinery needs to see)."""
+    # is_compiling first: under torch.compile it is constant True and the rest is never traced
+    return (not torch.compiler.is_compiling() and all(type(t) is Tensor for t in tensors)
+            and _get_current_dispatch_mode() is None)
 
 
 def fold_vmap(apply: Callable, info, in_dims, args, n_tensors: int, broadcast: tuple[int, ...] = ()):

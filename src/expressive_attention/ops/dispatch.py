@@ -41,12 +41,24 @@ def choose_backend(p: Problem) -> Backend:
     """The `"auto"` policy: of the backends that support `p` and prefer it, the highest priority.
     (The reference supports every call, so there is always one.)"""
     transformed = under_functorch(p.q, p.k, p.v)  # under torch.func: only backends that support it
-    # highest priority first (ties in table order, as max() would pick), stopping at the first taker:
-    # asking every backend costs several us, which a decode step cannot spare
-    for b in sorted(BACKENDS.values(), key=lambda b: -b.priority):
+    # highest priority first, stopping at the first taker: asking every backend costs several us,
+    # which a decode step cannot spare
+    for b in _by_priority():
         if (b.functorch or not transformed) and b.chosen_by_auto(p):
             return b
     raise AssertionError("no backend took the call (the reference takes every call)")
+
+
+_ORDER: list = [(), ()]  # [the table's values when sorted, them by priority]
+
+
+def _by_priority() -> tuple[Backend, ...]:
+    """The table by decreasing priority (ties in table order, as max() would pick), re-sorted only
+    when the table changed (the comparison is by identity, so it costs next to nothing)."""
+    values = tuple(BACKENDS.values())
+    if values != _ORDER[0]:
+        _ORDER[:] = [values, tuple(sorted(values, key=lambda b: -b.priority))]
+    return _ORDER[1]
 
 
 class _EmptyEA(torch.autograd.Function):

@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..diagnostics import warn
+from ._functorch import plain_eager
 from .backend import Backend
 from .problem import Problem
 from .reference import compute_dtype
@@ -293,18 +293,16 @@ def supports(p: Problem) -> "str | None":
 
 def _plain_call(p: Problem) -> bool:
     """True when nothing needs the custom op around the kernel: no gradient, no compiler or tracer
-    (torch.compile, make_fx, fake tensors), plain tensors. The op's Python dispatch costs ~0.1 ms a
+    (torch.compile, make_fx, fake tensors), plain tensors. The op's Python wrapper costs ~0.1 ms a
     call, more than a whole decode step."""
-    return (not p.requires_grad and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None
-            and type(p.q) is Tensor and type(p.k) is Tensor and type(p.v) is Tensor)
+    return not p.requires_grad and plain_eager(p.q, p.k, p.v)
 
 
 def fused_cpu_attention(p: Problem) -> Tensor:
     """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev). Calls with at most
     16 query rows (decoding) run the kernel's decode schedule (split over the key axis)."""
     args = (p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant == "saturating", p.eps)
-    if _plain_call(p):  # inference: the kernel itself, without the custom op's dispatch
+    if _plain_call(p):  # inference: the kernel itself, without the custom op around it
         return _ext().forward(*args)[0]
     out, _ = fused_cpu_fwd(*args)
     return out
