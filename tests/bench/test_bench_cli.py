@@ -56,6 +56,20 @@ def test_bench_long_tiny_run(tmp_path):
     assert [r["context"] for r in data["decode"]] == [16, 32] and data["decode"][0]["recurrent_ea_us"] > 0
 
 
+def test_bench_decode_tiny_run(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    rc = main(["bench", "decode", "--contexts", "16,40", "--E", "8", "--B", "1", "--H", "2", "--kv-heads", "2,1",
+               "--steps", "5", "--no-flush", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    recs = data["records"]
+    assert [(r["Hkv"], r["S"]) for r in recs] == [(2, 16), (2, 40), (1, 16), (1, 40)]
+    for r in recs:
+        assert r["sdpa_us"] > 0 and r["ea_us"] > 0 and r["ratio"] > 0 and r["L"] == 1 and r["H"] == 2
+    assert data["spec"]["steps"] == 5 and data["spec"]["kv_heads"] == [2, 1]
+    assert "EA/SDPA over 4 cases" in capsys.readouterr().out
+
+
 def test_old_mode_flags_are_deprecated_aliases_of_the_subcommands():
     from expressive_attention.cli.bench import legacy_argv
 
@@ -76,7 +90,10 @@ def test_old_mode_flags_are_deprecated_aliases_of_the_subcommands():
 
 @pytest.mark.parametrize("argv, flag", [(["ops", "--E", "0"], "--E"), (["ops", "--modes", "bwd"], "--modes"),
                                         (["long", "--backends", "flash"], "--backends"),
-                                        (["ops", "--variants", "cubic"], "variant")])
+                                        (["ops", "--variants", "cubic"], "variant"),
+                                        (["decode", "--steps", "3"], "steps"),
+                                        (["decode", "--H", "4", "--kv-heads", "3"], "kv_heads"),
+                                        (["decode", "--variant", "cubic"], "variant")])
 def test_bad_arguments_name_the_flag(argv, flag, capsys):
     """argparse's own checks and the specs' checks alike: one line on stderr naming the flag, status 2."""
     try:
