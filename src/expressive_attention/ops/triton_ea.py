@@ -105,6 +105,17 @@ def _keep(offs_m, offs_n, L, S, m_ptr, sml, sms, CAUSAL: tl.constexpr, HAS_MASK:
 
 
 @_jit
+def _accumulate(acc, z, f, v, Q, F32_PV: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
+    """acc += f V and z += rowsum f for one tile (f float32, masked entries 0). f V feeds the tensor
+    cores in the input dtype (Q's), or in tf32 when F32_PV (fp16 "squared", where f can pass 65504)."""
+    if F32_PV:
+        acc += tl.dot(f, v.to(tl.float32), input_precision="tf32")
+    else:
+        acc += tl.dot(f.to(Q.dtype.element_ty).to(DOT), v, input_precision=PRECISION)
+    return acc, z + tl.sum(f, axis=1)
+
+
+@_jit
 def _fwd(Q, K, V, M, O, Z,
          sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve,
          smb, smh, sml, sms, sob, soh, sol, soe,
@@ -132,11 +143,7 @@ def _fwd(Q, K, V, M, O, Z,
         f, _ = _f_and_fprime(s, SATURATING)
         f = tl.where(_keep(offs_m, offs_n, L, S, m_base, sml, sms, CAUSAL, HAS_MASK), f, 0.0)
         v = _load_tile(v_base, offs_n, offs_ev, svs, sve, S, EV, DOT)  # (BLOCK_N, BLOCK_EV)
-        if F32_PV:
-            acc += tl.dot(f, v.to(tl.float32), input_precision="tf32")
-        else:
-            acc += tl.dot(f.to(Q.dtype.element_ty).to(DOT), v, input_precision=PRECISION)
-        z += tl.sum(f, axis=1)
+        acc, z = _accumulate(acc, z, f, v, Q, F32_PV, PRECISION, DOT)
     z = z + eps
     z = tl.where(z > 0, z, 1.0)  # eps == 0 and nothing to attend to: 0 / 1
     out = acc / z[:, None]
@@ -194,11 +201,7 @@ def _fwd_decode(Q, K, V, M, PACC, PZ,
             keep = keep & (mk != 0)
         f = tl.where(keep, f, 0.0)
         v = _load_tile(v_base, offs_n, offs_ev, svs, sve, hi, EV, DOT)  # (BLOCK_N, BLOCK_EV)
-        if F32_PV:
-            acc += tl.dot(f, v.to(tl.float32), input_precision="tf32")
-        else:
-            acc += tl.dot(f.to(Q.dtype.element_ty).to(DOT), v, input_precision=PRECISION)
-        z += tl.sum(f, axis=1)
+        acc, z = _accumulate(acc, z, f, v, Q, F32_PV, PRECISION, DOT)
     part = (b * tl.num_programs(1) + hk) * ns + sp  # this program's slot
     tl.store(PACC + (part * R + offs_r[:, None]) * EV + offs_ev[None, :], acc,
              mask=row_ok[:, None] & (offs_ev[None, :] < EV))
