@@ -1,6 +1,7 @@
 """`ea bench ops`: EA (each variant, each backend) against SDPA on the same shapes, in one run."""
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 from dataclasses import dataclass, replace
@@ -10,7 +11,7 @@ import torch
 
 from ..ops.problem import check_variant, normalise
 from .measure import (Case, check_modes, check_positive, check_positive_lists, matmul_peak_gflops,
-                      progress_bar, run_case)
+                      progress_bar, run_case, run_interleaved)
 
 
 def ea_backends_for(case: Case) -> list[str]:
@@ -83,6 +84,7 @@ class OpsBench:
     causal: bool = True
     repeats: int = 3  # timed repeats per case (median reported)
     json: str | None = None  # also write all records here
+    interleave: bool = False  # time the cases of one shape in one process, in turn (else one process per case)
 
     def check(self) -> None:
         for v in self.variants:
@@ -97,11 +99,21 @@ def run_ops_benchmark(spec: OpsBench, progress: bool = True) -> list[dict]:
     spec.check()
     peak = matmul_peak_gflops()
     cases = build_cases(spec)
+    how = "the cases of each shape interleaved in one fresh process" if spec.interleave else "each in a fresh process"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
           f"float32 matmul peak {peak:.0f} GFLOP/s; B={spec.B} H={spec.H} {spec.dtype} "
-          f"{'causal' if spec.causal else 'full'}; {len(cases)} cases, each in a fresh process")
-    records = [run_case(case) for case in progress_bar(cases, progress, desc="bench", unit="case")]
+          f"{'causal' if spec.causal else 'full'}; {len(cases)} cases, {how}")
+    if spec.interleave:
+        groups = itertools.groupby(cases, key=lambda c: (c.E, c.L, c.mode))
+        records = [r for group in progress_bar([list(g) for _, g in groups], progress, desc="bench", unit="shape")
+                   for r in run_interleaved(group)]
+    else:
+        records = [run_case(case) for case in progress_bar(cases, progress, desc="bench", unit="case")]
     print(format_table(records, peak))
+    slow_first = [r for r in records if r.get("first_ms", 0.0) > 1000.0 and r["first_ms"] > 10 * r["time_ms"]]
+    for r in slow_first:  # a one-time build or compile, not part of the timed calls
+        print(f"first call of E={r['E']} L={r['L']} {r['mode']} {r['kind']} {r['variant']} [{r['backend']}]: "
+              f"{r['first_ms'] / 1e3:.1f} s (one-time build/compile, excluded from the times)")
     if spec.json:
         with open(spec.json, "w") as f:
             json.dump({"matmul_peak_gflops": peak, "torch": torch.__version__, "records": records}, f, indent=1)

@@ -88,17 +88,29 @@ def _reset_peak_rss() -> float:
     return _status_mb("VmRSS")
 
 
-def run_in_process(case: Case) -> dict:
+def _inputs(case: Case):
+    """q, k, v (B, H, L, E) (leaves that require grad when the mode has a backward) and dO."""
     dtype = getattr(torch, case.dtype)
     g = torch.Generator().manual_seed(0)
     shape = (case.B, case.H, case.L, case.E)
-    need_grad = case.mode == "fwdbwd"
     q, k, v, do = (torch.randn(shape, generator=g).to(case.device, dtype) for _ in range(4))
     for t in (q, k, v):
-        t.requires_grad_(need_grad)
-    # warm-up on a small slice: loads kernels / builds extensions without touching the peak
-    _step(case, q, k, v, do)  # warm-up: loads kernels, builds extensions, first-call caches
+        t.requires_grad_(case.mode == "fwdbwd")
+    return q, k, v, do
+
+
+def _timed_step(case: Case, q, k, v, do) -> float:
     _sync(case.device)
+    t0 = time.perf_counter()
+    _step(case, q, k, v, do)
+    _sync(case.device)
+    return time.perf_counter() - t0
+
+
+def _warm_and_peak(case: Case, q, k, v, do) -> dict:
+    """One warm-up call (loads kernels, builds extensions or compiles; its time is `first_ms`), then one
+    call whose extra peak memory is measured."""
+    first = _timed_step(case, q, k, v, do)
     if case.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
@@ -107,27 +119,59 @@ def run_in_process(case: Case) -> dict:
     _step(case, q, k, v, do)  # measured run
     _sync(case.device)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if case.device.startswith("cuda") else _status_mb("VmHWM")) - base
-    times = []
-    for _ in range(case.repeats):
-        _sync(case.device)
-        t0 = time.perf_counter()
-        _step(case, q, k, v, do)
-        _sync(case.device)
-        times.append(time.perf_counter() - t0)
+    return {**asdict(case), "first_ms": 1e3 * first, "peak_mb": max(peak, 0.0)}
+
+
+def _finish(record: dict, case: Case, times: list[float]) -> dict:
     t = statistics.median(times)
-    return {**asdict(case), "time_ms": 1e3 * t, "peak_mb": max(peak, 0.0), "gflops": case.flops / t / 1e9}
+    return {**record, "time_ms": 1e3 * t, "gflops": case.flops / t / 1e9}
+
+
+def run_in_process(case: Case) -> dict:
+    q, k, v, do = _inputs(case)
+    record = _warm_and_peak(case, q, k, v, do)
+    return _finish(record, case, [_timed_step(case, q, k, v, do) for _ in range(case.repeats)])
+
+
+def run_interleaved_in_process(cases: Sequence[Case]) -> list[dict]:
+    """Cases of one shape (same B, H, L, E, mode, dtype, device) on the same inputs, timed in turn
+    within each repeat (SDPA, EA, SDPA, EA, ...), so that a change in the machine's load hits all of
+    them alike. A case that raises gets an "error" record; the others go on."""
+    q, k, v, do = _inputs(cases[0])
+    records = []
+    for case in cases:
+        try:
+            records.append(_warm_and_peak(case, q, k, v, do))
+        except Exception as e:  # reported in the table, like a failed fresh-process case
+            records.append({**asdict(case), "error": f"{type(e).__name__}: {e}".splitlines()[0]})
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(max(c.repeats for c in cases)):
+        for i, case in enumerate(cases):
+            if "error" not in records[i]:
+                times[i].append(_timed_step(case, q, k, v, do))
+    return [r if "error" in r else _finish(r, c, t) for r, c, t in zip(records, cases, times)]
 
 
 def run_case(case: Case, timeout: float = 900.0) -> dict:
     """Run `case` in a fresh Python process (clean memory high-water mark); returns its record."""
+    return _run_fresh([case], timeout)[0]
+
+
+def run_interleaved(cases: Sequence[Case], timeout: float = 1800.0) -> list[dict]:
+    """`run_interleaved_in_process(cases)` in one fresh Python process; returns one record per case."""
+    return _run_fresh(list(cases), timeout)
+
+
+def _run_fresh(cases: list[Case], timeout: float) -> list[dict]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "expressive_attention.bench.measure", json.dumps(asdict(case))],
-        capture_output=True, text=True, timeout=timeout, env=env,
-    )
+    arg = json.dumps(asdict(cases[0]) if len(cases) == 1 else [asdict(c) for c in cases])
+    proc = subprocess.run([sys.executable, "-m", "expressive_attention.bench.measure", arg],
+                          capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
-        return {**asdict(case), "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        return [{**asdict(c), "error": error} for c in cases]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out if isinstance(out, list) else [out]
 
 
 def check_modes(modes: Sequence[str]) -> None:
@@ -177,4 +221,8 @@ def _timed(fn) -> float:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_in_process(Case(**json.loads(sys.argv[1])))))
+    _arg = json.loads(sys.argv[1])
+    if isinstance(_arg, list):
+        print(json.dumps(run_interleaved_in_process([Case(**c) for c in _arg])))
+    else:
+        print(json.dumps(run_in_process(Case(**_arg))))

@@ -1,6 +1,7 @@
 """`ea bench {ops,long,model}`: EA vs PyTorch SDPA, time and peak memory (see expressive_attention.bench).
 
     ea bench ops   --E 32,64 --L 256,1024,4096     # one attention call per case (the default: `ea bench`)
+    ea bench ops   --backends blocked --interleave --repeats 5   # SDPA and EA timed in turn, one process per shape
     ea bench long  --threads 1                     # long contexts: the linear form; decode steps
     ea bench model --repeats 5                     # one DecoderLM training step, EA vs DPA
     ea bench decode                                # one decoding step on a KV cache, EA vs SDPA interleaved
@@ -48,6 +49,9 @@ def _add_ops(sub) -> None:
     p.add_argument("--device", default=d.device)
     p.add_argument("--no-causal", action="store_true", help="full attention instead of causal")
     p.add_argument("--repeats", type=positive_int, default=d.repeats, help="timed repeats per case (median)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time SDPA and the EA cases of each shape in one process, in turn within every repeat "
+                        "(steadier ratios on a loaded machine; peak memory is then less clean)")
     p.add_argument("--json", metavar="PATH", help="also write all records as JSON")
     p.set_defaults(func=_ops_cmd)
 
@@ -57,7 +61,7 @@ def _ops_cmd(args) -> int:
 
     spec = OpsBench(E=args.E, L=args.L, B=args.B, H=args.H, modes=args.modes, variants=args.variants,
                     backends=args.backends, dtype=args.dtype, device=args.device, causal=not args.no_causal,
-                    repeats=args.repeats, json=args.json)
+                    repeats=args.repeats, json=args.json, interleave=args.interleave)
     run_ops_benchmark(_checked(spec))
     return 0
 
