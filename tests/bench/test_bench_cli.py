@@ -23,6 +23,30 @@ def test_bench_tiny_run_writes_records(tmp_path, capsys):
     assert "ea squared [blocked]" in text and "x SDPA" in text
 
 
+def test_bench_interleaved_run_times_each_shape_in_one_process(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "ops", "--E", "8", "--L", "40,72", "--B", "1", "--H", "2", "--modes", "fwd,fwdbwd",
+               "--backends", "blocked,reference", "--repeats", "2", "--interleave", "--json", str(out)])
+    assert rc == 0
+    recs = json.loads(out.read_text())["records"]
+    assert [(r["L"], r["mode"], r["kind"], r["backend"]) for r in recs[:3]] == [
+        (40, "fwd", "dpa", "auto"), (40, "fwd", "ea", "blocked"), (40, "fwd", "ea", "reference")]
+    assert len(recs) == 12 and all("error" not in r for r in recs), recs
+    assert all(r["time_ms"] > 0 and r["first_ms"] > 0 and r["peak_mb"] >= 0 for r in recs)
+    assert "interleaved in one fresh process" in capsys.readouterr().out
+
+
+def test_interleaved_case_that_raises_is_recorded_and_the_others_run():
+    from expressive_attention.bench.measure import Case, run_interleaved_in_process
+
+    base = Case("dpa", 1, 2, 24, 8, repeats=2)
+    bad = Case("ea", 1, 2, 24, 8, backend="no-such-backend", repeats=2)
+    good = Case("ea", 1, 2, 24, 8, backend="blocked", repeats=2)
+    recs = run_interleaved_in_process([base, bad, good])
+    assert "no-such-backend" in recs[1]["error"] and "time_ms" not in recs[1]
+    assert recs[0]["time_ms"] > 0 and recs[2]["time_ms"] > 0
+
+
 def test_table_ratios_are_relative_to_sdpa_on_the_same_shape():
     base = dict(E=32, L=256, mode="fwd", variant="saturating", backend="auto")
     recs = [

@@ -5,15 +5,17 @@
     ea bench long  --threads 1                     # long contexts: the linear form; decode steps
     ea bench model --repeats 5                     # one DecoderLM training step, EA vs DPA
     ea bench decode                                # one decoding step on a KV cache, EA vs SDPA interleaved
+    ea bench gpu   --out gpu_check                 # CUDA: EA (Triton) vs SDPA (flash), training and decode
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import UserError
 from .args import csv_of, deprecated, positive_int
 
-MODES = ("ops", "long", "model", "decode")
+MODES = ("ops", "long", "model", "decode", "gpu")
 
 
 def legacy_argv(argv: list[str]) -> list[str]:
@@ -168,6 +170,44 @@ def _decode_cmd(args) -> int:
     return 0
 
 
+def _add_gpu(sub) -> None:
+    from ..bench.gpu import GpuBench
+
+    d = GpuBench()
+    p = sub.add_parser("gpu", help="CUDA: EA (Triton) vs SDPA (flash), fwd+bwd and decode, in a few minutes",
+                       description="EA (Triton) vs SDPA (flash) on the current CUDA device: causal forward+backward "
+                                   "at a fixed token count, and one decode step against a KV cache; every case "
+                                   "time-boxed. Writes OUT/gpu_check.json and OUT/gpu_check.md. Exits with "
+                                   "status 1 and one line when there is no CUDA device.")
+    p.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
+    p.add_argument("--L", type=csv_of(positive_int), default=list(d.L), help="sequence lengths (fwd+bwd)")
+    p.add_argument("--E", type=csv_of(positive_int), default=list(d.E), help="head dims (default 64,128)")
+    p.add_argument("--tokens", type=positive_int, default=d.tokens, help="B x L of the fwd+bwd cases")
+    p.add_argument("--H", type=positive_int, default=d.H, help="heads (default %(default)s)")
+    p.add_argument("--contexts", type=csv_of(positive_int), default=list(d.contexts), help="decode: KV-cache lengths")
+    p.add_argument("--decode-B", type=csv_of(positive_int), default=list(d.decode_B), help="decode: batch sizes")
+    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--repeats", type=positive_int, default=d.repeats, help="timed repeats per case (median)")
+    p.add_argument("--case-budget", type=float, default=d.case_budget_s, help="seconds per case (time box)")
+    p.add_argument("--total-budget", type=float, default=d.total_budget_s, help="seconds for all cases")
+    p.set_defaults(func=_gpu_cmd)
+
+
+def _gpu_cmd(args) -> int:
+    import torch
+
+    from ..bench.gpu import NO_CUDA, GpuBench, run_gpu_benchmark
+
+    if not torch.cuda.is_available():
+        print(f"ea bench gpu: {NO_CUDA}", file=sys.stderr)
+        return 1
+    spec = GpuBench(out=args.out, L=args.L, E=args.E, tokens=args.tokens, H=args.H, contexts=args.contexts,
+                    decode_B=args.decode_B, dtype=args.dtype, repeats=args.repeats,
+                    case_budget_s=args.case_budget, total_budget_s=args.total_budget)
+    run_gpu_benchmark(_checked(spec), command=getattr(args, "command_line", "ea bench gpu"))
+    return 0
+
+
 def _checked(spec):
     """`spec` after its own check; a bad value becomes a one-line error naming the field."""
     try:
@@ -180,9 +220,10 @@ def _checked(spec):
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="time and memory of EA vs PyTorch SDPA on the same shapes",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="bench_mode", required=True, metavar="{ops,long,model,decode}")
+    sub = p.add_subparsers(dest="bench_mode", required=True, metavar="{ops,long,model,decode,gpu}")
     _add_ops(sub)
     _add_long(sub)
     _add_model(sub)
     _add_decode(sub)
+    _add_gpu(sub)
     return p

@@ -106,8 +106,13 @@ def _tracing_config():
     the graphs of several variants and mask kinds (each one its own entry) before dynamo gives up."""
     from torch.fx.experimental import _config as fx_config
 
-    with fx_config.patch(use_duck_shape=False), torch._dynamo.config.patch(recompile_limit=64):
+    dyn = torch._dynamo.config  # set and restored directly: config.patch() costs milliseconds per tile
+    saved = fx_config.use_duck_shape, dyn.recompile_limit
+    fx_config.use_duck_shape, dyn.recompile_limit = False, max(64, saved[1])
+    try:
         yield
+    finally:
+        fx_config.use_duck_shape, dyn.recompile_limit = saved
 
 
 def _timed_first_call(compiled: Callable, name: str) -> Callable:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One command for the first machine with an NVIDIA GPU (docs/kernels-triton.md, "When you have a GPU"):
+#   1. the Triton correctness tests, on the GPU (tests/ops/test_triton_gpu.py: kernels vs the reference,
+#      values and gradients) and the interpreter/compile tests of tests/ops/test_triton_ea.py;
+#   2. `ea bench gpu`: EA (Triton) vs SDPA (flash), causal fwd+bwd at L 1k-16k and decode steps at
+#      contexts 1k-16k, E 64/128, bf16, every case time-boxed -> OUT/gpu_check.json, OUT/gpu_check.md.
+# Installs nothing: it needs torch with CUDA, triton and pytest already there (`pip install -e '.[triton,test]'`).
+# The tests are time-boxed to 4 minutes; the benchmark runs even when a test fails (its record says so).
+# Usage (from the repository root): benchmarks/gpu_check.sh [OUT]   (default: gpu_check)
+# About 3-4 minutes on one H100-class GPU. Without a CUDA device: one line on stderr, exit status 1.
+set -uo pipefail
+OUT=${1:-gpu_check}
+PY=${PYTHON:-python}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # compiled kernels on the GPU, not the CPU interpreter
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "gpu_check: $PY cannot import torch (set PYTHON to the environment's interpreter)" >&2
+    exit 1
+fi
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: no CUDA device (torch.cuda.is_available() is False): run this on a machine with an NVIDIA GPU" >&2
+    exit 1
+fi
+mkdir -p "$OUT"
+start=$(date +%s)
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/ops/test_triton_gpu.py" \
+    "$ROOT/tests/ops/test_triton_ea.py" 2>&1 | tee "$OUT/pytest.log"
+tests=${PIPESTATUS[0]}
+echo "gpu_check: tests exit status $tests ($(( $(date +%s) - start )) s)"
+"$PY" -m expressive_attention.cli bench gpu --out "$OUT"
+bench=$?
+echo "gpu_check: done in $(( $(date +%s) - start )) s; tests exit status $tests, benchmark exit status $bench; see $OUT/"
+exit $(( tests != 0 || bench != 0 ))
