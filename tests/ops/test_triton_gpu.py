@@ -1,6 +1,6 @@
-"""The Triton kernels compiled for and run on a real GPU, against the reference (values and
-gradients). Collected only where CUDA is available (benchmarks/gpu_check.sh runs it there; on CPU
-the same kernels are checked under Triton's interpreter in test_triton_ea.py)."""
+"""The Triton kernels (and the blocked fallback) compiled for and run on a real GPU, against the
+reference (values and gradients). Collected only where CUDA is available (benchmarks/gpu_check.sh
+runs it there; on CPU the same kernels are checked under Triton's interpreter in test_triton_ea.py)."""
 import pytest
 import torch
 from attention_inputs import make_qkv, mask_kwargs
@@ -76,3 +76,16 @@ def test_decode_through_auto_matches_reference():
     # one query row against a long KV cache (what `ea bench gpu` times), through backend="auto"
     q, k, v = _cuda(torch.bfloat16, *make_qkv(4, 8, 8, 1, 4097, 128, 128))
     _check(q, k, v, 2e-2, backend="auto")
+
+
+@pytest.mark.parametrize("compile_mode", ["1", "0"])
+def test_blocked_fallback_on_cuda(monkeypatch, compile_mode):
+    # the blocked backend (what a GPU without Triton kernels runs): compiled tiles (inductor emits
+    # Triton code for them) and the plain path
+    from expressive_attention.ops import blocked, tile_compile
+
+    monkeypatch.setenv("EA_COMPILE", compile_mode)
+    monkeypatch.setattr(blocked, "TILE_ELEMENTS", 2**14)  # several row blocks
+    q, k, v = _cuda(torch.float32, *make_qkv(2, 8, 2, 300, 300, 64, 64))
+    _check(q, k, v, 1e-4, backend="blocked", is_causal=True)
+    assert ("_backward_tile" in tile_compile.compile_seconds) == (compile_mode == "1")

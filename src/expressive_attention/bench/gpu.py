@@ -186,7 +186,10 @@ def run_gpu_benchmark(spec: GpuBench, command: str = "ea bench gpu", progress: b
     spec.check()
     if not torch.cuda.is_available():
         raise RuntimeError(NO_CUDA)
-    import triton
+    try:
+        import triton
+    except ImportError:
+        raise RuntimeError("triton is not installed: pip install 'expressive-attention[triton]'") from None
 
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)

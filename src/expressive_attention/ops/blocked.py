@@ -13,7 +13,14 @@ For variant="power" / "exp_squared" each tile row is divided by the row's larges
 (a tile holds every key of its rows), and eps by the same constant; backward recomputes the
 same constant, so Z and f' are in the same units and the formulas above hold unchanged.
 
-GQA is native: query heads are viewed as (Hkv, G) groups against one key/value head.
+GQA is native: query heads are viewed as (Hkv, G) groups against one key/value head, and the G
+heads of a group are stacked into one batched matmul against their key/value head.
+
+The arithmetic of one block of rows lives in two functions of tensors, `_forward_tile` and
+`_backward_tile`. They run as they are (the plain path: in-place element-wise ops, the causal mask
+applied only to the keys past each row block's first row), or, for big calls where torch.compile
+works, compiled by inductor (tile_compile.py; `EA_COMPILE`), which fuses the element-wise part
+between the matmuls into one loop. See docs/blocked.md for when each path runs and what it costs.
 """
 from __future__ import annotations
 
@@ -62,7 +69,6 @@ def _views(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, groups: int):
     B, H, L, E = q.shape
     Hkv = k.shape[1]
     q5 = q.view(B, Hkv, groups, L, E)
-    
     m5 = None
     if mask is not None:
         m5 = mask.reshape(mask.shape[0], Hkv, groups, *mask.shape[2:]) if mask.shape[1] == H else mask[:, :, None]
