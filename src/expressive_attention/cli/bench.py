@@ -53,7 +53,8 @@ def _add_ops(sub) -> None:
     p.add_argument("--repeats", type=positive_int, default=d.repeats, help="timed repeats per case (median)")
     p.add_argument("--interleave", action="store_true",
                    help="time SDPA and the EA cases of each shape in one process, in turn within every repeat "
-                        "(steadier ratios on a loaded machine; peak memory is then less clean)")
+                        "(steadier ratios on a loaded machine; the allocator keeps its defaults, so times are "
+                        "not inflated by page faults but peak memory is less clean)")
     p.add_argument("--json", metavar="PATH", help="also write all records as JSON")
     p.set_defaults(func=_ops_cmd)
 
