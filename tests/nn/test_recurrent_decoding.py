@@ -50,7 +50,7 @@ def test_state_size_is_constant_and_reported():
     with torch.no_grad():
         m(torch.zeros(2, 5, dtype=torch.long), cache=caches)
         size = caches[0].nbytes()
-        assert size == 2 * 2 * E * E * (E + 1) * 4  # (B * Hkv, E*E, Ev+1) float32
+        assert size == 2 * 2 * (E * (E + 1) // 2) * (E + 1) * 4  # (B * Hkv, E(E+1)/2 packed features, Ev+1) float32
         m(torch.zeros(2, 50, dtype=torch.long), cache=caches)
         assert caches[0].nbytes() == size
     assert RecurrentEAState.state_bytes(m.cfg, 10) == RecurrentEAState.state_bytes(m.cfg, 10**6) == 2 * size // 2
@@ -59,10 +59,10 @@ def test_state_size_is_constant_and_reported():
 def test_auto_cache_choice():
     sq = model().cfg
     E = sq.d_model // sq.n_heads
-    crossover = E * (E + 1) // 2  # recurrent E^2 (E+1) floats vs KV 2 E per token
+    crossover = (E + 1) ** 2 / 4  # recurrent E(E+1)/2 x (E+1) floats vs KV 2 E per token: 20.25 tokens
     assert CACHE_KINDS["recurrent"] is RecurrentEAState
-    assert choose_cache_kind(sq, crossover - 1) == "kv"
-    assert choose_cache_kind(sq, crossover + 1) == "recurrent"
+    assert choose_cache_kind(sq, int(crossover)) == "kv"
+    assert choose_cache_kind(sq, int(crossover) + 1) == "recurrent"
     assert RecurrentEAState.state_bytes(sq, crossover + 1) < KVCache.state_bytes(sq, crossover + 1)
     assert choose_cache_kind(model(variant="saturating").cfg, 10**6) == "kv"
     assert choose_cache_kind(model(kind="dpa").cfg, 10**6) == "kv"

@@ -1,8 +1,9 @@
 """Recurrent decoding for EA-squared: a constant-size state per layer instead of a KV cache.
 
 For variant="squared" the attention of token i is phi(scale q_i)^T S_i with
-S_i = sum_{j<=i} phi(k_j) [v_j, 1]^T and phi(x) = x (x) x (see ops/linear.py). The state S,
-(B * Hkv, E*E, Ev+1) per layer, replaces the keys and values of the past: a decode step costs
+S_i = sum_{j<=i} phi(k_j) [v_j, 1]^T and phi(x) the packed degree-2 features ([x_a^2] ++
+[sqrt2 x_a x_b, a < b], F = E (E+1) / 2 of them; see ops/linear_features.py). The state S,
+(B * Hkv, F, Ev+1) per layer, replaces the keys and values of the past: a decode step costs
 O(H E^2 Ev) whatever the context length. The prompt is prefilled with the chunked linear form.
 
     model.generate(idx, n, cache="recurrent")   # or cache="auto": chosen when smaller than a KV cache
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..ops.linear import add_to_state, causal_forward, default_chunk, new_state, read_state, with_ones
+from ..ops.linear_features import n_features
 from ..ops.reference import compute_dtype
 from .cache import register_cache_kind
 
@@ -33,7 +35,7 @@ class RecurrentEAState:
             )
         self.scale = layer.head_dim**-0.5  # the layer calls attention with scale=None = 1/sqrt(E)
         self.eps = float(layer.eps)
-        self.state: Tensor | None = None  # (B * Hkv, E*E, Ev+1), float32 (float64 for float64 models)
+        self.state: Tensor | None = None  # (B * Hkv, F, Ev+1), float32 (float64 for float64 models)
         self.length = 0
 
     @classmethod
@@ -56,10 +58,10 @@ class RecurrentEAState:
         N = B * Hkv
         if self.state is None:
             self.state = new_state(N, E, Ev, ct, q.device)
-        elif self.state.shape != (N, E * E, Ev + 1):
+        elif self.state.shape != (N, n_features(E), Ev + 1):
             raise ValueError(
                 f"batch/heads changed mid-sequence: state holds {tuple(self.state.shape)}, new tokens "
-                f"need {(N, E * E, Ev + 1)}"
+                f"need {(N, n_features(E), Ev + 1)}"
             )
         qs = (q.to(ct) * self.scale).reshape(N, H // Hkv, T, E)
         k3 = k.to(ct).reshape(N, T, E)
@@ -79,12 +81,12 @@ class RecurrentEAState:
     @staticmethod
     def state_bytes(cfg, total_len: int) -> int | None:
         """Bytes per sequence (float32) over all layers, or None when cfg is not EA-squared.
-        Constant in `total_len` (E^2 (E+1) floats per key/value head and layer)."""
+        Constant in `total_len` (E (E+1)/2 x (E+1) floats per key/value head and layer)."""
         if cfg.kind != "ea" or cfg.variant != "squared":
             return None
         n_kv = cfg.n_kv_heads or cfg.n_heads
         E = cfg.d_model // cfg.n_heads
-        return cfg.n_layers * n_kv * E * E * (E + 1) * 4
+        return cfg.n_layers * n_kv * n_features(E) * (E + 1) * 4
 
 
 register_cache_kind("recurrent", RecurrentEAState)

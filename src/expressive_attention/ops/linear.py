@@ -37,7 +37,12 @@ from torch import Tensor
 from ._functorch import fold_vmap
 from .backend import Backend
 from .problem import Problem
+from .linear_features import (OuterProducts, PackedFeatures, add_to_state, n_features, new_state, read_num,
+                              unpack_state, with_ones)
 from .reference import compute_dtype, repeat_kv
+
+__all__ = ["BACKEND", "add_to_state", "causal_forward", "default_chunk", "linear_attention", "linear_pays_off",
+           "new_state", "read_state", "supports", "with_ones"]
 
 
 def default_chunk(E: int) -> int:
@@ -69,46 +74,10 @@ def supports(p: Problem) -> "str | None":
 # building blocks on 3-D tensors: N = B * Hkv heads, G query heads per key/value head.
 
 
-class OuterProducts:
-    """Row-wise outer products x (N, n, a), y (N, n, b) -> (N, n, a*b), written into a buffer
-    that is reused across chunks (fresh multi-MB allocations per chunk are 3-5x slower on CPU)."""
-
-    def __init__(self):
-        self.buf: Tensor | None = None
-
-    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
-        N, n, a = x.shape
-        b = y.shape[-1]
-        need = N * n * a * b
-        if self.buf is None or self.buf.numel() < need or self.buf.dtype != x.dtype:
-            self.buf = x.new_empty(need)
-        out = self.buf[:need].view(N, n, a, b)
-        torch.mul(x[..., :, None], y[..., None, :], out=out)
-        return out.view(N, n, a * b)
-
-
-def add_to_state(state: Tensor, x: Tensor, y: Tensor, outer: OuterProducts | None = None) -> None:
-    """state (N, E*E, Ev1) += phi(x)^T y for x (N, n, E), y (N, n, Ev1), computed as x^T (x (x) y) on
-    the (N, E, E*Ev1) view of the same memory: a wide GEMM, ~2x faster on CPU than the skinny phi(x)^T y."""
-    N, n, E = x.shape
-    state.view(N, E, -1).baddbmm_(x.transpose(1, 2), (outer or OuterProducts())(x, y))
-
-
-def read_state(state: Tensor, q: Tensor, eps: float, outer: OuterProducts | None = None) -> Tensor:
+def read_state(state: Tensor, q: Tensor, eps: float, phi: PackedFeatures | None = None) -> Tensor:
     """Attention of queries q (N, n, E) (already scaled) on the keys summarised in `state`
-    (N, E*E, Ev+1): out (N, n, Ev) = phi(q)^T S[:, :Ev] / (eps + phi(q)^T S[:, Ev])."""
-    num = torch.bmm((outer or OuterProducts())(q, q), state)
-    return normalise_rows(num, state.shape[-1] - 1, eps)[0]
-
-
-def new_state(N: int, E: int, Ev: int, dtype: torch.dtype, device=None) -> Tensor:
-    """An empty state (N, E*E, Ev+1): no keys seen yet."""
-    return torch.zeros(N, E * E, Ev + 1, dtype=dtype, device=device)
-
-
-def with_ones(v: Tensor) -> Tensor:
-    """v (..., Ev) -> (..., Ev+1) with a ones column: the normaliser rides along in the state."""
-    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+    (N, F, Ev+1): out (N, n, Ev) = phi(q)^T S[:, :Ev] / (eps + phi(q)^T S[:, Ev])."""
+    return normalise_rows(read_num(state, q, phi), state.shape[-1] - 1, eps)[0]
 
 
 def _causal_tril(n: int, dtype, device) -> Tensor:
@@ -127,13 +96,13 @@ def causal_forward(qs: Tensor, k: Tensor, v1: Tensor, state: Tensor, eps: float,
     """Causal linear EA over n tokens that follow the tokens summarised in `state`.
 
     qs (N, G, n, E) queries already multiplied by scale; k (N, n, E); v1 (N, n, Ev+1) values with a
-    ones column; state (N, E*E, Ev+1), updated in place. Returns out (N, G, n, Ev), z (N, G, n, 1).
+    ones column; state (N, F, Ev+1), updated in place. Returns out (N, G, n, Ev), z (N, G, n, 1).
     """
     N, G, L, E = qs.shape
     Ev = v1.shape[-1] - 1
     out = qs.new_empty(N, G, L, Ev)
     zs = qs.new_empty(N, G, L, 1)
-    outer = OuterProducts()
+    phi = PackedFeatures()
     tril = _causal_tril(min(chunk, L), qs.dtype, qs.device)
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
@@ -143,8 +112,8 @@ def causal_forward(qs: Tensor, k: Tensor, v1: Tensor, state: Tensor, eps: float,
         s = torch.bmm(qc, kc.transpose(1, 2))  # (N, G*n, n)
         s.square_().view(N, G, n, n).mul_(tril[:n, :n])
         num = torch.bmm(s, vc)  # (N, G*n, Ev+1)
-        num.baddbmm_(outer(qc, qc), state)
-        add_to_state(state, kc, vc, outer)
+        num.baddbmm_(phi(qc), state)
+        add_to_state(state, kc, vc, phi)
         o, z = normalise_rows(num.view(N, G, n, Ev + 1), Ev, eps)
         out[:, :, c0:c1] = o
         zs[:, :, c0:c1] = z
@@ -153,12 +122,12 @@ def causal_forward(qs: Tensor, k: Tensor, v1: Tensor, state: Tensor, eps: float,
 
 @torch.no_grad()
 def _global_state(k: Tensor, v1: Tensor, chunk: int) -> Tensor:
-    """sum_j phi(k_j) v1_j^T over all keys: (N, E*E, Ev+1)."""
+    """sum_j phi(k_j) v1_j^T over all keys: (N, F, Ev+1)."""
     N, S, E = k.shape
-    state = k.new_zeros(N, E * E, v1.shape[-1])
-    outer = OuterProducts()
+    state = new_state(N, E, v1.shape[-1] - 1, k.dtype, k.device)
+    phi = PackedFeatures()
     for c0 in range(0, S, chunk):
-        add_to_state(state, k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk], outer)
+        add_to_state(state, k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk], phi)
     return state
 
 
@@ -170,12 +139,12 @@ def full_forward(qs: Tensor, k: Tensor, v1: Tensor, eps: float, chunk: int):
     state = _global_state(k, v1, chunk)
     out = qs.new_empty(N, G, L, Ev)
     zs = qs.new_empty(N, G, L, 1)
-    outer = OuterProducts()
+    phi = PackedFeatures()
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
         n = c1 - c0
         qc = qs[:, :, c0:c1].reshape(N, G * n, E)
-        num = torch.bmm(outer(qc, qc), state)
+        num = read_num(state, qc, phi)
         o, z = normalise_rows(num.view(N, G, n, Ev + 1), Ev, eps)
         out[:, :, c0:c1] = o
         zs[:, :, c0:c1] = z
@@ -196,33 +165,31 @@ def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
     dqs = torch.zeros_like(qs)
     dk = torch.zeros_like(k)
     dv1 = torch.zeros_like(v1)
-    outer = OuterProducts()
+    outer, phi = OuterProducts(), PackedFeatures()
 
     def g_of(c0, c1):
         n = c1 - c0
         return _grad_rows(do[:, :, c0:c1], o[:, :, c0:c1], z[:, :, c0:c1]).reshape(N, G * n, Ev1)
 
     if not is_causal:
-        state = _global_state(k, v1, chunk)
-        st_t = state.view(N, E, E * Ev1).transpose(1, 2)  # [(b, v), a]
-        dstate = k.new_zeros(N, E * E, Ev1)
+        st_t = unpack_state(_global_state(k, v1, chunk), E).transpose(1, 2)  # [(b, v), a]
+        dstate = new_state(N, E, Ev, k.dtype, k.device)
         for c0 in range(0, L, chunk):
             c1 = min(L, c0 + chunk)
             n = c1 - c0
             qc, g = qs[:, :, c0:c1].reshape(N, G * n, E), g_of(c0, c1)
             dqs[:, :, c0:c1] = torch.bmm(outer(qc, g), st_t).mul_(2.0).view(N, G, n, E)
-            add_to_state(dstate, qc, g, outer)
-        dst_t = dstate.view(N, E, E * Ev1).transpose(1, 2)
+            add_to_state(dstate, qc, g, phi)
+        dst_t = unpack_state(dstate, E).transpose(1, 2)
         for c0 in range(0, S, chunk):
             kc, vc = k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk]
             dk[:, c0 : c0 + chunk] = torch.bmm(outer(kc, vc), dst_t).mul_(2.0)
-            dv1[:, c0 : c0 + chunk] = torch.bmm(outer(kc, kc), dstate)
+            dv1[:, c0 : c0 + chunk] = read_num(dstate, kc, phi)
         return dqs, dk, dv1[..., :Ev]
 
     tril = _causal_tril(min(chunk, L), qs.dtype, qs.device)
     # sweep 1, forward order: the quadratic part inside each chunk, and dq from the prefix state
-    state = k.new_zeros(N, E * E, Ev1)
-    st_t = state.view(N, E, E * Ev1).transpose(1, 2)
+    state = new_state(N, E, Ev, k.dtype, k.device)
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
         n = c1 - c0
@@ -237,13 +204,12 @@ def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
         dv1[:, c0:c1] += torch.bmm(f.transpose(1, 2), g)
         dk[:, c0:c1] += torch.bmm(ds.transpose(1, 2), qc)
         dq = torch.bmm(ds, kc)  # (N, G*n, E)
-        if c0 > 0:
-            dq.baddbmm_(outer(qc, g), st_t, alpha=2.0)
+        if c0 > 0:  # the wide GEMM on the unpacked prefix state: dq_a = 2 sum_(b,v) q_b g_v S[a, (b, v)]
+            dq.baddbmm_(outer(qc, g), unpack_state(state, E).transpose(1, 2), alpha=2.0)
         dqs[:, :, c0:c1] = dq.view(N, G, n, E)
-        add_to_state(state, kc, vc, outer)
+        add_to_state(state, kc, vc, phi)
     # sweep 2, reverse order: keys of chunk c reach the queries of later chunks through dS
-    dstate = k.new_zeros(N, E * E, Ev1)
-    dst_t = dstate.view(N, E, E * Ev1).transpose(1, 2)
+    dstate = new_state(N, E, Ev, k.dtype, k.device)
     starts = list(range(0, L, chunk))
     for c0 in reversed(starts):
         c1 = min(L, c0 + chunk)
@@ -251,11 +217,11 @@ def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
         kc, vc = k[:, c0:c1], v1[:, c0:c1]
         if c0 != starts[-1]:
             # (bmm into a temporary: baddbmm_ on a strided slice falls back to per-matrix addmm)
-            dk[:, c0:c1] += torch.bmm(outer(kc, vc), dst_t).mul_(2.0)
-            dv1[:, c0:c1] += torch.bmm(outer(kc, kc), dstate)
+            dk[:, c0:c1] += torch.bmm(outer(kc, vc), unpack_state(dstate, E).transpose(1, 2)).mul_(2.0)
+            dv1[:, c0:c1] += read_num(dstate, kc, phi)
         if c0 > 0:
             qc, g = qs[:, :, c0:c1].reshape(N, G * n, E), g_of(c0, c1)
-            add_to_state(dstate, qc, g, outer)
+            add_to_state(dstate, qc, g, phi)
     return dqs, dk, dv1[..., :Ev]
 
 
@@ -278,7 +244,7 @@ class _LinearEA(torch.autograd.Function):
         N, Ev = B * k.shape[1], v.shape[-1]
         qs, k3, v1 = _LinearEA._prepare(q, k, v, scale)
         if is_causal:
-            state = k3.new_zeros(N, E * E, Ev + 1)
+            state = new_state(N, E, Ev, k3.dtype, k3.device)
             out, z = causal_forward(qs, k3, v1, state, eps, chunk)
         else:
             out, z = full_forward(qs, k3, v1, eps, chunk)

@@ -1,0 +1,123 @@
+"""The symmetric degree-2 feature map of EA-squared's linear form, and the state it sums into.
+
+(q.k)^2 = <phi(q), phi(k)> with the *packed* map
+
+    phi(x) = [x_a^2 for a] ++ [sqrt(2) x_a x_b for a < b]            F = E (E+1) / 2 features
+
+(the unpacked x (x) x has E^2, each off-diagonal product twice), in the order of
+`feature_pairs(E)`: row a of the upper triangle, (a, a), (a, a+1), ..., (a, E-1), for a = 0..E-1.
+They are built feature-major, phi^T (N, F, n), one broadcast multiply per row a into a reused
+buffer: the rows of the triangle are then contiguous blocks (a gather, index_select along the
+feature dim, was ~50x slower than a multiply on this CPU; writing strided blocks of a row-major
+(N, n, F) buffer ~10x slower).
+
+The state of a run of keys is S = sum_j phi(k_j) [v_j, 1]^T, (N, F, Ev+1): the normaliser rides
+along as the last column. The backward needs S "unpacked" (`unpack_state`: (N, E, E (Ev+1)), entry
+[a, (b, v)] = sum_j k_ja k_jb v'_jv, symmetric in a, b) for its wide-GEMM gradient of phi.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+SQRT2 = math.sqrt(2.0)
+
+
+def n_features(E: int) -> int:
+    """Length of the packed feature map: E (E+1) / 2."""
+    return E * (E + 1) // 2
+
+
+@functools.lru_cache(maxsize=None)
+def feature_pairs(E: int) -> tuple[tuple[int, int], ...]:
+    """(a, b) with a <= b for each packed feature, in storage order: the upper triangle by rows."""
+    return tuple((a, b) for a in range(E) for b in range(a, E))
+
+
+def _row_starts(E: int) -> list[int]:
+    """Offset of row a of the triangle (its diagonal feature (a, a)) in the packed features."""
+    return [a * E - a * (a - 1) // 2 for a in range(E)]
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(E: int, dtype: torch.dtype, device: torch.device):
+    """diag (E,) long: packed index of (a, a); unpack (E*E,) long: packed index of (min(a, b), max(a, b));
+    unweight (E*E, 1): 1 / the feature's weight (1 on the diagonal, 1/sqrt2 off it)."""
+    starts = _row_starts(E)
+    unpack = [starts[min(a, b)] + abs(b - a) for a in range(E) for b in range(E)]
+    unweight = [1.0 if a == b else 1.0 / SQRT2 for a in range(E) for b in range(E)]
+    return (torch.tensor(starts, dtype=torch.long, device=device),
+            torch.tensor(unpack, dtype=torch.long, device=device),
+            torch.tensor(unweight, dtype=dtype, device=device)[:, None])
+
+
+class _Buffers:
+    """Named flat buffers reused across chunks (fresh multi-MB allocations per chunk are 3-5x slower
+    on CPU than writing into the same memory)."""
+
+    def __init__(self):
+        self._bufs: dict[str, Tensor] = {}
+
+    def take(self, name: str, like: Tensor, *shape: int) -> Tensor:
+        need = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < need or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._bufs[name] = like.new_empty(need)
+        return buf[:need].view(*shape)
+
+
+class PackedFeatures(_Buffers):
+    """x (N, n, E) -> phi(x) (N, n, F), a transposed view of a feature-major buffer (N, F, n) that is
+    reused across calls (a result is valid until the next call)."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        N, n, E = x.shape
+        xt = x.transpose(1, 2).contiguous()  # (N, E, n)
+        xst = xt * SQRT2
+        out = self.take("phi", x, N, n_features(E), n)
+        for a, o in enumerate(_row_starts(E)):  # row a: sqrt2 x_a x_b for b = a..E-1 (diagonal fixed below)
+            torch.mul(xst[:, a : a + 1], xt[:, a:], out=out[:, o : o + E - a])
+        diag, _, _ = _tables(E, x.dtype, x.device)
+        out.index_copy_(1, diag, xt.square())  # the diagonal terms x_a^2 carry weight 1, not sqrt2
+        return out.transpose(1, 2)
+
+
+class OuterProducts(_Buffers):
+    """Row-wise outer products x (N, n, a), y (N, n, b) -> (N, n, a*b) in a reused buffer."""
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        N, n, a = x.shape
+        b = y.shape[-1]
+        out = self.take("outer", x, N, n, a, b)
+        torch.mul(x[..., :, None], y[..., None, :], out=out)
+        return out.view(N, n, a * b)
+
+
+def new_state(N: int, E: int, Ev: int, dtype: torch.dtype, device=None) -> Tensor:
+    """An empty state (N, F, Ev+1): no keys seen yet."""
+    return torch.zeros(N, n_features(E), Ev + 1, dtype=dtype, device=device)
+
+
+def add_to_state(state: Tensor, x: Tensor, y: Tensor, phi: PackedFeatures | None = None) -> None:
+    """state (N, F, Ev1) += phi(x)^T y for x (N, n, E), y (N, n, Ev1)."""
+    state.baddbmm_((phi or PackedFeatures())(x).transpose(1, 2), y)  # (N, F, n) contiguous: a plain GEMM
+
+
+def read_num(state: Tensor, q: Tensor, phi: PackedFeatures | None = None) -> Tensor:
+    """phi(q)^T S for queries q (N, n, E) (already scaled): (N, n, Ev1), the last column the normaliser."""
+    return torch.bmm((phi or PackedFeatures())(q), state)
+
+
+def unpack_state(state: Tensor, E: int) -> Tensor:
+    """(N, F, Ev1) -> (N, E, E * Ev1) with entry [a, (b, v)] = sum_j x_ja x_jb y_jv (symmetric in a, b)."""
+    N, _, Ev1 = state.shape
+    _, unpack, unweight = _tables(E, state.dtype, state.device)
+    return state.index_select(1, unpack).mul_(unweight).view(N, E, E * Ev1)
+
+
+def with_ones(v: Tensor) -> Tensor:
+    """v (..., Ev) -> (..., Ev+1) with a ones column: the normaliser rides along in the state."""
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
