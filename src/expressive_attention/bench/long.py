@@ -40,6 +40,7 @@ class LongBench:
     backends: Sequence[str] = ("reference", "fused_cpu", "linear", "sdpa")  # part 1: from BACKENDS
     modes: Sequence[str] = ("fwdbwd",)  # part 1
     repeats: int = 2  # part 1: timed repeats per case (median)
+    rounds: int = 1  # part 1: passes over all cases, interleaved (each a fresh process); median over rounds
     contexts: Sequence[int] = (1024, 4096, 16384)  # part 2: context lengths
     decode_E: Sequence[int] = (16, 32, 64)  # part 2: head dims
     decode_steps: int = 30  # part 2: timed steps (median)
@@ -53,7 +54,7 @@ class LongBench:
         if bad or not self.backends:
             raise ValueError(f"backends must be a non-empty subset of {BACKENDS}, got {list(self.backends)}")
         check_modes(self.modes)
-        check_positive(self, "B", "H", "repeats", "decode_steps")
+        check_positive(self, "B", "H", "repeats", "rounds", "decode_steps")
         check_positive_lists(self, "E", "L", "contexts", "decode_E")
         if self.threads is not None:
             check_positive(self, "threads")
@@ -72,15 +73,29 @@ def _case(name: str, E: int, L: int, mode: str, spec: LongBench) -> Case:
 
 def attention_records(spec: LongBench, progress: bool = True) -> list[dict]:
     """Part 1: one record per (E, L, mode, backend), each case in a fresh process; "name" is the
-    backend, or "sdpa"."""
+    backend, or "sdpa". With `spec.rounds` > 1 the whole list of cases is run that many times in turn
+    (so that load drifting on a shared machine hits every backend alike) and each record holds the
+    median time and peak over the rounds ("time_ms_rounds": every round's time)."""
     jobs = [(name, E, L, mode) for E in spec.E for L in spec.L for mode in spec.modes for name in spec.backends]
-    records = []
-    for name, E, L, mode in progress_bar(jobs, progress, desc="attention", unit="case"):
+    runs: dict[tuple, list[dict]] = {job: [] for job in jobs}
+    for _, job in progress_bar([(r, j) for r in range(spec.rounds) for j in jobs], progress, desc="attention",
+                               unit="case"):
+        name, E, L, mode = job
         case = _case(name, E, L, mode, spec)
         if name == "reference" and not case.reference_fits:
-            records.append({**case.__dict__, "name": name, "skipped": "materialises B*H*L^2 floats"})
+            runs[job] = [{**case.__dict__, "name": name, "skipped": "materialises B*H*L^2 floats"}]
             continue
-        records.append({**run_case(case, timeout=1800), "name": name})
+        runs[job].append({**run_case(case, timeout=1800), "name": name})
+    records = []
+    for job in jobs:
+        failed = [r for r in runs[job] if "time_ms" not in r]  # skipped, or a round that failed
+        if failed:
+            records.append(failed[0])
+            continue
+        ok = runs[job]
+        records.append({**ok[0], "time_ms": statistics.median(r["time_ms"] for r in ok),
+                        "peak_mb": statistics.median(r["peak_mb"] for r in ok),
+                        "time_ms_rounds": [r["time_ms"] for r in ok]})
     return records
 
 
@@ -214,8 +229,8 @@ def run_long_benchmark(spec: LongBench, progress: bool = True) -> dict:
         torch.set_num_threads(spec.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}; B={spec.B} H={spec.H} float32 causal, "
-          "EA variant='squared'")
-    out = {}
+          f"EA variant='squared'; load average {os.getloadavg()[0]:.1f}")
+    out = {"threads": torch.get_num_threads(), "load_start": os.getloadavg()[0]}
     if spec.attention:
         recs = attention_records(spec, progress)
         print("\nAttention, time and peak memory (each case in a fresh process; peak = resident-set "
@@ -230,6 +245,8 @@ def run_long_benchmark(spec: LongBench, progress: bool = True) -> dict:
               f"{spec.decode_steps} steps after prefilling the context, round-robin over contexts)")
         print(format_decode(recs))
         out["decode"] = recs
+    out["load_end"] = os.getloadavg()[0]
+    print(f"load average at the end {out['load_end']:.1f}")
     if spec.json:
         with open(spec.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -89,6 +89,8 @@ def _add_long(sub) -> None:
                    default=list(d.modes), help="fwd,fwdbwd (default fwdbwd)")
     p.add_argument("--repeats", "--long-repeats", dest="repeats", type=positive_int, default=d.repeats,
                    help="timed repeats per case (median)")
+    p.add_argument("--rounds", type=positive_int, default=d.rounds,
+                   help="passes over all cases, interleaved, each case a fresh process; median over rounds")
     p.add_argument("--contexts", type=csv_of(positive_int), default=list(d.contexts),
                    help="decode: context lengths (default 1024,4096,16384)")
     p.add_argument("--decode-E", type=csv_of(positive_int), default=list(d.decode_E), help="decode: head dims")
@@ -106,7 +108,7 @@ def _long_cmd(args) -> int:
     from ..bench.long import LongBench, run_long_benchmark
 
     spec = LongBench(E=args.E, L=args.L, B=args.B, H=args.H, backends=args.backends, modes=args.modes,
-                     repeats=args.repeats, contexts=args.contexts, decode_E=args.decode_E,
+                     repeats=args.repeats, rounds=args.rounds, contexts=args.contexts, decode_E=args.decode_E,
                      decode_steps=args.decode_steps, attention=not args.no_attention, decode=not args.no_decode,
                      threads=args.threads, json=args.json)
     run_long_benchmark(_checked(spec))

@@ -45,13 +45,16 @@ def _row_starts(E: int) -> list[int]:
 @functools.lru_cache(maxsize=64)
 def _tables(E: int, dtype: torch.dtype, device: torch.device):
     """diag (E,) long: packed index of (a, a); unpack (E*E,) long: packed index of (min(a, b), max(a, b));
-    unweight (E*E, 1): 1 / the feature's weight (1 on the diagonal, 1/sqrt2 off it)."""
+    unweight (E*E, 1): 1 / the feature's weight (1 on the diagonal, 1/sqrt2 off it); rows (F,) long:
+    a * E + b for each packed feature (a, b); weight (F, 1): 1 on the diagonal, sqrt2 off it."""
     starts = _row_starts(E)
     unpack = [starts[min(a, b)] + abs(b - a) for a in range(E) for b in range(E)]
     unweight = [1.0 if a == b else 1.0 / SQRT2 for a in range(E) for b in range(E)]
     return (torch.tensor(starts, dtype=torch.long, device=device),
             torch.tensor(unpack, dtype=torch.long, device=device),
-            torch.tensor(unweight, dtype=dtype, device=device)[:, None])
+            torch.tensor(unweight, dtype=dtype, device=device)[:, None],
+            torch.tensor([a * E + b for a, b in feature_pairs(E)], dtype=torch.long, device=device),
+            torch.tensor([1.0 if a == b else SQRT2 for a, b in feature_pairs(E)], dtype=dtype, device=device)[:, None])
 
 
 class _Buffers:
@@ -71,16 +74,31 @@ class _Buffers:
 
 class PackedFeatures(_Buffers):
     """x (N, n, E) -> phi(x) (N, n, F), a transposed view of a feature-major buffer (N, F, n) that is
-    reused across calls (a result is valid until the next call)."""
+    reused across calls (a result is valid until the next call).
+
+    Two ways to build it, the same values: `by_rows` writes each row of the triangle with one
+    multiply (E ops, the fewest flops: fastest on one thread); otherwise the full outer product is
+    formed and its triangle gathered row-wise (4 ops of ~2x the elements: faster with several
+    threads, where each op is a parallel region whose threads must all be scheduled, which on a
+    busy machine costs more than the work). None: by_rows when torch runs on one thread."""
+
+    def __init__(self, by_rows: bool | None = None):
+        super().__init__()
+        self.by_rows = by_rows
 
     def __call__(self, x: Tensor) -> Tensor:
         N, n, E = x.shape
         xt = x.transpose(1, 2).contiguous()  # (N, E, n)
-        xst = xt * SQRT2
         out = self.take("phi", x, N, n_features(E), n)
+        diag, _, _, rows, weight = _tables(E, x.dtype, x.device)
+        if not (torch.get_num_threads() == 1 if self.by_rows is None else self.by_rows):
+            full = self.take("full", x, N, E, E, n)
+            torch.mul(xt[:, :, None], xt[:, None], out=full)  # (N, E, E, n)
+            torch.index_select(full.view(N, E * E, n), 1, rows, out=out)  # the upper triangle
+            return out.mul_(weight).transpose(1, 2)
+        xst = xt * SQRT2
         for a, o in enumerate(_row_starts(E)):  # row a: sqrt2 x_a x_b for b = a..E-1 (diagonal fixed below)
             torch.mul(xst[:, a : a + 1], xt[:, a:], out=out[:, o : o + E - a])
-        diag, _, _ = _tables(E, x.dtype, x.device)
         out.index_copy_(1, diag, xt.square())  # the diagonal terms x_a^2 carry weight 1, not sqrt2
         return out.transpose(1, 2)
 
@@ -114,7 +132,7 @@ def read_num(state: Tensor, q: Tensor, phi: PackedFeatures | None = None) -> Ten
 def unpack_state(state: Tensor, E: int) -> Tensor:
     """(N, F, Ev1) -> (N, E, E * Ev1) with entry [a, (b, v)] = sum_j x_ja x_jb y_jv (symmetric in a, b)."""
     N, _, Ev1 = state.shape
-    _, unpack, unweight = _tables(E, state.dtype, state.device)
+    _, unpack, unweight, _, _ = _tables(E, state.dtype, state.device)
     return state.index_select(1, unpack).mul_(unweight).view(N, E, E * Ev1)
 
 
