@@ -34,6 +34,17 @@ def plain_eager(*tensors: Tensor) -> bool:
             and _get_current_dispatch_mode() is None)
 
 
+def is_vmapped(t: Tensor) -> bool:
+    """True when `t` is batched by a torch.func.vmap at any level (its values then differ per sample,
+    and a data-dependent check such as torch.equal has no batching rule)."""
+    F = torch._C._functorch
+    while F.is_functorch_wrapped_tensor(t):
+        if F.is_batchedtensor(t):
+            return True
+        t = F.get_unwrapped(t)
+    return False
+
+
 def fold_vmap(apply: Callable, info, in_dims, args, n_tensors: int, broadcast: tuple[int, ...] = ()):
     """The vmap rule: args[:n_tensors] are tensors (B, ...) or None, args[0] is the query (its dim 0
     is B); the rest are plain arguments. The tensors at the `broadcast` positions (masks) may have a

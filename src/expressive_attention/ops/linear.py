@@ -37,6 +37,7 @@ from torch import Tensor
 from ._functorch import fold_vmap
 from .backend import Backend
 from .problem import Problem
+from .mask_patterns import key_padding_of
 from .linear_features import (OuterProducts, PackedFeatures, add_to_state, n_features, new_state, read_num,
                               unpack_state, with_ones)
 from .reference import compute_dtype, repeat_kv
@@ -56,18 +57,40 @@ def supports(p: Problem) -> "str | None":
     if p.variant != "squared":
         return (
             f"variant={p.variant!r}: the linear (recurrent) form is implemented only for "
-            "variant='squared', where (q.k)^2 = <q(x)q, k(x)k> (saturating and exp_squared have "
+            "variant='squared', where (q.k)^2 = <phi(q), phi(k)> (saturating and exp_squared have "
             "no finite feature map)"
         )
     L, S = p.q.shape[2], p.k.shape[2]
     if p.is_causal and L != S:
         return f"is_causal needs L == S in the linear backend, got L={L}, S={S}"
-    if p.mask is not None and p.mask.shape[2] != 1:
-        return (
-            "the linear backend takes only key-padding masks (shape (B|1, H|1, 1, S)); a mask that "
-            "varies per query row (e.g. causal plus padding) needs a quadratic backend"
+    form = mask_form(p)
+    return form if isinstance(form, str) else None
+
+
+def mask_form(p: Problem) -> "tuple[bool, Tensor | None] | str":
+    """How the linear form runs `p`: (causal, keep) with keep bool (Bm, Hm, S) or None (no padding),
+    or the reason it cannot. A key-padding mask (Lm = 1) is taken as it is; a full (L, S) mask only
+    when it is exactly key padding, or (L == S) exactly causal plus key padding (ops/mask_patterns.py).
+    That check reads the mask once per call: its result is kept on `p`."""
+    if p.mask is None:
+        return p.is_causal, None
+    if p.mask.shape[2] == 1:
+        return p.is_causal, p.mask[:, :, 0, :]
+    form = p.__dict__.get("_linear_mask_form")
+    if form is None:
+        L, S = p.q.shape[2], p.k.shape[2]
+        form = (
+            "the linear backend takes key-padding masks (shape (B|1, H|1, 1, S)) and full masks that are "
+            "exactly key padding or exactly causal (L == S, top-left) plus key padding; this mask is neither "
+            "(it needs a quadratic backend)"
         )
-    return None
+        for causal in (True, False) if L == S else (False,):
+            keep = key_padding_of(p.mask, causal)
+            if keep is not None:
+                form = (causal, keep)
+                break
+        p.__dict__["_linear_mask_form"] = form
+    return form
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,29 +325,33 @@ def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
     if reason is not None:
         raise ValueError(f"backend='linear' cannot run this call: {reason}")
     q, k, v = p.q, p.k, p.v
-    if p.mask is not None:
-        keep = p.mask[:, :, 0, :]  # (Bm, Hm, S)
+    is_causal, keep = mask_form(p)  # (a checked problem: not a reason)
+    if keep is not None:  # (Bm, Hm, S)
         if keep.shape[1] != 1 and p.groups > 1:  # per-query-head padding: one state per query head
             k, v = repeat_kv(k, p.groups), repeat_kv(v, p.groups)
         k = k * keep[..., None].to(k.dtype)  # a masked key scores (q.0)^2 = 0: exactly removed
     chunk = default_chunk(q.shape[-1]) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    return _LinearEA.apply(q, k, v, p.is_causal, p.scale, p.eps, chunk)[0]
+    return _LinearEA.apply(q, k, v, is_causal, p.scale, p.eps, chunk)[0]
 
 
-# Sequence length above which backend="auto" runs the linear form on CPU, by head dim E, for
-# causal forward+backward (calls that need gradients) and forward only. Measured on the project's
-# 2-core AVX2 CPU (torch 2.13.0, B=4, H=4, float32, 1 thread) against the fastest quadratic EA
-# backend (fused_cpu), by `python benchmarks/bench_long.py --threads 1`: its crossover estimate
-# (median over L of L * t_linear / t_quadratic); see docs/linear.md for the tables.
-CROSSOVER_TRAIN = {16: 2304, 32: 4608, 64: 11264}
-CROSSOVER_INFER = {16: 2048, 32: 5632, 64: 12800}
+# Sequence length above which backend="auto" runs the linear form on CPU, by torch's thread count
+# (the table measured at the nearest count is used) and head dim E, for causal forward+backward
+# (calls that need gradients) and forward only. Measured on the project's 2-core AVX2 CPU (torch
+# 2.13.0, B=4, H=4, float32) against the fastest quadratic EA backend (fused_cpu), by
+# `python benchmarks/bench_long.py --threads T --rounds 5`: its crossover estimate (median over L of
+# L * t_linear / t_quadratic); see docs/linear.md for the tables and the commands.
+CROSSOVER_TRAIN = {1: {16: 2304, 32: 4608, 64: 11264}, 2: {16: 2304, 32: 4608, 64: 11264}}
+CROSSOVER_INFER = {1: {16: 2048, 32: 5632, 64: 12800}, 2: {16: 2048, 32: 5632, 64: 12800}}
 
 
-def crossover_length(E: int, train: bool) -> float:
-    """The measured crossover for E, geometric interpolation between measured E, ~E^2 beyond."""
-    table = CROSSOVER_TRAIN if train else CROSSOVER_INFER
+def crossover_length(E: int, train: bool, threads: int | None = None) -> float:
+    """The measured crossover for E at `threads` (None: torch.get_num_threads()) from the table of
+    the nearest measured thread count; geometric interpolation between measured E, ~E^2 beyond."""
+    tables = CROSSOVER_TRAIN if train else CROSSOVER_INFER
+    threads = torch.get_num_threads() if threads is None else threads
+    table = tables[min(tables, key=lambda t: (abs(t - threads), t))]
     Es = sorted(table)
     if E <= Es[0]:
         return table[Es[0]] * E / Es[0]
@@ -338,13 +365,18 @@ def crossover_length(E: int, train: bool) -> float:
 
 def linear_pays_off(p: Problem) -> bool:
     """The `backend="auto"` rule: EA-squared on CPU, long enough that the linear form is faster.
-    (On GPU the crossover is unmeasured, so "auto" keeps the quadratic kernels there.)"""
-    if supports(p) is not None or p.q.device.type != "cpu":
+    (On GPU the crossover is unmeasured, so "auto" keeps the quadratic kernels there.) The length
+    is checked first, so that a full mask is inspected (`mask_form`) only for calls that are long
+    enough for the linear form to be chosen."""
+    if p.variant != "squared" or p.q.device.type != "cpu":
         return False
     L, S, E = p.q.shape[2], p.k.shape[2], p.q.shape[3]
     # causal: quadratic work ~ L^2/2; bidirectional ~ L*S vs linear ~ (L + S): effective length
-    n = L if p.is_causal else 4.0 * L * S / (L + S)
-    return n >= crossover_length(E, p.requires_grad)
+    bidirectional = 4.0 * L * S / (L + S)
+    threshold = crossover_length(E, p.requires_grad)
+    if min(L, bidirectional) < threshold or supports(p) is not None:  # (L <= 4LS/(L+S) when L == S)
+        return False
+    return (L if mask_form(p)[0] else bidirectional) >= threshold
 
 
 BACKEND = Backend(
