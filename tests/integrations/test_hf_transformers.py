@@ -498,3 +498,34 @@ def test_learned_score_gain(kind, variant):
     assert (model(input_ids=ids).logits - a).abs().max() > 1e-4
     grads = [m.score_log_gain.grad for m in model.modules() if hasattr(m, "score_log_gain")]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@torch.no_grad()
+def test_padded_batch_gets_the_linear_form_when_long(monkeypatch):
+    """transformers hands a left-padded batch's attention a bool (B, 1, L, L) causal-and-padding mask;
+    past the crossover "auto" recognises it and runs the linear form (same logits as the reference)."""
+    import dataclasses
+
+    from expressive_attention.ops import dispatch, linear
+
+    used = []
+    lin = dispatch.BACKENDS["linear"]
+    monkeypatch.setitem(dispatch.BACKENDS, "linear",
+                        dataclasses.replace(lin, run=lambda p: used.append(p.mask is not None) or lin.run(p)))
+    cfg = make_config("llama")
+    cfg.num_hidden_layers, cfg.max_position_embeddings = 1, 4096
+    E = cfg.hidden_size // cfg.num_attention_heads
+    L = int(linear.crossover_length(E, train=False)) + 16
+    model = _scaled_up(AutoModelForCausalLM.from_config(cfg, attn_implementation="expressive_squared"))
+    ids = tokens(2, L, seed=4)
+    pad = torch.ones(2, L, dtype=torch.long)
+    pad[1, :40] = 0
+    ids[1, :40] = PAD
+    pos = (pad.cumsum(-1) - 1).clamp(min=0)
+    got = model(input_ids=ids, attention_mask=pad, position_ids=pos).logits
+    assert used == [True]  # one layer, its full mask recognised
+    eah.register("ea_sq_reference", variant="squared", backend="reference")
+    model.set_attn_implementation("ea_sq_reference")
+    want = model(input_ids=ids, attention_mask=pad, position_ids=pos).logits
+    torch.testing.assert_close(got[:, 40:], want[:, 40:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
