@@ -63,14 +63,14 @@ class RecurrentEAState:
                 f"batch/heads changed mid-sequence: state holds {tuple(self.state.shape)}, new tokens "
                 f"need {(N, n_features(E), Ev + 1)}"
             )
-        qs = (q.to(ct) * self.scale).reshape(N, H // Hkv, T, E)
+        q3 = q.to(ct).reshape(N, H // Hkv, T, E)
         k3 = k.to(ct).reshape(N, T, E)
-        v1 = with_ones(v.to(ct).reshape(N, T, Ev))
+        v3 = v.to(ct).reshape(N, T, Ev)
         if T == 1:  # one token: add it to the state first, then read (phi(q).phi(k) = (q.k)^2)
-            add_to_state(self.state, k3, v1)
-            out = read_state(self.state, qs.view(N, H // Hkv, E), self.eps)  # (N, G, Ev)
+            add_to_state(self.state, k3, with_ones(v3))
+            out = read_state(self.state, q3.view(N, H // Hkv, E) * self.scale, self.eps)  # (N, G, Ev)
         else:  # a prompt or several tokens: the chunked causal form from the current state
-            out, _ = causal_forward(qs, k3, v1, self.state, self.eps, default_chunk(E))
+            out, _ = causal_forward(q3, k3, v3, self.state, self.eps, default_chunk(E), self.scale)
         self.length += T
         return out.view(B, H, T, Ev).to(q.dtype)
 

@@ -1,31 +1,31 @@
 """Exact linear-time expressive attention for the squared variant (backend="linear").
 
-With s = scale q.k, the squared variant's weight is f = s^2 = <phi(scale q), phi(k)> where
-phi(x) = x (x) x (the E*E outer product, flattened). So EA-squared *is* linear attention with a
-degree-2 polynomial feature map, exactly:
+With s = scale q.k, the squared variant's weight is f = s^2 = <phi(scale q), phi(k)> with the packed
+degree-2 feature map phi(x) = [x_a^2] ++ [sqrt2 x_a x_b, a < b] (F = E(E+1)/2 features; see
+linear_features.py). So EA-squared *is* linear attention with a polynomial feature map, exactly:
 
     num_i = sum_{j<=i} f_ij [v_j, 1] = phi(q_i)^T S_i,   S_i = sum_{j<=i} phi(k_j) [v_j, 1]^T
     out_i = num_i[:Ev] / (eps + num_i[Ev])
 
 The value gets a column of ones so that the normaliser rides along in the same state
-S (F x (Ev+1), F = E*E). The causal form is chunked (C rows): inside a chunk the quadratic
-form (s^2 masked by tril), across chunks the running state. Time O(L (C E + E^2 Ev)),
-memory O(L): backward recomputes the chunk features instead of keeping them, in two sweeps
-(forward order for dq, which needs the prefix state; reverse order for dk/dv, which need the
-suffix sum dS = sum_{later i} phi(q_i) g_i^T).
+S (F x (Ev+1)). The causal form is chunked (C rows): inside a chunk the quadratic form (s^2 masked
+by tril), across chunks the running state. Time O(L (C E + E^2 Ev)), memory O(L): backward
+recomputes the chunk features instead of keeping them, in two sweeps (forward order for dq, which
+needs the prefix state; reverse order for dk/dv, which need the suffix sum dS = sum_{later i}
+phi(q_i) g_i^T).
 
 Backward, with g_i = [dO_i / Z_i, -(dO_i . O_i) / Z_i]:
     inside a chunk (as in blocked.py): dF = g v'^T, ds = 2 s dF;
     across chunks: dq_i = 2 (q_i (x) g_i) . S_i^(a,(b,v)),  dk_j = 2 (k_j (x) v'_j) . dS^(a,(b,v)),
-    dv'_j = phi(k_j)^T dS,  using that S and dS are symmetric in their two feature indices.
-
-The unpacked E*E map costs 2x the flops of the symmetric E(E+1)/2 packing but is built by one
-broadcast multiply into a reused buffer; packing needs a gather or E slice ops per chunk.
+    dv'_j = phi(k_j)^T dS,  where S^(a,(b,v)) = sum_j k_ja k_jb v'_jv is the packed state unpacked
+    (symmetric in a, b): the gradient of phi through one wide GEMM.
 
 The saturating variant f = s^2/(1+s^2) has no finite feature map: this backend refuses it.
 Key-padding masks (bool, shape (B|1, H|Hkv|1, 1, S)) zero the masked keys, which is exact
-(f = (q.0)^2 = 0). Full (L, S) masks are not supported (a causal-plus-padding mask would have to
-be recognised in O(L^2)); use is_causal=True with a model that needs no padding, or another backend.
+(f = (q.0)^2 = 0). A full (L, S) mask runs when it is exactly key padding repeated over the rows,
+or (L == S) exactly causal AND key padding, the mask every padded decoder batch has (Hugging Face
+models, MultiheadAttention with a causal attn_mask): `mask_form` recognises it (mask_patterns.py);
+any other full mask is refused and runs on a quadratic backend.
 """
 from __future__ import annotations
 
@@ -47,9 +47,11 @@ __all__ = ["BACKEND", "add_to_state", "causal_forward", "default_chunk", "linear
 
 
 def default_chunk(E: int) -> int:
-    """Chunk rows: the quadratic intra-chunk cost 4 C E per row is balanced against the state
-    cost 4 E^2 (E+1) per row when C ~ E^2; clamped to [64, 256] (measured on CPU, see docs/linear.md)."""
-    return int(min(256, max(64, E * E // 2)))
+    """Chunk rows: E^2 / 2 clamped to [64, 128]. The state costs ~4 F (E+1) flops per row whatever
+    the chunk; the chunk adds 4 C E per row inside it and buffers of C E (E+1) floats (the backward's
+    wide GEMM). With the packed state, 128 rows were as fast as 256 at E=64 and 12% faster at E=32
+    (one thread, fwd+bwd, L=4096), with half the buffers."""
+    return int(min(128, max(64, E * E // 2)))
 
 
 def supports(p: Problem) -> "str | None":
@@ -115,23 +117,30 @@ def normalise_rows(num: Tensor, Ev: int, eps: float):
 
 
 @torch.no_grad()
-def causal_forward(qs: Tensor, k: Tensor, v1: Tensor, state: Tensor, eps: float, chunk: int):
+def _rows(q: Tensor, scale: float, c0: int, c1: int) -> Tensor:
+    """Query rows c0:c1 of q (N, G, L, E), multiplied by scale: (N, G * n, E), a fresh tensor (so that
+    no scaled copy of the whole q is kept)."""
+    N, G, _, E = q.shape
+    return (q[:, :, c0:c1] * scale).reshape(N, G * (c1 - c0), E)
+
+
+def causal_forward(q: Tensor, k: Tensor, v: Tensor, state: Tensor, eps: float, chunk: int, scale: float):
     """Causal linear EA over n tokens that follow the tokens summarised in `state`.
 
-    qs (N, G, n, E) queries already multiplied by scale; k (N, n, E); v1 (N, n, Ev+1) values with a
-    ones column; state (N, F, Ev+1), updated in place. Returns out (N, G, n, Ev), z (N, G, n, 1).
+    q (N, G, n, E) queries (multiplied by `scale` chunk by chunk); k (N, n, E); v (N, n, Ev);
+    state (N, F, Ev+1), updated in place. Returns out (N, G, n, Ev), z (N, G, n, 1).
     """
-    N, G, L, E = qs.shape
-    Ev = v1.shape[-1] - 1
-    out = qs.new_empty(N, G, L, Ev)
-    zs = qs.new_empty(N, G, L, 1)
+    N, G, L, E = q.shape
+    Ev = v.shape[-1]
+    out = q.new_empty(N, G, L, Ev)
+    zs = q.new_empty(N, G, L, 1)
     phi = PackedFeatures()
-    tril = _causal_tril(min(chunk, L), qs.dtype, qs.device)
+    tril = _causal_tril(min(chunk, L), q.dtype, q.device)
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
         n = c1 - c0
-        qc = qs[:, :, c0:c1].reshape(N, G * n, E)
-        kc, vc = k[:, c0:c1], v1[:, c0:c1]
+        qc = _rows(q, scale, c0, c1)
+        kc, vc = k[:, c0:c1], with_ones(v[:, c0:c1])
         s = torch.bmm(qc, kc.transpose(1, 2))  # (N, G*n, n)
         s.square_().view(N, G, n, n).mul_(tril[:n, :n])
         num = torch.bmm(s, vc)  # (N, G*n, Ev+1)
@@ -144,30 +153,29 @@ def causal_forward(qs: Tensor, k: Tensor, v1: Tensor, state: Tensor, eps: float,
 
 
 @torch.no_grad()
-def _global_state(k: Tensor, v1: Tensor, chunk: int) -> Tensor:
-    """sum_j phi(k_j) v1_j^T over all keys: (N, F, Ev+1)."""
+def _global_state(k: Tensor, v: Tensor, chunk: int) -> Tensor:
+    """sum_j phi(k_j) [v_j, 1]^T over all keys: (N, F, Ev+1)."""
     N, S, E = k.shape
-    state = new_state(N, E, v1.shape[-1] - 1, k.dtype, k.device)
+    state = new_state(N, E, v.shape[-1], k.dtype, k.device)
     phi = PackedFeatures()
     for c0 in range(0, S, chunk):
-        add_to_state(state, k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk], phi)
+        add_to_state(state, k[:, c0 : c0 + chunk], with_ones(v[:, c0 : c0 + chunk]), phi)
     return state
 
 
 @torch.no_grad()
-def full_forward(qs: Tensor, k: Tensor, v1: Tensor, eps: float, chunk: int):
+def full_forward(q: Tensor, k: Tensor, v: Tensor, eps: float, chunk: int, scale: float):
     """Non-causal: every query sees every key through one global state."""
-    N, G, L, E = qs.shape
-    Ev = v1.shape[-1] - 1
-    state = _global_state(k, v1, chunk)
-    out = qs.new_empty(N, G, L, Ev)
-    zs = qs.new_empty(N, G, L, 1)
+    N, G, L, E = q.shape
+    Ev = v.shape[-1]
+    state = _global_state(k, v, chunk)
+    out = q.new_empty(N, G, L, Ev)
+    zs = q.new_empty(N, G, L, 1)
     phi = PackedFeatures()
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
         n = c1 - c0
-        qc = qs[:, :, c0:c1].reshape(N, G * n, E)
-        num = read_num(state, qc, phi)
+        num = read_num(state, _rows(q, scale, c0, c1), phi)
         o, z = normalise_rows(num.view(N, G, n, Ev + 1), Ev, eps)
         out[:, :, c0:c1] = o
         zs[:, :, c0:c1] = z
@@ -180,14 +188,15 @@ def _grad_rows(do: Tensor, o: Tensor, z: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
-    """Gradients w.r.t. qs (N, G, L, E), k (N, S, E), v (N, S, Ev); see the module docstring."""
-    N, G, L, E = qs.shape
-    S, Ev1 = k.shape[1], v1.shape[-1]
-    Ev = Ev1 - 1
-    dqs = torch.zeros_like(qs)
+def _backward(q, k, v, o, z, do, eps, chunk, is_causal, scale):
+    """Gradients w.r.t. the scaled queries q * scale (N, G, L, E), k (N, S, E) and v (N, S, Ev)
+    (a view of a (N, S, Ev+1) buffer); see the module docstring."""
+    N, G, L, E = q.shape
+    S, Ev = k.shape[1], v.shape[-1]
+    Ev1 = Ev + 1
+    dqs = torch.zeros_like(q)
     dk = torch.zeros_like(k)
-    dv1 = torch.zeros_like(v1)
+    dv1 = k.new_zeros(N, S, Ev1)
     outer, phi = OuterProducts(), PackedFeatures()
 
     def g_of(c0, c1):
@@ -195,29 +204,29 @@ def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
         return _grad_rows(do[:, :, c0:c1], o[:, :, c0:c1], z[:, :, c0:c1]).reshape(N, G * n, Ev1)
 
     if not is_causal:
-        st_t = unpack_state(_global_state(k, v1, chunk), E).transpose(1, 2)  # [(b, v), a]
+        st_t = unpack_state(_global_state(k, v, chunk), E).transpose(1, 2)  # [(b, v), a]
         dstate = new_state(N, E, Ev, k.dtype, k.device)
         for c0 in range(0, L, chunk):
             c1 = min(L, c0 + chunk)
             n = c1 - c0
-            qc, g = qs[:, :, c0:c1].reshape(N, G * n, E), g_of(c0, c1)
+            qc, g = _rows(q, scale, c0, c1), g_of(c0, c1)
             dqs[:, :, c0:c1] = torch.bmm(outer(qc, g), st_t).mul_(2.0).view(N, G, n, E)
             add_to_state(dstate, qc, g, phi)
         dst_t = unpack_state(dstate, E).transpose(1, 2)
         for c0 in range(0, S, chunk):
-            kc, vc = k[:, c0 : c0 + chunk], v1[:, c0 : c0 + chunk]
+            kc, vc = k[:, c0 : c0 + chunk], with_ones(v[:, c0 : c0 + chunk])
             dk[:, c0 : c0 + chunk] = torch.bmm(outer(kc, vc), dst_t).mul_(2.0)
             dv1[:, c0 : c0 + chunk] = read_num(dstate, kc, phi)
         return dqs, dk, dv1[..., :Ev]
 
-    tril = _causal_tril(min(chunk, L), qs.dtype, qs.device)
+    tril = _causal_tril(min(chunk, L), q.dtype, q.device)
     # sweep 1, forward order: the quadratic part inside each chunk, and dq from the prefix state
     state = new_state(N, E, Ev, k.dtype, k.device)
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
         n = c1 - c0
-        qc, g = qs[:, :, c0:c1].reshape(N, G * n, E), g_of(c0, c1)
-        kc, vc = k[:, c0:c1], v1[:, c0:c1]
+        qc, g = _rows(q, scale, c0, c1), g_of(c0, c1)
+        kc, vc = k[:, c0:c1], with_ones(v[:, c0:c1])
         s = torch.bmm(qc, kc.transpose(1, 2))  # (N, G*n, n)
         m = tril[:n, :n]
         ds = torch.bmm(g, vc.transpose(1, 2))  # dF
@@ -237,13 +246,13 @@ def _backward(qs, k, v1, o, z, do, eps, chunk, is_causal):
     for c0 in reversed(starts):
         c1 = min(L, c0 + chunk)
         n = c1 - c0
-        kc, vc = k[:, c0:c1], v1[:, c0:c1]
+        kc, vc = k[:, c0:c1], with_ones(v[:, c0:c1])
         if c0 != starts[-1]:
             # (bmm into a temporary: baddbmm_ on a strided slice falls back to per-matrix addmm)
             dk[:, c0:c1] += torch.bmm(outer(kc, vc), unpack_state(dstate, E).transpose(1, 2)).mul_(2.0)
             dv1[:, c0:c1] += read_num(dstate, kc, phi)
         if c0 > 0:
-            qc, g = qs[:, :, c0:c1].reshape(N, G * n, E), g_of(c0, c1)
+            qc, g = _rows(q, scale, c0, c1), g_of(c0, c1)
             add_to_state(dstate, qc, g, phi)
     return dqs, dk, dv1[..., :Ev]
 
@@ -253,24 +262,24 @@ class _LinearEA(torch.autograd.Function):
     output and normaliser."""
 
     @staticmethod
-    def _prepare(q, k, v, scale):
-        """Compute-dtype views: qs (N, G, L, E) pre-scaled, k3 (N, S, E), v1 (N, S, Ev + 1) with N = B * Hkv."""
+    def _prepare(q, k, v):
+        """Compute-dtype views (copies only for a cast or a strided input): q3 (N, G, L, E), k3 (N, S, E),
+        v3 (N, S, Ev) with N = B * Hkv. (Scaling and the ones column are applied chunk by chunk.)"""
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
         N, ct = B * Hkv, compute_dtype(q.dtype)
-        qs = (q.to(ct) * scale).reshape(N, H // Hkv, L, E)
-        return qs, k.to(ct).reshape(N, S, E), with_ones(v.to(ct).reshape(N, S, Ev))
+        return q.to(ct).reshape(N, H // Hkv, L, E), k.to(ct).reshape(N, S, E), v.to(ct).reshape(N, S, Ev)
 
     @staticmethod
     def forward(q, k, v, is_causal, scale, eps, chunk):
         B, H, L, E = q.shape
         N, Ev = B * k.shape[1], v.shape[-1]
-        qs, k3, v1 = _LinearEA._prepare(q, k, v, scale)
+        q3, k3, v3 = _LinearEA._prepare(q, k, v)
         if is_causal:
             state = new_state(N, E, Ev, k3.dtype, k3.device)
-            out, z = causal_forward(qs, k3, v1, state, eps, chunk)
+            out, z = causal_forward(q3, k3, v3, state, eps, chunk, scale)
         else:
-            out, z = full_forward(qs, k3, v1, eps, chunk)
+            out, z = full_forward(q3, k3, v3, eps, chunk, scale)
         return out.view(B, H, L, Ev).to(q.dtype), out, z  # the compute-dtype out and z: for backward
 
     @staticmethod
@@ -299,11 +308,12 @@ class _LinearBackward(torch.autograd.Function):
     def forward(dout, q, k, v, out, z, is_causal, scale, eps, chunk):
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
-        qs, k3, v1 = _LinearEA._prepare(q, k, v, scale)
-        do = dout.to(qs.dtype).reshape(B * Hkv, H // Hkv, L, Ev)
-        dqs, dk, dv = _backward(qs, k3, v1, out, z, do, eps, chunk, is_causal)
+        q3, k3, v3 = _LinearEA._prepare(q, k, v)
+        do = dout.to(q3.dtype).reshape(B * Hkv, H // Hkv, L, Ev)
+        dqs, dk, dv = _backward(q3, k3, v3, out, z, do, eps, chunk, is_causal, scale)
         dq = dqs.mul_(scale).view(B, H, L, E).to(q.dtype)
-        return dq, dk.view(B, Hkv, S, E).to(k.dtype), dv.reshape(B, Hkv, S, Ev).to(v.dtype)
+        # dv: a view of the (.., Ev+1) accumulator (no copy; unflatten keeps it a view)
+        return dq, dk.view(B, Hkv, S, E).to(k.dtype), dv.unflatten(0, (B, Hkv)).to(v.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -6,10 +6,11 @@
 
 (the unpacked x (x) x has E^2, each off-diagonal product twice), in the order of
 `feature_pairs(E)`: row a of the upper triangle, (a, a), (a, a+1), ..., (a, E-1), for a = 0..E-1.
-They are built feature-major, phi^T (N, F, n), one broadcast multiply per row a into a reused
-buffer: the rows of the triangle are then contiguous blocks (a gather, index_select along the
-feature dim, was ~50x slower than a multiply on this CPU; writing strided blocks of a row-major
-(N, n, F) buffer ~10x slower).
+They are built feature-major, phi^T (N, F, n), into a reused buffer, so that the rows of the
+triangle are contiguous blocks: on one thread one broadcast multiply per row a; on several, the
+full outer product and a row gather of its triangle (4 ops instead of E; see PackedFeatures).
+(index_select along the feature dim of a row-major (N, n, F) layout was ~50x slower than a multiply
+on this CPU, and writing strided blocks of it ~10x slower.)
 
 The state of a run of keys is S = sum_j phi(k_j) [v_j, 1]^T, (N, F, Ev+1): the normaliser rides
 along as the last column. The backward needs S "unpacked" (`unpack_state`: (N, E, E (Ev+1)), entry
