@@ -53,9 +53,10 @@ def test_matches_reference_float64(backend, L, S, E, mask_kind):
 
 
 @pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("mask_kind,variant", list(itertools.product(["none", "causal", "bool", "keypad"], VARIANTS)))
+@pytest.mark.parametrize("mask_kind,variant",
+                         list(itertools.product(["none", "causal", "bool", "keypad", "causalpad"], VARIANTS)))
 def test_gqa_and_value_dim(backend, mask_kind, variant):
-    L = 70 if mask_kind == "causal" else 90  # causal: also the square case the linear form needs
+    L = 70 if mask_kind in ("causal", "causalpad") else 90  # causal: also the square case the linear form needs
     q, k, v = make_qkv(2, 6, 2, 70, L, 16, 12)
     check(backend, q, k, v, variant, mask_kwargs(mask_kind, 2, 6, 70, L), atol=1e-10, rtol=1e-8)
 

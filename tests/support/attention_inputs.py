@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-MASK_KINDS = ("none", "causal", "bool", "keypad", "rows")
+MASK_KINDS = ("none", "causal", "bool", "keypad", "rows", "causalpad")
 
 
 def make_qkv(B, H, Hkv, L, S, E, Ev, dtype=torch.float64, seed=0, spread=1.0, requires_grad=True):
@@ -21,7 +21,8 @@ def make_qkv(B, H, Hkv, L, S, E, Ev, dtype=torch.float64, seed=0, spread=1.0, re
 def mask_kwargs(kind: str, B: int, H: int, L: int, S: int, seed: int = 0) -> dict:
     """Keyword arguments for one masking mode:
     none; causal (is_causal); bool (per batch/head, one fully masked row); keypad ((B, 1, 1, S) key
-    padding); rows ((L, S), some query rows fully masked)."""
+    padding); rows ((L, S), some query rows fully masked); causalpad ((B, 1, L, S) bool: causal, top-left,
+    AND left key padding, as a padded decoder batch has: the linear form runs it as causal when L == S)."""
     g = torch.Generator().manual_seed(seed + 100)
     if kind == "none":
         return {}
@@ -35,6 +36,10 @@ def mask_kwargs(kind: str, B: int, H: int, L: int, S: int, seed: int = 0) -> dic
         m = torch.ones(B, 1, 1, S, dtype=torch.bool)
         m[0, ..., S - S // 3 :] = False
         return {"attn_mask": m}
+    if kind == "causalpad":
+        keep = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        keep[0, ..., : S // 4] = False  # batch 0 left-padded: its first rows see no key
+        return {"attn_mask": torch.ones(L, S, dtype=torch.bool).tril() & keep}
     if kind == "rows":
         return {"attn_mask": (torch.rand(L, 1, generator=g) > 0.3).expand(L, S)}
     raise ValueError(f"unknown mask kind {kind!r}")
