@@ -115,3 +115,21 @@ def test_cache_kinds_follow_the_protocols(monkeypatch):
     out = m.generate(idx, 2, cache="auto")
     assert Counting.calls == 2 * len(m.blocks)
     torch.testing.assert_close(out, m.generate(idx, 2, cache="kv"))
+
+
+@pytest.mark.parametrize("head_dim,n_kv_heads", [(5, 2), (3, 1), (1, None)])
+def test_packed_state_with_odd_head_dims_matches_full_forward(head_dim, n_kv_heads):
+    """The packed E(E+1)/2-feature state for odd E: prefill + one-token steps equal a full forward."""
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=17, context_length=96, d_model=4 * head_dim, n_layers=2, n_heads=4,
+                   n_kv_heads=n_kv_heads, pos="learned", kind="ea", variant="squared", init_std=0.3)
+    m = DecoderLM(cfg).double().eval()
+    idx = torch.randint(0, 17, (2, 70), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = m(idx)
+        caches = m.new_cache("recurrent")
+        got = torch.cat([m(idx[:, :33], cache=caches)] + [m(idx[:, t : t + 1], cache=caches) for t in range(33, 70)], 1)
+    torch.testing.assert_close(got, ref, atol=1e-11, rtol=1e-11)
+    F = head_dim * (head_dim + 1) // 2
+    assert caches[0].state.shape == (2 * (n_kv_heads or 4), F, head_dim + 1)
+    assert RecurrentEAState.state_bytes(cfg, 70) == 2 * (n_kv_heads or 4) * F * (head_dim + 1) * 4
