@@ -71,12 +71,15 @@ def test_model_step_timing_compares_same_model_both_kinds():
 def test_bench_long_tiny_run(tmp_path):
     out = tmp_path / "long.json"
     rc = main(["bench", "long", "--E", "8", "--L", "64", "--B", "1", "--H", "1", "--backends", "linear,sdpa",
-               "--repeats", "1", "--contexts", "16,32", "--decode-E", "8", "--decode-steps", "2",
+               "--repeats", "1", "--rounds", "2", "--contexts", "16,32", "--decode-E", "8", "--decode-steps", "2",
                "--json", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["attention"]] == ["linear", "sdpa"]
     assert all("time_ms" in r for r in data["attention"]), data["attention"]
+    for r in data["attention"]:  # two interleaved rounds, the median of their times
+        assert len(r["time_ms_rounds"]) == 2 and r["time_ms"] == sum(r["time_ms_rounds"]) / 2
+    assert data["threads"] >= 1 and data["load_start"] >= 0
     assert [r["context"] for r in data["decode"]] == [16, 32] and data["decode"][0]["recurrent_ea_us"] > 0
 
 
