@@ -143,3 +143,21 @@ def test_non_contiguous_and_3d_inputs():
     out3 = expressive_attention(q3[0], k3[0], v3[0], is_causal=True, variant="squared", backend="linear")
     assert out3.shape == (2, 33, 4)
     torch.testing.assert_close(out3, reference(q3, k3, v3, is_causal=True)[0], atol=1e-10, rtol=1e-8)
+
+
+def test_crossover_uses_the_table_of_the_nearest_thread_count(monkeypatch):
+    from expressive_attention.ops import linear
+
+    monkeypatch.setattr(linear, "CROSSOVER_TRAIN", {1: {16: 1000, 32: 4000}, 4: {16: 3000, 32: 9000}})
+    assert linear.crossover_length(16, True, threads=1) == 1000
+    assert linear.crossover_length(16, True, threads=2) == 1000  # nearer to 1 than to 4
+    assert linear.crossover_length(16, True, threads=3) == 3000
+    assert linear.crossover_length(32, True, threads=16) == 9000
+    assert linear.crossover_length(64, True, threads=1) == 4000 * 4  # ~E^2 beyond the table
+    assert 1000 < linear.crossover_length(24, True, threads=1) < 4000  # geometric between measured E
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert linear.crossover_length(16, True) == 3000  # default: torch's current thread count
+    finally:
+        torch.set_num_threads(before)
