@@ -352,8 +352,8 @@ def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
 # 2.13.0, B=4, H=4, float32) against the fastest quadratic EA backend (fused_cpu), by
 # `python benchmarks/bench_long.py --threads T --rounds 5`: its crossover estimate (median over L of
 # L * t_linear / t_quadratic); see docs/linear.md for the tables and the commands.
-CROSSOVER_TRAIN = {1: {16: 2304, 32: 4608, 64: 11264}, 2: {16: 2304, 32: 4608, 64: 11264}}
-CROSSOVER_INFER = {1: {16: 2048, 32: 5632, 64: 12800}, 2: {16: 2048, 32: 5632, 64: 12800}}
+CROSSOVER_TRAIN = {1: {16: 2560, 32: 4608, 64: 11008}}
+CROSSOVER_INFER = {1: {16: 3072, 32: 4608, 64: 9472}}  # forward only was not measured at 2 threads
 
 
 def crossover_length(E: int, train: bool, threads: int | None = None) -> float:
