@@ -353,7 +353,9 @@ def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
 # `python benchmarks/bench_long.py --threads T --rounds 5`: its crossover estimate (median over L of
 # L * t_linear / t_quadratic); see docs/linear.md for the tables and the commands.
 CROSSOVER_TRAIN = {1: {16: 2560, 32: 4608, 64: 11008}}
-CROSSOVER_INFER = {1: {16: 3072, 32: 4608, 64: 9472}}  # forward only was not measured at 2 threads
+CROSSOVER_INFER = {1: {16: 3072, 32: 4608, 64: 9472}}
+# (a 2-thread run on the loaded machine measured the load, not the method: docs/linear.md; add a
+# quiet machine's as key 2)
 
 
 def crossover_length(E: int, train: bool, threads: int | None = None) -> float:
