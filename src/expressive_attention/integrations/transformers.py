@@ -122,7 +122,8 @@ def _bool_mask(mask: Tensor | None, S: int) -> Tensor | None:
             f"attention_mask of type {type(mask).__name__} (e.g. a flex BlockMask) is not supported; "
             "the expressive implementations use boolean masks"
         )
-    mask = mask[..., :S]
+    if mask.shape[-1] != S:  # (a view per layer and step otherwise)
+        mask = mask[..., :S]
     if mask.dtype == torch.bool:
         return mask
     # An additive float mask (e.g. a custom 4-D mask): 0 = attend, very negative = masked.

@@ -280,7 +280,7 @@ fused_cpu_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---- backend ----
 
 def supports(p: Problem) -> "str | None":
-    if p.q.device.type != "cpu":
+    if not p.q.is_cpu:
         return f"fused_cpu runs on CPU tensors only, got device {p.q.device}"
     if p.variant not in KERNEL_VARIANTS:
         return f"variant={p.variant!r} is not in the fused CPU kernel (it has {KERNEL_VARIANTS}); use 'blocked'"

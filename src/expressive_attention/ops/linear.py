@@ -379,8 +379,8 @@ def linear_pays_off(p: Problem) -> bool:
     """The `backend="auto"` rule: EA-squared on CPU, long enough that the linear form is faster.
     (On GPU the crossover is unmeasured, so "auto" keeps the quadratic kernels there.) The length
     is checked first, so that a full mask is inspected (`mask_form`) only for calls that are long
-    enough for the linear form to be chosen."""
-    if p.variant != "squared" or p.q.device.type != "cpu":
+    enough for the linear form to be chosen; supports() (which builds a reason string) only then."""
+    if p.variant != "squared" or not p.q.is_cpu:
         return False
     L, S, E = p.q.shape[2], p.k.shape[2], p.q.shape[3]
     # causal: quadratic work ~ L^2/2; bidirectional ~ L*S vs linear ~ (L + S): effective length

@@ -20,7 +20,7 @@ __all__ = ["Problem", "VARIANTS", "check_mask", "check_options", "check_qkv", "c
            "mask_to_4d", "normalise", "repeat_kv", "to_4d"]
 
 
-@dataclass
+@dataclass(slots=True)
 class Problem:
     """A checked attention call in 4-D form.
 
@@ -48,11 +48,11 @@ class Problem:
     def is_empty(self) -> bool:
         """True when some dim is 0: the output is then empty or all zeros (nothing to attend to, or
         E = 0 where every score is 0 and f(0) = 0), and so are the gradients."""
-        return min(*self.q.shape, *self.k.shape, self.v.shape[-1]) == 0
+        return 0 in self.q.shape or 0 in self.k.shape or self.v.shape[-1] == 0
 
     @property
     def requires_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+        return torch.is_grad_enabled() and (self.q.requires_grad or self.k.requires_grad or self.v.requires_grad)
 
 
 def check_tensor(name: str, t) -> None:
@@ -219,6 +219,9 @@ def normalise(
     query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps, power=None
 ) -> Problem:
     """Validate the arguments of `expressive_attention` and bring them into `Problem` form."""
+    p = _normalise_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps, power)
+    if p is not None:
+        return p
     check_qkv(query, key, value, enable_gqa)
     check_options(dropout_p, scale, variant, eps)
     power = resolve_power(variant, power)
@@ -241,3 +244,41 @@ def normalise(
         out_shape=(*query.shape[:-1], value.shape[-1]),
         power=power,
     )
+
+
+def _normalise_4d(
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps, power
+) -> Problem | None:
+    """`normalise` for the common call (a decode step pays for every tensor attribute it reads):
+    4-D q/k/v of one floating dtype and device, no mask or a 4-D boolean mask (Bm, Hm, Lm, S) on
+    that device, and the default scale and variant's options. Returns the same `Problem` as the
+    general path, or None for any other call (including every invalid one, which the general path
+    then rejects with its message); scalar arguments go through the same `check_options`."""
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
+            and query.dim() == 4 and key.dim() == 4 and value.dim() == 4):
+        return None
+    dtype, device = query.dtype, query.device
+    if not (key.dtype == dtype and value.dtype == dtype and query.is_floating_point()
+            and key.device == device and value.device == device):
+        return None
+    B, H, L, E = query.shape
+    Bk, Hk, S, Ek = key.shape
+    Bv, Hv, Sv, Ev = value.shape
+    if not (Bk == B and Bv == B and Hv == Hk and Sv == S and Ek == E
+            and ((Hk > 0 and H % Hk == 0) if enable_gqa else Hk == H)):
+        return None
+    if attn_mask is not None:
+        if is_causal or not (isinstance(attn_mask, Tensor) and attn_mask.dim() == 4
+                             and attn_mask.dtype == torch.bool and attn_mask.device == device):
+            return None
+        Bm, Hm, Lm, Sm = attn_mask.shape
+        if not (Sm == S and Bm in (1, B) and Hm in (1, H) and Lm in (1, L)):
+            return None
+    check_options(dropout_p, scale, variant, eps)
+    power = resolve_power(variant, power)
+    if scale is not None:
+        check_scores_fit(query, key, float(scale))
+    # positional: keywords cost ~1 us more (fields: q k v mask is_causal scale variant eps dropout_p out_shape power)
+    return Problem(query, key, value, attn_mask, bool(is_causal),
+                   float((E**-0.5 if E > 0 else 1.0) if scale is None else scale),
+                   variant, float(eps), float(dropout_p), (B, H, L, Ev), power)
