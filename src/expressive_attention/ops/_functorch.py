@@ -12,11 +12,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # looked up once: every call pays for it
 _transform_level = torch._C._functorch.maybe_current_level  # None when no torch.func transform is active
+# how many torch_dispatch modes are active (what torch.utils._python_dispatch._get_current_dispatch_mode reads)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def under_functorch(*tensors: Tensor) -> bool:
@@ -34,7 +35,7 @@ def plain_eager(*tensors: Tensor) -> bool:
     and no compiler, tracer (make_fx) or torch_dispatch mode is active: a kernel may then be called
     directly instead of through its torch custom op (which such machinery needs to see)."""
     # is_compiling first: under torch.compile it is constant True and the rest is never traced
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or _dispatch_modes() > 0:
         return False
     for t in tensors:
         if type(t) is not Tensor:
