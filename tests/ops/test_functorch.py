@@ -88,3 +88,33 @@ def test_double_backward_is_a_clear_error(backend, variant):
     (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match=f"{backend} backend's backward is not differentiable"):
         g.sum().backward()
+
+
+def test_under_functorch_and_plain_eager_see_transforms_and_modes():
+    """The two checks the backends' fast paths rest on: a tensor wrapped by a transform (and only
+    such a tensor) counts as transformed; fake tensors, subclasses and dispatch modes are not plain."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from expressive_attention.ops._functorch import plain_eager, under_functorch
+
+    x, outside = torch.randn(3, 2), torch.randn(2)
+    assert not under_functorch(x, outside, None) and plain_eager(x, outside)
+    seen = []
+    vmap(lambda row: seen.append((under_functorch(row), under_functorch(outside), under_functorch(outside, row)))
+         or row)(x)
+    grad(lambda t: seen.append((under_functorch(t), under_functorch(outside), under_functorch(None, t)))
+         or t.sum())(outside)
+    assert seen == [(True, False, True)] * 2
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert not plain_eager(x)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        assert not plain_eager(fake)
+    assert not plain_eager(torch.nn.Parameter(x)) and not plain_eager(x, torch.nn.Parameter(x))
+    assert plain_eager(x)
