@@ -215,6 +215,11 @@ def mask_to_4d(attn_mask: Tensor | None, query: Tensor, S: int) -> Tensor | None
     return m.expand(*m.shape[:-1], S)
 
 
+def _resolved_scale(scale, E: int) -> float:
+    # E == 0: every score is 0 whatever the scale (f(0) = 0: the output is zeros); 1.0 avoids 0**-0.5
+    return float((E**-0.5 if E > 0 else 1.0) if scale is None else scale)
+
+
 def normalise(
     query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps, power=None
 ) -> Problem:
@@ -236,8 +241,7 @@ def normalise(
         v=v,
         mask=mask_to_4d(attn_mask, query, S),
         is_causal=bool(is_causal),
-        # E == 0: every score is 0 whatever the scale (f(0) = 0: the output is zeros); 1.0 avoids 0**-0.5
-        scale=float((E**-0.5 if E > 0 else 1.0) if scale is None else scale),
+        scale=_resolved_scale(scale, E),
         variant=variant,
         eps=float(eps),
         dropout_p=float(dropout_p),
@@ -250,10 +254,10 @@ def _normalise_4d(
     query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps, power
 ) -> Problem | None:
     """`normalise` for the common call (a decode step pays for every tensor attribute it reads):
-    4-D q/k/v of one floating dtype and device, no mask or a 4-D boolean mask (Bm, Hm, Lm, S) on
-    that device, and the default scale and variant's options. Returns the same `Problem` as the
-    general path, or None for any other call (including every invalid one, which the general path
-    then rejects with its message); scalar arguments go through the same `check_options`."""
+    4-D q/k/v of one floating dtype and device with matching shapes, and no mask or a 4-D boolean
+    mask (Bm, Hm, Lm, S) on that device. Returns the same `Problem` as the general path, or None for
+    any other call (including every invalid one, which the general path then rejects with its
+    message); the scalar arguments go through the same checks as there."""
     if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
             and query.dim() == 4 and key.dim() == 4 and value.dim() == 4):
         return None
@@ -280,5 +284,5 @@ def _normalise_4d(
         check_scores_fit(query, key, float(scale))
     # positional: keywords cost ~1 us more (fields: q k v mask is_causal scale variant eps dropout_p out_shape power)
     return Problem(query, key, value, attn_mask, bool(is_causal),
-                   float((E**-0.5 if E > 0 else 1.0) if scale is None else scale),
+                   _resolved_scale(scale, E),
                    variant, float(eps), float(dropout_p), (B, H, L, Ev), power)
