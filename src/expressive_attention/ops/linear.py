@@ -78,7 +78,9 @@ def mask_form(p: Problem) -> "tuple[bool, Tensor | None] | str":
         return p.is_causal, None
     if p.mask.shape[2] == 1:
         return p.is_causal, p.mask[:, :, 0, :]
-    form = p.__dict__.get("_linear_mask_form")
+    if p.memo is None:
+        p.memo = {}
+    form = p.memo.get("linear_mask_form")
     if form is None:
         L, S = p.q.shape[2], p.k.shape[2]
         form = (
@@ -91,7 +93,7 @@ def mask_form(p: Problem) -> "tuple[bool, Tensor | None] | str":
             if keep is not None:
                 form = (causal, keep)
                 break
-        p.__dict__["_linear_mask_form"] = form
+        p.memo["linear_mask_form"] = form
     return form
 
 

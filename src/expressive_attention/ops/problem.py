@@ -39,6 +39,7 @@ class Problem:
     dropout_p: float
     out_shape: tuple[int, ...]
     power: float | None = None  # the degree of variant="power" (resolved), else None
+    memo: dict | None = None  # what a backend works out once per call (e.g. the linear form's mask check)
 
     @property
     def groups(self) -> int:
