@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                     # name -> (function, backward splits: 1 = before, 0 = automatic = after)
                     runs = {"sdpa": (sdpa, 0), "before": (ea, 1), "after": (ea, 0)}
                     t = {name: [] for name in runs}
-                    for name, (fn, splits) in runs.items():  # warm-up
+                    for fn, splits in runs.values():  # warm-up
                         ext.set_splits(0, splits, 16)
                         fwd_bwd(fn, q, k, v, do)
                     names = list(runs)

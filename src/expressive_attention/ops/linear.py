@@ -38,7 +38,7 @@ from ._functorch import fold_vmap
 from .backend import Backend
 from .problem import Problem
 from .mask_patterns import key_padding_of
-from .linear_features import (OuterProducts, PackedFeatures, add_to_state, n_features, new_state, read_num,
+from .linear_features import (OuterProducts, PackedFeatures, add_to_state, new_state, read_num,
                               unpack_state, with_ones)
 from .reference import compute_dtype, repeat_kv
 

@@ -32,7 +32,7 @@ def n_features(E: int) -> int:
     return E * (E + 1) // 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def feature_pairs(E: int) -> tuple[tuple[int, int], ...]:
     """(a, b) with a <= b for each packed feature, in storage order: the upper triangle by rows."""
     return tuple((a, b) for a in range(E) for b in range(a, E))
