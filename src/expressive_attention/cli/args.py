@@ -55,3 +55,10 @@ def deprecated(message: str) -> None:
     user sees it; Python hides DeprecationWarnings outside __main__ by default)."""
     warnings.warn(message, DeprecationWarning, stacklevel=3)
     print(f"ea: {message}", file=sys.stderr)
+
+
+def add_import_option(parser: argparse.ArgumentParser, where: str = "") -> None:
+    """`--import MODULE` (repeatable, into args.imports): modules to import first, e.g. ones that
+    register the user's own tasks; `where` says where else they are imported (e.g. " (in every worker)")."""
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help=f"import MODULE first{where}, e.g. one that registers your own tasks")

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from .args import csv_of, nonnegative_float, positive_float, positive_int
+from .args import add_import_option, csv_of, nonnegative_float, positive_float, positive_int
 
 RAY_FLAGS = ("address", "cpus_per_run", "gpus_per_run")
 
@@ -49,8 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="ray: CPUs (and torch threads) per run (default 1)")
     x.add_argument("--gpus-per-run", type=nonnegative_float, default=None,
                    help="ray: GPUs per run, e.g. 0.25 (default 0)")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import MODULE first (in every worker), e.g. one that registers your own tasks")
+    add_import_option(p, " (in every worker)")
     p.add_argument("--list", action="store_true", help="print the grid and exit")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.jsonl only")
     p.set_defaults(func=run_ladder_cmd)

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ..ops import KINDS
-from .args import csv_of, positive_float, positive_int
+from .args import add_import_option, csv_of, positive_float, positive_int
 
 
 def _json_object(s: str) -> dict:
@@ -96,8 +96,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="cpu, or cuda (under torchrun: the GPU of each local rank, nccl)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads per process (default: torch's; torchrun sets 1 per process)")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import MODULE first, e.g. one that registers your own tasks")
+    add_import_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=train_cmd)
     return p
@@ -128,7 +127,7 @@ def run_config(args):
 
 
 def train_cmd(args) -> int:
-    import importlib
+    from ..tasks import import_task_modules
 
     import torch
 
@@ -138,8 +137,7 @@ def train_cmd(args) -> int:
     from ..experiments.results import ResultsStore
     from ..experiments.train import train_run
 
-    for mod in args.imports:
-        importlib.import_module(mod)
+    import_task_modules(args.imports)
     cfg = run_config(args)
     out = Path(args.out)
     store = ResultsStore(out)

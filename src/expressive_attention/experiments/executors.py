@@ -10,7 +10,6 @@ RayExecutor.run (it is the optional extra `expressive-attention[ray]`).
 """
 from __future__ import annotations
 
-import importlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -25,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..tasks import import_task_modules
 from .train import RunConfig, train_run
 
 EXECUTORS = ("serial", "pool", "ray")
@@ -60,8 +60,7 @@ def _init_worker(progress_q, threads: int | None, imports: Sequence[str], sys_pa
     for p in sys_path:
         if p not in sys.path:
             sys.path.append(p)
-    for mod in imports:
-        importlib.import_module(mod)
+    import_task_modules(imports)
     if threads:
         torch.set_num_threads(threads)
 

@@ -7,12 +7,12 @@ once to DIR/results.jsonl by this process alone; a rerun skips what is there.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from pathlib import Path
 from collections.abc import Sequence
 
+from ..tasks import import_task_modules
 from .executors import Job, PoolExecutor, RayExecutor, SerialExecutor, _tqdm, make_executor
 from .presets import GridPoint, Preset
 from .results import ResultsStore, exclusive
@@ -58,8 +58,7 @@ def run_ladder(
 
 def _run_ladder(preset, out, workers, checkpoints, imports, progress, report, threads, command, executor,
                 storage) -> dict:
-    for mod in imports:
-        importlib.import_module(mod)
+    import_task_modules(imports)
     store = ResultsStore(out)
     store.repair()
     grid = preset.grid()

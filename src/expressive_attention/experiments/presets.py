@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..tasks import import_task_modules
 from ..tasks.ladders import DENSE_RECALL, ladder_rungs
 from .kinds import kind_specs
 from .train import RunConfig
@@ -307,10 +308,7 @@ def check_grid(grid: list[GridPoint]) -> None:
 def ladder_grid(preset: str, *, imports=(), families=None, kinds=None, variants=None, seeds=None,
                 steps=None) -> tuple[Preset, list[GridPoint]]:
     """The preset (name or .json file) with the command line's overrides, and its checked grid."""
-    import importlib
-
-    for mod in imports:  # modules that register the user's own tasks
-        importlib.import_module(mod)
+    import_task_modules(imports)  # modules that register the user's own tasks
     p = get_preset(preset).replace(families=families, kinds=kinds, variants=variants, seeds=seeds,
                                    base={"steps": steps, "tokens": None} if steps else None)
     grid = p.grid()

@@ -6,8 +6,8 @@
 
 Add a task: subclass Task, implement params/describe/_sample_raw, decorate with @register_task("name").
 """
-from .base import (SPLITS, TASKS, SplitGenerator, Task, check_int, eval_generator, in_eval_split, make_task,
-                   register_task, train_generator)
+from .base import (SPLITS, TASKS, SplitGenerator, Task, check_int, eval_generator, in_eval_split,
+                   import_task_modules, make_task, register_task, train_generator)
 from .lagged import LaggedDigitsTask, LaggedSumTask, draw_lags
 from .multitask import MultiTask, MultiTaskNoToken
 from .pointer import PointerTask
@@ -16,6 +16,6 @@ from .ladders import LADDERS, ladder  # noqa: E402  (needs the registered tasks)
 
 __all__ = [
     "SPLITS", "TASKS", "LADDERS", "SplitGenerator", "Task", "check_int", "eval_generator", "in_eval_split",
-    "make_task", "register_task", "train_generator", "ladder", "draw_lags",
+    "import_task_modules", "make_task", "register_task", "train_generator", "ladder", "draw_lags",
     "LaggedSumTask", "LaggedDigitsTask", "PointerTask", "RecallTask", "MultiTask", "MultiTaskNoToken",
 ]

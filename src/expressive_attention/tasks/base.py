@@ -175,6 +175,15 @@ def register_task(name: str):
     return deco
 
 
+def import_task_modules(names) -> None:
+    """Import each module in `names` (e.g. `ea ... --import mymod`): modules that register their own
+    tasks with `register_task` when imported."""
+    import importlib
+
+    for name in names:
+        importlib.import_module(name)
+
+
 def make_task(name: str, **params) -> Task:
     """Build the registered task `name` with `params` (e.g. make_task("pointer", T=8))."""
     if name not in TASKS:
