@@ -22,8 +22,8 @@ starts the build for a tiny problem (`worth_building`): another backend runs it 
 The op is registered with `torch.library.custom_op` (``expressive_attention::fused_cpu_fwd`` /
 ``fused_cpu_bwd``) with fake implementations and autograd, so it works under torch.compile.
 Supported: CPU tensors in float32, float64, bfloat16, float16 (the latter two computed in float32),
-variants "saturating" and "squared" (others: supports() refuses, "auto" falls back), causal /
-boolean mask / none, GQA; no dropout.
+variants "saturating", "squared" and "exp_squared" ("power": supports() refuses, "auto" falls back),
+causal / boolean mask / none, GQA; no dropout.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ STAMP = "built.ok"  # written after a successful build + load; its absence means
 # "auto" does not start the build for problems below this many multiply-adds (B H L S max(E, Ev)):
 # the blocked/reference backends finish them in well under a millisecond.
 MIN_WORK_TO_BUILD = 2**21
-KERNEL_VARIANTS = ("saturating", "squared")
+KERNEL_VARIANTS = ("saturating", "squared", "exp_squared")
 
 _lock = threading.Lock()
 _STATE: dict = {"module": None, "error": None, "warned": False}
@@ -233,17 +233,19 @@ def _ext():
 
 # ---- torch custom ops: (out, z) = fwd(q, k, v, ...); (dq, dk, dv) = bwd(dout, ...) ----
 # q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), mask bool (1|B, 1|H, 1|L, S) or None;
-# out (B, H, L, Ev) in q's dtype; z (B, H, L) the per-row normaliser in the compute dtype.
+# out (B, H, L, Ev) in q's dtype; z (B, H, L) in the compute dtype: per row, what backward needs of
+# the forward's normalisation (Z = eps + sum f, or for "exp_squared" lse = m + log Z, m the row's
+# largest allowed s^2 and Z = eps exp(-m) + sum exp(s^2 - m)). variant is one of KERNEL_VARIANTS.
 
 @torch.library.custom_op("expressive_attention::fused_cpu_fwd", mutates_args=())
 def fused_cpu_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
-                  scale: float, saturating: bool, eps: float) -> tuple[Tensor, Tensor]:
-    out, z = _ext().forward(q, k, v, mask, is_causal, scale, saturating, eps)
+                  scale: float, variant: str, eps: float) -> tuple[Tensor, Tensor]:
+    out, z = _ext().forward(q, k, v, mask, is_causal, scale, variant, eps)
     return out, z
 
 
 @fused_cpu_fwd.register_fake
-def _(q, k, v, mask, is_causal, scale, saturating, eps):
+def _(q, k, v, mask, is_causal, scale, variant, eps):
     B, H, L, _ = q.shape
     return q.new_empty(B, H, L, v.shape[-1]), q.new_empty(B, H, L, dtype=compute_dtype(q.dtype))
 
@@ -251,21 +253,21 @@ def _(q, k, v, mask, is_causal, scale, saturating, eps):
 @torch.library.custom_op("expressive_attention::fused_cpu_bwd", mutates_args=())
 def fused_cpu_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, z: Tensor,
                   mask: Tensor | None, is_causal: bool, scale: float,
-                  saturating: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _ext().backward(dout, q, k, v, out, z, mask, is_causal, scale, saturating)
+                  variant: str) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _ext().backward(dout, q, k, v, out, z, mask, is_causal, scale, variant)
     return dq, dk, dv
 
 
 @fused_cpu_bwd.register_fake
-def _(dout, q, k, v, out, z, mask, is_causal, scale, saturating):
+def _(dout, q, k, v, out, z, mask, is_causal, scale, variant):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, is_causal, scale, saturating, _eps = inputs
+    q, k, v, mask, is_causal, scale, variant, _eps = inputs
     out, z = output
     ctx.save_for_backward(q, k, v, out, z, mask)
-    ctx.args = (is_causal, scale, saturating)
+    ctx.args = (is_causal, scale, variant)
 
 
 def _backward(ctx, dout, _dz):
@@ -301,7 +303,7 @@ def _plain_call(p: Problem) -> bool:
 def fused_cpu_attention(p: Problem) -> Tensor:
     """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev). Calls with at most
     16 query rows (decoding) run the kernel's decode schedule (split over the key axis)."""
-    args = (p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant == "saturating", p.eps)
+    args = (p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant, p.eps)
     if _plain_call(p):  # inference: the kernel itself, without the custom op around it
         return (_STATE["module"] or _ext()).forward(*args)[0]
     out, _ = fused_cpu_fwd(*args)

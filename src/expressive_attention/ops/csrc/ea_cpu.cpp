@@ -1,15 +1,21 @@
 // Fused expressive attention for CPU: a flash-attention-shaped forward and backward.
 //
-//   s_ij = scale * q_i . k_j,   f = s^2/(1+s^2) ("saturating") or s^2 ("squared")
+//   s_ij = scale * q_i . k_j,   f = s^2/(1+s^2) ("saturating"), s^2 ("squared") or exp(s^2) ("exp_squared")
 //   Z_i  = eps + sum_j keep_ij f_ij   (Z_i := 1 when that is 0),   out_i = sum_j keep_ij f_ij v_j / Z_i
 //
 // Forward: parallel over (batch, head, query block); each task walks the key blocks and
-// accumulates acc += f(Q K^T) V and z += rowsum f, dividing once at the end. Unlike softmax,
-// there is no running max and no rescaling of the accumulator. Only Z (one float per row) is
-// saved for backward.
+// accumulates acc += f(Q K^T) V and z += rowsum f, dividing once at the end. For "saturating" and
+// "squared" there is no running max and no rescaling of the accumulator; only Z (one float per row)
+// is saved for backward.
+//
+// "exp_squared" (softmax of s^2) is flash attention's online softmax applied to x = s^2: a running
+// row maximum m of x over the allowed keys (starting at 0, as the reference's clamp does), f taken as
+// exp(x - m), acc and z rescaled by exp(m_old - m_new) when m grows, and at the end
+// Z = eps exp(-m) + z (the reference's eps compensated by the row constant) and out = acc / Z. The
+// slot of Z then holds lse = m + log Z, so that backward recomputes a = exp(x - lse) directly.
 //
 // Backward (recomputing, one pass): with a = f/Z, D_i = dO_i . O_i,
-//   dP = dO V^T,  dS = keep * f'(s) * (dP - D_i) / Z_i * scale,
+//   dP = dO V^T,  dS = keep * f'(s) * (dP - D_i) / Z_i * scale   (exp_squared: f'/Z = 2 s a),
 //   dQ += dS K,   dK += dS^T Q,   dV += a^T dO.
 // Parallel over (batch, key/value head): each task owns its dK/dV rows, and loops over the G
 // query heads of its group (GQA) and all query blocks, so no two threads write the same memory.
@@ -20,8 +26,9 @@
 // Decode schedule (L <= kDecodeMaxRows, e.g. one new token against a KV cache): one task per
 // (batch, key/value head, key split) takes the G x L query rows of that key head together (GQA:
 // K/V are read once), and the key axis is split when B x Hkv is smaller than the thread count
-// (flash-decoding). No running max is needed: each split returns acc = sum f v and z = sum f, the
-// combine is a plain sum, then one division.
+// (flash-decoding). Each split returns acc = sum f v and z = sum f; for "saturating"/"squared" the
+// combine is a plain sum, then one division; for "exp_squared" each split also returns its row
+// maximum and the combine rescales the splits to the largest one first.
 //
 // Block products go to the BLAS sgemm_/dgemm_ that libtorch exports (MKL on x86 wheels); if
 // the symbol is absent, a slower at::mm_out path is used. Inputs are float32/float64; bf16/fp16
@@ -32,7 +39,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <string>
 #include <vector>
 
 extern "C" {
@@ -202,7 +212,118 @@ inline void grad_row(T* s, T* dp, int64_t n, int64_t cnt, const bool* m, int64_t
   for (int64_t c = cnt; c < n; ++c) s[c] = dp[c] = 0;
 }
 
-template <typename T, bool SAT>
+// The kernel's weight functions; V below is one of these.
+enum Variant : int { kSquared = 0, kSaturating = 1, kExpSquared = 2 };
+
+// The exp_squared row functions below are compiled without -ftrapping-math (GCC's default; clang's
+// default is off): with it GCC does not vectorise a loop that selects between computed values, as
+// exp's range checks do. Nothing here reads floating-point exception flags; the code of the other
+// variants is compiled as before.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+// exp(x) in float32 for x <= 88 (x may be -inf), in plain arithmetic that the compiler vectorises
+// inside `omp simd` loops (a call to std::exp is not, without -ffast-math): x = n ln2 + r with
+// |r| <= ln2/2 (Cody-Waite, ln2 in two parts), exp(r) by its Taylor series to degree 7 (truncation
+// < 6e-9; measured max relative error 8e-8 on [-87, 0]), times 2^n put in the exponent bits.
+// Below -87, where float32 turns subnormal, it returns 0.
+inline float exp_upto88(float x) {
+  float xc = x > -87.0f ? x : -87.0f;
+  xc = xc < 88.0f ? xc : 88.0f;
+  const float nm = xc * 1.44269504088896341f + 12582912.0f;  // n + 1.5 * 2^23: n in the low bits
+  const float n = nm - 12582912.0f;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (__builtin_bit_cast(int32_t, nm) - 0x4B400000 + 127) << 23;  // 2^n, n in [-126, 127]
+  return x < -87.0f ? 0.0f : p * __builtin_bit_cast(float, bits);
+}
+inline double exp_upto88(double x) { return std::exp(x); }  // float64: the library's exp
+
+// exp_squared, forward, one score row: s <- exp(s^2 - m') on the allowed keys, 0 elsewhere, where
+// m' = max(m, largest allowed s^2 of the row); returns the row sum, sets m <- m' and `alpha` to the
+// factor exp(m - m') by which the row's earlier sums must be rescaled.
+template <typename T>
+T exp_sq_row(T* s, int64_t n, int64_t cnt, const bool* m, int64_t mj, T& row_max, T& alpha) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  T mx = row_max;
+#pragma omp simd reduction(max : mx)
+  for (int64_t c = 0; c < cnt; ++c) {
+    const T x2 = s[c] * s[c];
+    s[c] = m == nullptr || m[c * mj] ? x2 : kNegInf;  // masked: exp(-inf - m) = 0 below
+    mx = s[c] > mx ? s[c] : mx;  // (not std::max: no inlining across the optimize pragma)
+  }
+  alpha = mx > row_max ? std::exp(row_max - mx) : T(1);
+  row_max = mx;
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < cnt; ++c) {
+    s[c] = exp_upto88(s[c] - mx);
+    sum += s[c];
+  }
+  for (int64_t c = cnt; c < n; ++c) s[c] = 0;
+  return sum;
+}
+
+// exp_squared, backward, one row: s <- a = exp(s^2 - lse), dp <- dS = 2 s a (dp - D) scale; masked -> 0.
+template <typename T>
+void exp_sq_grad_row(T* s, T* dp, int64_t n, int64_t cnt, const bool* m, int64_t mj, T D, T lse,
+                     T scale) {
+  const T g = T(2) * scale;
+#pragma omp simd
+  for (int64_t c = 0; c < cnt; ++c) {
+    const T x = s[c], a = exp_upto88(x * x - lse);  // a masked key's value is overwritten below
+    s[c] = a;
+    dp[c] = g * x * a * (dp[c] - D);
+  }
+  if (m != nullptr)
+    for (int64_t c = 0; c < cnt; ++c)
+      if (!m[c * mj]) s[c] = dp[c] = 0;
+  for (int64_t c = cnt; c < n; ++c) s[c] = dp[c] = 0;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+// The value the forward saves per row (Z, or lse = m + log Z for exp_squared; see the top) from the
+// row's sum z and maximum m; `inv` is set to 1 / Z. Z := 1 when it is 0 (eps = 0, nothing to attend).
+template <typename T, int V>
+inline T row_normaliser(T z, T m, T eps, T& inv) {
+  T zr = V == kExpSquared ? eps * std::exp(-m) + z : eps + z;
+  zr = zr > T(0) ? zr : T(1);
+  inv = T(1) / zr;
+  return V == kExpSquared ? m + std::log(zr) : zr;
+}
+
+// One row of a key block's scores -> its weights f, in place (keys past `cnt` and masked ones: 0),
+// their sum added to z. exp_squared: f is relative to the running row maximum *m, and z and the
+// row's accumulator acc (Ev values) are first rescaled when the maximum grows.
+template <typename T, int V>
+inline void weights_row(T* s, int64_t n, int64_t cnt, const bool* mrow, int64_t mj, T& z, T* m,
+                        T* acc, int64_t Ev) {
+  if constexpr (V == kExpSquared) {
+    T alpha;
+    const T sum = exp_sq_row<T>(s, n, cnt, mrow, mj, *m, alpha);
+    if (alpha != T(1)) {
+      z *= alpha;
+      for (int64_t c = 0; c < Ev; ++c) acc[c] *= alpha;
+    }
+    z += sum;
+  } else {
+    z += f_row<T, V == kSaturating>(s, n, cnt, mrow, mj);
+  }
+}
+
+template <typename T, int V>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskView& mv,
                   bool is_causal, T scale, T eps, at::Tensor& out, at::Tensor& z) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), E = q.size(3);
@@ -215,7 +336,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
   const int64_t grain = grain_for(std::min(QB, L) * S * (E + Ev));
   at::parallel_for(0, B * H * nqb, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> sbuf(QB * KB), acc(QB * Ev), zrow(QB);
+    std::vector<T> sbuf(QB * KB), acc(QB * Ev), zrow(QB), mrow(V == kExpSquared ? QB : 0);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / (H * nqb), h = (idx / nqb) % H, i0 = (idx % nqb) * QB;
       const int64_t m = std::min(QB, L - i0), hk = h / G;
@@ -225,24 +346,23 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const T* vb = vd + b * sv.b + hk * sv.h;
       std::fill(acc.begin(), acc.begin() + m * Ev, T(0));
       std::fill(zrow.begin(), zrow.end(), T(0));
+      std::fill(mrow.begin(), mrow.end(), T(0));
       for (int64_t j0 = 0; j0 < kend; j0 += KB) {
         const int64_t n = std::min(KB, kend - j0);
         T* s = sbuf.data();
         gemm<T>(false, true, m, n, E, scale, qb, sq.r, kb + j0 * sk.r, sk.r, T(0), s, n);
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
-          zrow[r] += f_row<T, SAT>(s + r * n, n, causal_count(is_causal, i, j0, n),
-                                   mv.row(b, h, i, j0), mv.sj);
+          weights_row<T, V>(s + r * n, n, causal_count(is_causal, i, j0, n), mv.row(b, h, i, j0),
+                            mv.sj, zrow[r], V == kExpSquared ? mrow.data() + r : nullptr, acc.data() + r * Ev, Ev);
         }
         gemm<T>(false, false, m, Ev, n, T(1), s, n, vb + j0 * sv.r, sv.r, T(1), acc.data(), Ev);
       }
       T* ob = od + b * so.b + h * so.h + i0 * so.r;
       T* zb = zd + (b * H + h) * L + i0;
       for (int64_t r = 0; r < m; ++r) {
-        T zr = eps + zrow[r];
-        zr = zr > T(0) ? zr : T(1);
-        zb[r] = zr;
-        const T inv = T(1) / zr;
+        T inv;
+        zb[r] = row_normaliser<T, V>(zrow[r], V == kExpSquared ? mrow[r] : T(0), eps, inv);
         for (int64_t c = 0; c < Ev; ++c) ob[r * so.r + c] = acc[r * Ev + c] * inv;
       }
     }
@@ -250,9 +370,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 // Decode schedule: the G x L query rows of a key head at once, the key axis split `ns` ways.
-template <typename T, bool SAT>
+template <typename T, int V>
 void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskView& mv,
                  bool is_causal, T scale, T eps, at::Tensor& out, at::Tensor& z) {
+  constexpr bool EXP = V == kExpSquared;
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), E = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), Ev = v.size(3), G = H / Hkv;
   const int64_t R = G * L, KB = kDecodeKvBlock;  // rows per task: query row r = (head g, row i)
@@ -262,17 +383,16 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   T *od = out.data_ptr<T>(), *zd = z.data_ptr<T>();
   const int64_t ns = split_count(B * Hkv, R * kend * (E + Ev), kend, g_decode_splits, kDecodeMinWorkPerThread);
   const int64_t chunk = (kend + ns - 1) / ns;  // keys per split
-  // partial sums of every split: acc (B Hkv ns, R, Ev) and z (B Hkv ns, R)
+  // partial sums of every split: acc (B Hkv ns, R, Ev), z (B Hkv ns, R); exp_squared: row maxima m (same)
   std::vector<T> pacc(ns > 1 ? B * Hkv * ns * R * Ev : 0), pz(ns > 1 ? B * Hkv * ns * R : 0);
+  std::vector<T> pm(ns > 1 && EXP ? B * Hkv * ns * R : 0);
 
-  // out, Z of the rows of (b, hk) from their summed acc (R x Ev) and z (R)
-  auto finish = [&](int64_t b, int64_t hk, const T* acc, const T* zs) {
+  // out, Z of the rows of (b, hk) from their summed acc (R x Ev), z (R) and maxima m (R; exp_squared)
+  auto finish = [&](int64_t b, int64_t hk, const T* acc, const T* zs, const T* ms) {
     for (int64_t r = 0; r < R; ++r) {
       const int64_t h = hk * G + r / L, i = r % L;
-      T zr = eps + zs[r];
-      zr = zr > T(0) ? zr : T(1);
-      zd[(b * H + h) * L + i] = zr;
-      const T inv = T(1) / zr;
+      T inv;
+      zd[(b * H + h) * L + i] = row_normaliser<T, V>(zs[r], EXP ? ms[r] : T(0), eps, inv);
       T* o = od + b * so.b + h * so.h + i * so.r;
       for (int64_t c = 0; c < Ev; ++c) o[c] = acc[r * Ev + c] * inv;
     }
@@ -281,14 +401,16 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const int64_t grain = grain_for(R * chunk * (E + Ev), kDecodeMinWorkPerThread);
   at::parallel_for(0, B * Hkv * ns, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> qbuf(R * E), sbuf(R * std::min(KB, std::max<int64_t>(chunk, 1)));
-    std::vector<T> acc(ns > 1 ? 0 : R * Ev), zrow(ns > 1 ? 0 : R);
+    std::vector<T> acc(ns > 1 ? 0 : R * Ev), zrow(ns > 1 ? 0 : R), mrow(ns > 1 || !EXP ? 0 : R);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t bh = idx / ns, sp = idx % ns, b = bh / Hkv, hk = bh % Hkv;
       const int64_t lo = std::min(kend, sp * chunk), hi = std::min(kend, lo + chunk);
       T* a = ns > 1 ? pacc.data() + idx * R * Ev : acc.data();
       T* zs = ns > 1 ? pz.data() + idx * R : zrow.data();
+      T* ms = !EXP ? nullptr : ns > 1 ? pm.data() + idx * R : mrow.data();
       std::fill(a, a + R * Ev, T(0));
       std::fill(zs, zs + R, T(0));
+      if (EXP) std::fill(ms, ms + R, T(0));
       for (int64_t r = 0; r < R; ++r) {  // pack the group's query rows: (R, E)
         const T* src = qd + b * sq.b + (hk * G + r / L) * sq.h + (r % L) * sq.r;
         std::copy(src, src + E, qbuf.data() + r * E);
@@ -301,33 +423,51 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         gemm<T>(false, true, R, n, E, scale, qbuf.data(), E, kb + j0 * sk.r, sk.r, T(0), s, n);
         for (int64_t r = 0; r < R; ++r) {
           const int64_t h = hk * G + r / L, i = r % L;
-          zs[r] += f_row<T, SAT>(s + r * n, n, causal_count(is_causal, i, j0, n),
-                                 mv.row(b, h, i, j0), mv.sj);
+          weights_row<T, V>(s + r * n, n, causal_count(is_causal, i, j0, n), mv.row(b, h, i, j0),
+                            mv.sj, zs[r], EXP ? ms + r : nullptr, a + r * Ev, Ev);
         }
         gemm<T>(false, false, R, Ev, n, T(1), s, n, vb + j0 * sv.r, sv.r, T(1), a, Ev);
       }
-      if (ns == 1) finish(b, hk, a, zs);
+      if (ns == 1) finish(b, hk, a, zs, ms);
     }
   });
   if (ns == 1) return;
-  // combine: a plain sum of the splits' partials (no rescaling), then one division per row
+  // combine: a plain sum of the splits' partials (exp_squared: each scaled by exp(m_split - m_row),
+  // m_row the largest of the splits' maxima), then one division per row
   at::parallel_for(0, B * Hkv, grain_for(ns * R * (Ev + 1)), [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(R * Ev), zs(R);
+    std::vector<T> acc(R * Ev), zs(R), ms(EXP ? R : 0), w(EXP ? ns * R : 0);
     for (int64_t bh = begin; bh < end; ++bh) {
       const T* pa = pacc.data() + bh * ns * R * Ev;
       const T* pzz = pz.data() + bh * ns * R;
-      std::copy(pa, pa + R * Ev, acc.begin());
-      std::copy(pzz, pzz + R, zs.begin());
-      for (int64_t sp = 1; sp < ns; ++sp) {
-        for (int64_t x = 0; x < R * Ev; ++x) acc[x] += pa[sp * R * Ev + x];
-        for (int64_t r = 0; r < R; ++r) zs[r] += pzz[sp * R + r];
+      if constexpr (EXP) {
+        const T* pmm = pm.data() + bh * ns * R;
+        for (int64_t r = 0; r < R; ++r) {
+          ms[r] = pmm[r];
+          for (int64_t sp = 1; sp < ns; ++sp) ms[r] = std::max(ms[r], pmm[sp * R + r]);
+          for (int64_t sp = 0; sp < ns; ++sp) w[sp * R + r] = std::exp(pmm[sp * R + r] - ms[r]);
+        }
+        std::fill(acc.begin(), acc.end(), T(0));
+        std::fill(zs.begin(), zs.end(), T(0));
+        for (int64_t sp = 0; sp < ns; ++sp)
+          for (int64_t r = 0; r < R; ++r) {
+            const T ws = w[sp * R + r];
+            zs[r] += ws * pzz[sp * R + r];
+            for (int64_t c = 0; c < Ev; ++c) acc[r * Ev + c] += ws * pa[(sp * R + r) * Ev + c];
+          }
+      } else {
+        std::copy(pa, pa + R * Ev, acc.begin());
+        std::copy(pzz, pzz + R, zs.begin());
+        for (int64_t sp = 1; sp < ns; ++sp) {
+          for (int64_t x = 0; x < R * Ev; ++x) acc[x] += pa[sp * R * Ev + x];
+          for (int64_t r = 0; r < R; ++r) zs[r] += pzz[sp * R + r];
+        }
       }
-      finish(bh / Hkv, bh % Hkv, acc.data(), zs.data());
+      finish(bh / Hkv, bh % Hkv, acc.data(), zs.data(), ms.data());
     }
   });
 }
 
-template <typename T, bool SAT>
+template <typename T, int V>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& z,
                    const MaskView& mv, bool is_causal, T scale, at::Tensor& dq, at::Tensor& dk,
@@ -385,9 +525,12 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           gemm<T>(false, true, m, n, E, scale, qb, sq.r, kb + j0 * sk.r, sk.r, T(0), s, n);
           gemm<T>(false, true, m, n, Ev, T(1), dob, sdo.r, vb + j0 * sv.r, sv.r, T(0), p, n);
           for (int64_t r = 0; r < m; ++r) {
-            const int64_t i = i0 + r;
-            grad_row<T, SAT>(s + r * n, p + r * n, n, causal_count(is_causal, i, j0, n),
-                             mv.row(b, h, i, j0), mv.sj, Drow[r], T(1) / zb[r], scale);
+            const int64_t i = i0 + r, cnt = causal_count(is_causal, i, j0, n);
+            if constexpr (V == kExpSquared)  // zb holds lse = m + log Z
+              exp_sq_grad_row<T>(s + r * n, p + r * n, n, cnt, mv.row(b, h, i, j0), mv.sj, Drow[r], zb[r], scale);
+            else
+              grad_row<T, V == kSaturating>(s + r * n, p + r * n, n, cnt, mv.row(b, h, i, j0), mv.sj,
+                                            Drow[r], T(1) / zb[r], scale);
           }
           // dV[j] += a^T dO ; dK[j] += dS^T Q ; dQ[i] += dS K
           gemm<T>(true, false, n, Ev, m, T(1), s, n, dob, sdo.r, T(1), dvb + j0 * ldv, ldv);
@@ -448,11 +591,19 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
-// Returns (out in q's dtype, z in the compute dtype, shape (B, H, L)).
+Variant variant_code(const std::string& variant) {
+  if (variant == "saturating") return kSaturating;
+  if (variant == "squared") return kSquared;
+  if (variant == "exp_squared") return kExpSquared;
+  TORCH_CHECK(false, "ea_cpu: variant must be 'saturating', 'squared' or 'exp_squared', got '", variant, "'");
+}
+
+// Returns (out in q's dtype, z in the compute dtype, shape (B, H, L): Z, or lse = m + log Z for exp_squared).
 std::vector<at::Tensor> ea_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                    const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
-                                   bool is_causal, double scale, bool saturating, double eps) {
+                                   bool is_causal, double scale, const std::string& variant, double eps) {
   check_inputs(q_in, k_in, v_in, mask);
+  const Variant var = variant_code(variant);
   const auto ct = compute_type(q_in);
   auto q = blas_rows(q_in, ct), k = blas_rows(k_in, ct);
   auto v = blas_rows(v_in, ct);
@@ -462,10 +613,12 @@ std::vector<at::Tensor> ea_forward(const at::Tensor& q_in, const at::Tensor& k_i
   const bool decode = q.size(2) <= kDecodeMaxRows;  // a few query rows: split the key axis instead
   AT_DISPATCH_FLOATING_TYPES(ct, "ea_forward", [&] {
     const auto sc = scalar_t(scale), ep = scalar_t(eps);
-    if (saturating)
-      (decode ? decode_impl<scalar_t, true> : forward_impl<scalar_t, true>)(q, k, v, mv, is_causal, sc, ep, out, z);
+    if (var == kSaturating)
+      (decode ? decode_impl<scalar_t, kSaturating> : forward_impl<scalar_t, kSaturating>)(q, k, v, mv, is_causal, sc, ep, out, z);
+    else if (var == kSquared)
+      (decode ? decode_impl<scalar_t, kSquared> : forward_impl<scalar_t, kSquared>)(q, k, v, mv, is_causal, sc, ep, out, z);
     else
-      (decode ? decode_impl<scalar_t, false> : forward_impl<scalar_t, false>)(q, k, v, mv, is_causal, sc, ep, out, z);
+      (decode ? decode_impl<scalar_t, kExpSquared> : forward_impl<scalar_t, kExpSquared>)(q, k, v, mv, is_causal, sc, ep, out, z);
   });
   return {out.to(q_in.scalar_type()), z};
 }
@@ -475,8 +628,9 @@ std::vector<at::Tensor> ea_backward(const at::Tensor& dout_in, const at::Tensor&
                                     const at::Tensor& k_in, const at::Tensor& v_in,
                                     const at::Tensor& out_in, const at::Tensor& z_in,
                                     const std::optional<at::Tensor>& mask, bool is_causal,
-                                    double scale, bool saturating) {
+                                    double scale, const std::string& variant) {
   check_inputs(q_in, k_in, v_in, mask);
+  const Variant var = variant_code(variant);
   const auto ct = compute_type(q_in);
   auto q = blas_rows(q_in, ct), k = blas_rows(k_in, ct);
   auto v = blas_rows(v_in, ct), out = blas_rows(out_in, ct);
@@ -490,10 +644,13 @@ std::vector<at::Tensor> ea_backward(const at::Tensor& dout_in, const at::Tensor&
   auto dv = at::zeros(v.sizes(), v.options());
   MaskView mv = mask.has_value() ? MaskView(*mask) : MaskView();
   AT_DISPATCH_FLOATING_TYPES(ct, "ea_backward", [&] {
-    if (saturating)
-      backward_impl<scalar_t, true>(dout, q, k, v, out, z, mv, is_causal, scalar_t(scale), dq, dk, dv);
+    const auto sc = scalar_t(scale);
+    if (var == kSaturating)
+      backward_impl<scalar_t, kSaturating>(dout, q, k, v, out, z, mv, is_causal, sc, dq, dk, dv);
+    else if (var == kSquared)
+      backward_impl<scalar_t, kSquared>(dout, q, k, v, out, z, mv, is_causal, sc, dq, dk, dv);
     else
-      backward_impl<scalar_t, false>(dout, q, k, v, out, z, mv, is_causal, scalar_t(scale), dq, dk, dv);
+      backward_impl<scalar_t, kExpSquared>(dout, q, k, v, out, z, mv, is_causal, sc, dq, dk, dv);
   });
   return {dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), dv.to(v_in.scalar_type())};
 }
