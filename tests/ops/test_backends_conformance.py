@@ -99,6 +99,15 @@ def test_tiny_scores_float32(backend):
         torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ALL)
+def test_float_masks_are_refused_for_every_variant(backend):
+    # an additive float mask has no meaning once scores are squared (or exponentiated after squaring)
+    q, k, v = make_qkv(1, 2, 2, 9, 11, 8, 8)
+    for variant in VARIANTS:
+        with pytest.raises(TypeError, match="additive float mask"):
+            expressive_attention(q, k, v, attn_mask=torch.zeros(9, 11), variant=variant, backend=backend)
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_gradcheck_float64(backend):
     q, k, v = make_qkv(1, 2, 1, 6, 6, 4, 3)

@@ -1,9 +1,11 @@
-"""The fused CPU kernel equals the reference (values and gradients); auto falls back without it."""
+"""The fused CPU kernel equals the reference (values and gradients) for each of its variants; auto falls
+back without it."""
+import math
 import warnings
 
 import pytest
 import torch
-from attention_inputs import make_qkv, mask_kwargs
+from attention_inputs import assert_as_accurate_as_fp32_reference, make_qkv, mask_kwargs, run
 
 from expressive_attention import expressive_attention
 from expressive_attention.ops import choose_backend, fused_cpu, reference_attention
@@ -16,29 +18,6 @@ def built():
     assert fused_cpu.is_available(), f"fused CPU kernel did not build: {fused_cpu.build_error()}"
 
 
-def run(q, k, v, dtype, backend, kw, do):
-    """Output and (dq, dk, dv) of `backend` on copies of q, k, v cast to `dtype`."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = expressive_attention(*leaves, backend=backend, **kw)
-    grads = torch.autograd.grad(out, leaves, do.to(out.dtype))
-    return [out, *grads]
-
-
-def assert_as_accurate_as_fp32_reference(q, k, v, kw, rel_floor=2e-5):
-    """fp32 fused vs the float64 reference: error within the fp32 reference's own error (x10)
-    or a small relative floor, for the output and every gradient."""
-    do = torch.randn(*q.shape[:-1], v.shape[-1], dtype=torch.float64,
-                     generator=torch.Generator().manual_seed(7))
-    exact = run(q, k, v, torch.float64, "reference", kw, do)
-    ref32 = run(q, k, v, torch.float32, "reference", kw, do)
-    fused = run(q, k, v, torch.float32, "fused_cpu", kw, do)
-    for name, x, r, e in zip(("out", "dq", "dk", "dv"), fused, ref32, exact):
-        assert x.dtype == torch.float32 and torch.isfinite(x).all(), name
-        err = (x.double() - e).abs().max().item()
-        tol = max(rel_floor * e.abs().max().item(), 10 * (r.double() - e).abs().max().item(), 1e-12)
-        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
-
-
 SHAPES = [  # (B, H, Hkv, L, S, E, Ev): odd sizes, S != L, GQA, > one 64-row / 512-key block
     (1, 1, 1, 1, 1, 8, 8),
     (2, 3, 3, 7, 7, 16, 16),
@@ -49,7 +28,10 @@ SHAPES = [  # (B, H, Hkv, L, S, E, Ev): odd sizes, S != L, GQA, > one 64-row / 5
 ]
 
 
-@pytest.mark.parametrize("variant", ["saturating", "squared"])
+VARIANTS = fused_cpu.KERNEL_VARIANTS  # saturating, squared, exp_squared
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "keypad", "rows"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_float32_matches_reference(shape, mask_kind, variant):
@@ -59,7 +41,7 @@ def test_float32_matches_reference(shape, mask_kind, variant):
     assert_as_accurate_as_fp32_reference(q, k, v, kw)
 
 
-@pytest.mark.parametrize("variant", ["saturating", "squared"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "bool"])
 def test_float64_matches_reference_tightly(mask_kind, variant):
     B, H, Hkv, L, S, E, Ev = 2, 4, 2, 70, 130, 16, 8
@@ -75,21 +57,23 @@ def test_float64_matches_reference_tightly(mask_kind, variant):
 def test_gradcheck_float64():
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 1, 5, 6, 4, 3, requires_grad=False))
     m = torch.rand(1, 1, 5, 6, generator=torch.Generator().manual_seed(3)) > 0.3
-    for variant in ("saturating", "squared"):
+    for variant in VARIANTS:
         fn = lambda q, k, v: expressive_attention(q, k, v, attn_mask=m, enable_gqa=True,
                                                   variant=variant, backend="fused_cpu")
         assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("eps", [1e-6, 0.0])
-def test_fully_masked_rows_give_zeros_and_finite_grads(eps):
+def test_fully_masked_rows_give_zeros_and_finite_grads(eps, variant):
     B, H, L, S, E = 2, 2, 9, 20, 8
     q, k, v = (t.float().requires_grad_() for t in make_qkv(B, H, H, L, S, E, E, requires_grad=False))
     m = torch.rand(B, H, L, S, generator=torch.Generator().manual_seed(0)) > 0.5
     m[:, :, [0, 4]] = False
-    out = expressive_attention(q, k, v, attn_mask=m, eps=eps, backend="fused_cpu")
+    out = expressive_attention(q, k, v, attn_mask=m, eps=eps, variant=variant, backend="fused_cpu")
     assert (out[:, :, [0, 4]] == 0).all()
-    torch.testing.assert_close(out, reference_attention(q, k, v, m, eps=eps), atol=1e-5, rtol=1e-4)
+    ref = reference_attention(q, k, v, m, eps=eps, variant=variant)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     out.square().sum().backward()
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all()
@@ -97,7 +81,7 @@ def test_fully_masked_rows_give_zeros_and_finite_grads(eps):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", ["saturating", "squared"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("spread", [1.0, 8.0])
 def test_low_precision_large_scores(dtype, variant, spread):
     """With spread 8, |s| reaches the hundreds (fp16 would overflow squaring it): scores are
@@ -115,7 +99,63 @@ def test_low_precision_large_scores(dtype, variant, spread):
     for name, x, e in zip(("out", "dq", "dk", "dv"), fused, exact):
         assert x.dtype == dtype and torch.isfinite(x).all(), name
         err = (x.double() - e).abs().max().item()
-        assert err <= 2e-2 * e.abs().max().item(), f"{name}: {err:.3g} vs max {e.abs().max():.3g}"
+        # exp_squared with |s| in the hundreds weighs each row's top key alone: dq and dk are ~0
+        # (1e-14 in float64), where only an absolute floor makes sense
+        bound = max(2e-2 * e.abs().max().item(), 1e-6)
+        assert err <= bound, f"{name}: {err:.3g} vs max {e.abs().max():.3g}"
+
+
+# ----------------------------------------------------------------------------- exp_squared's running maximum
+
+def ramped_keys(S: int, E: int, top: float, last: bool):
+    """q (1, 2, 68, E) and k, v (1, 1, S, E) with key norms ramping from 0.2 to `top` (towards the
+    end when `last`, else towards the start): s^2 reaches ~top^2 * 10, past float64's exp range at
+    top = 10, and the row maximum moves from one 512-key block to the next (or is met at once)."""
+    q, k, v = make_qkv(1, 2, 1, 68, S, E, E, requires_grad=False)
+    ramp = torch.linspace(0.2, top, S, dtype=torch.float64)
+    return q, k * (ramp if last else ramp.flip(0))[:, None], v
+
+
+@pytest.mark.parametrize("top", [3.0, 10.0])
+@pytest.mark.parametrize("last", [True, False])
+def test_exp_squared_rescaling_across_blocks_and_splits(top, last):
+    """Values and gradients (float64, 1e-10) with the row maximum in the first or the last key block,
+    through the forward (3 blocks of 512 keys), the decode schedule with 1 and 3 key splits and the
+    backward split, causal and with a mask, including scores whose exp(s^2) overflows float64."""
+    ext = fused_cpu._ext()
+    q, k, v = ramped_keys(1100, 16, top, last)
+    mask = torch.rand(1, 2, 68, 1100, generator=torch.Generator().manual_seed(5)) > 0.2
+    mask[0, 1, 3] = False
+    try:
+        for splits, rows in ((0, slice(None)), (3, slice(0, 3)), (1, slice(0, 3))):
+            ext.set_splits(splits, splits, 16)
+            qq = q[:, :, rows].clone()
+            for kw in ({"is_causal": False}, {"attn_mask": mask[:, :, rows]}):
+                kw = dict(kw, variant="exp_squared", enable_gqa=True)
+                do = torch.randn(1, 2, qq.shape[2], 16, dtype=torch.float64)
+                got = run(qq, k, v, torch.float64, "fused_cpu", kw, do)
+                want = run(qq, k, v, torch.float64, "reference", kw, do)
+                for name, x, e in zip(("out", "dq", "dk", "dv"), got, want):
+                    assert torch.isfinite(x).all(), name
+                    torch.testing.assert_close(x, e, atol=1e-10, rtol=1e-8, msg=lambda m: f"{name}: {m}")
+    finally:
+        ext.set_splits(0, 0, 16)
+
+
+def test_exp_squared_saves_the_log_normaliser():
+    """For exp_squared the Z slot holds lse_i = log(eps + sum_j exp(s_ij^2)) (the row maximum and the
+    normaliser in one number: backward recomputes a = exp(s^2 - lse)); an empty row gets log(eps), or
+    0 with eps = 0 (Z := 1), in the standard and the decode schedule."""
+    for L in (40, 3):  # the standard schedule, the decode schedule
+        q, k, v = make_qkv(1, 2, 2, L, 300, 16, 16, requires_grad=False, spread=2.0)
+        m = torch.rand(1, 2, L, 300, generator=torch.Generator().manual_seed(1)) > 0.5
+        m[0, 0, 1] = False
+        for eps in (1e-6, 0.0):
+            _, z = fused_cpu.fused_cpu_fwd(q, k, v, m[:, :, :, :], False, 0.25, "exp_squared", eps)
+            s2 = ((q @ k.transpose(-1, -2)) * 0.25).square().masked_fill(~m, float("-inf"))
+            want = torch.logaddexp(s2.logsumexp(-1), torch.tensor(eps, dtype=torch.float64).log())
+            want[0, 0, 1] = math.log(eps) if eps > 0 else 0.0
+            torch.testing.assert_close(z, want, atol=1e-10, rtol=1e-12)
 
 
 def test_strided_inputs_and_gqa_via_public_api():
@@ -184,8 +224,11 @@ def test_unsupported_inputs_give_reasons():
 def test_custom_op_opcheck_and_compile():
     q, k, v = (t.float().requires_grad_() for t in make_qkv(1, 2, 1, 9, 11, 8, 8, requires_grad=False))
     m = torch.rand(1, 1, 9, 11, generator=torch.Generator().manual_seed(0)) > 0.3
-    torch.library.opcheck(fused_cpu.fused_cpu_fwd, (q, k, v, m, False, 0.3, True, 1e-6))
-    torch.library.opcheck(fused_cpu.fused_cpu_fwd, (q, k, v, None, True, 0.3, False, 0.0))
+    torch.library.opcheck(fused_cpu.fused_cpu_fwd, (q, k, v, m, False, 0.3, "saturating", 1e-6))
+    torch.library.opcheck(fused_cpu.fused_cpu_fwd, (q, k, v, None, True, 0.3, "squared", 0.0))
+    torch.library.opcheck(fused_cpu.fused_cpu_fwd, (q, k, v, m, True, 0.3, "exp_squared", 1e-6))
+    with pytest.raises(RuntimeError, match="variant must be"):
+        fused_cpu.fused_cpu_fwd(q, k, v, None, True, 0.3, "power", 1e-6)
 
     def f(q, k, v):
         return expressive_attention(q, k, v, is_causal=True, enable_gqa=True, backend="fused_cpu")

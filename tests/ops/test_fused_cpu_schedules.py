@@ -2,13 +2,13 @@
 rows against a long key axis, split over the keys when B x Hkv is smaller than the thread count) and
 the backward split over query blocks (B x Hkv smaller than the thread count). Each runs with 1 and 2
 threads and with forced split counts (more splits than keys included); values and gradients, masks,
-GQA, strides, both kernel variants, float64 and float32. Then: `auto` reaches the decode schedule,
+GQA, strides, every kernel variant, float64 and float32. Then: `auto` reaches the decode schedule,
 inference skips the custom op, and generate() gives the reference's tokens."""
 import itertools
 
 import pytest
 import torch
-from attention_inputs import assert_matches, make_qkv, mask_kwargs
+from attention_inputs import assert_as_accurate_as_fp32_reference, assert_matches, make_qkv, mask_kwargs
 
 from expressive_attention import expressive_attention
 from expressive_attention.ops import choose_backend, fused_cpu
@@ -79,11 +79,12 @@ def test_decode_fully_masked_rows_give_zeros(ext):
     m = torch.ones(2, 4, 3, 50, dtype=torch.bool)
     m[1, 2, 1] = False  # one row sees nothing
     m[0, :, :, :] = False  # a whole batch entry sees nothing
-    for eps in (0.0, 1e-6):
-        out = expressive_attention(q, k, v, attn_mask=m, enable_gqa=True, eps=eps, backend="fused_cpu")
+    for eps, variant in itertools.product((0.0, 1e-6), VARIANTS):
+        kw = dict(attn_mask=m, enable_gqa=True, eps=eps, variant=variant)
+        out = expressive_attention(q, k, v, backend="fused_cpu", **kw)
         assert torch.isfinite(out).all()
         assert out[0].abs().max() == 0 and out[1, 2, 1].abs().max() == 0
-        ref = expressive_attention(q, k, v, attn_mask=m, enable_gqa=True, eps=eps, backend="reference")
+        ref = expressive_attention(q, k, v, backend="reference", **kw)
         torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-8)
 
 
@@ -100,11 +101,12 @@ def test_decode_on_kv_cache_views_and_strided_query(ext):
 def test_decode_schedule_equals_the_standard_schedule(ext):
     # the same call through both schedules (decode_max_rows 0 turns the decode schedule off)
     q, k, v = make_qkv(1, 4, 2, 5, 700, 16, 16, requires_grad=False)
-    ext.set_splits(3, 0, 16)
-    a = expressive_attention(q, k, v, enable_gqa=True, backend="fused_cpu")
-    ext.set_splits(0, 0, 0)
-    b = expressive_attention(q, k, v, enable_gqa=True, backend="fused_cpu")
-    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    for variant in VARIANTS:
+        ext.set_splits(3, 0, 16)
+        a = expressive_attention(q, k, v, enable_gqa=True, variant=variant, backend="fused_cpu")
+        ext.set_splits(0, 0, 0)
+        b = expressive_attention(q, k, v, enable_gqa=True, variant=variant, backend="fused_cpu")
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 def test_set_splits_rejects_negative_values(ext):
@@ -130,6 +132,8 @@ def test_backward_split_float32(ext):
     torch.set_num_threads(2)
     q, k, v = make_qkv(1, 2, 1, 520, 520, 32, 32, dtype=torch.float32)
     check(q, k, v, {"is_causal": True}, atol=2e-5, rtol=1e-4)
+    for variant in VARIANTS:  # exp_squared's float32 error is larger: judged against the reference's own
+        assert_as_accurate_as_fp32_reference(q, k, v, {"is_causal": True, "variant": variant, "enable_gqa": True})
 
 
 # ----------------------------------------------------------------------------- dispatch and models

@@ -123,17 +123,29 @@ def test_bfloat16_scores_in_the_hundreds(backend, variant, power):
     assert all(torch.isfinite(g.float()).all() for g in torch.autograd.grad(out.float().sum(), (q, k, v)))
 
 
-@pytest.mark.parametrize("variant", ["power", "exp_squared"])
-def test_kernels_that_lack_a_variant_refuse_and_auto_falls_back(variant):
+def test_kernels_that_lack_a_variant_refuse_and_auto_falls_back():
     q, k, v = make(1, 2, 2, 128, 128, 16, 16, torch.float32)
-    p = normalise(q, k, v, None, 0.0, True, None, False, variant, 1e-6)
-    for name in ("fused_cpu", "triton", "linear"):
-        if name in BACKENDS:
-            reason = BACKENDS[name].supports(p)
-            assert reason is not None and variant in reason
-            with pytest.raises(ValueError, match=variant):
-                expressive_attention(q, k, v, is_causal=True, variant=variant, backend=name)
-    assert choose_backend(p).name == "blocked"
+    refusing = {"power": ("fused_cpu", "triton", "linear"), "exp_squared": ("linear",)}
+    for variant, names in refusing.items():
+        p = normalise(q, k, v, None, 0.0, True, None, False, variant, 1e-6)
+        for name in names:
+            if name in BACKENDS:
+                reason = BACKENDS[name].supports(p)
+                assert reason is not None and variant in reason
+                with pytest.raises(ValueError, match=variant):
+                    expressive_attention(q, k, v, is_causal=True, variant=variant, backend=name)
+    assert choose_backend(normalise(q, k, v, None, 0.0, True, None, False, "power", 1e-6)).name == "blocked"
+
+
+def test_auto_runs_exp_squared_on_the_fused_kernel_where_it_runs_saturating():
+    from expressive_attention.ops import fused_cpu
+
+    assert fused_cpu.is_available()
+    for shape, causal in (((1, 2, 2, 128, 128, 16, 16), True), ((2, 8, 2, 1, 4096, 64, 64), False)):
+        q, k, v = make(*shape, torch.float32)
+        chosen = {variant: choose_backend(normalise(q, k, v, None, 0.0, causal, None, True, variant, 1e-6)).name
+                  for variant in ("saturating", "exp_squared")}
+        assert chosen == {"saturating": "fused_cpu", "exp_squared": "fused_cpu"}
 
 
 def test_bad_power_arguments_name_the_argument():

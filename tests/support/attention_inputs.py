@@ -56,3 +56,30 @@ def assert_matches(out, ref, inputs, atol, rtol):
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
     for name, a, b in zip("qkv", grads(out, inputs), grads(ref, inputs)):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def run(q, k, v, dtype, backend, kw, do):
+    """Output and (dq, dk, dv) of `backend` on copies of q, k, v cast to `dtype`."""
+    from expressive_attention import expressive_attention
+
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = expressive_attention(*leaves, backend=backend, **kw)
+    grads = torch.autograd.grad(out, leaves, do.to(out.dtype))
+    return [out, *grads]
+
+
+def assert_as_accurate_as_fp32_reference(q, k, v, kw, rel_floor=2e-5, backend="fused_cpu"):
+    """fp32 `backend` vs the float64 reference: error within the fp32 reference's own error (x10)
+    or a small relative floor, for the output and every gradient. (For variant="exp_squared" the
+    fp32 reference's own error is ~10x that of the other variants: exp(s^2) turns an error d in s
+    into a relative error 2 s d.)"""
+    do = torch.randn(*q.shape[:-1], v.shape[-1], dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(7))
+    exact = run(q, k, v, torch.float64, "reference", kw, do)
+    ref32 = run(q, k, v, torch.float32, "reference", kw, do)
+    fast = run(q, k, v, torch.float32, backend, kw, do)
+    for name, x, r, e in zip(("out", "dq", "dk", "dv"), fast, ref32, exact):
+        assert x.dtype == torch.float32 and torch.isfinite(x).all(), name
+        err = (x.double() - e).abs().max().item()
+        tol = max(rel_floor * e.abs().max().item(), 10 * (r.double() - e).abs().max().item(), 1e-12)
+        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
