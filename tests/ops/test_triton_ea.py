@@ -23,7 +23,7 @@ from expressive_attention.ops import BACKENDS, expressive_attention
 from expressive_attention.ops.problem import normalise
 from expressive_attention.ops.triton_ea import interpreter_enabled, supports
 
-VARIANTS = ("saturating", "squared")
+VARIANTS = ("saturating", "squared", "exp_squared")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -100,7 +100,7 @@ def check_masks_and_empty_rows():
     mask = torch.rand(B, 1, L, S, generator=torch.Generator().manual_seed(6)) > 0.5
     mask[:, :, 0] = False
     mask[1, :, 9] = False
-    for variant, eps in (("saturating", 0.0), ("squared", 1e-6)):
+    for variant, eps in (("saturating", 0.0), ("squared", 1e-6), ("exp_squared", 0.0), ("exp_squared", 1e-6)):
         q, k, v = _inputs(B, H, H, L, S, 16, 16, seed=7)
         out, grads = _check(q, k, v, attn_mask=mask, variant=variant, eps=eps)
         assert (out[:, :, 0] == 0).all() and (out[1, :, 9] == 0).all(), "empty row not zero"
@@ -110,7 +110,8 @@ def check_masks_and_empty_rows():
     mask = torch.ones(2, 1, 1, 21, dtype=torch.bool)
     mask[0, ..., 15:] = False
     mask[1, ..., :3] = False
-    _check(q, k, v, attn_mask=mask, variant="squared")
+    for variant in ("squared", "exp_squared"):
+        _check(q, k, v, attn_mask=mask, variant=variant)
 
 
 def check_half_precision_large_scores():
@@ -175,6 +176,18 @@ def check_decode_split_counts():
                                        backend="reference")
             _assert_close(out, ref, 2e-5, f"splits={splits} causal={causal}")
             assert z.shape == (2 * 4, 2) and (z > 0).all()
+    # exp_squared: key norms ramping up (or down) along S put the row maximum in the last (first) split,
+    # s^2 up to ~1e3 (exp(s^2) overflows even float64): the combine rescales the splits; z holds lse
+    ramp = torch.linspace(0.2, 8.0, 50)[:, None]
+    for keys in (k * ramp, k * ramp.flip(0)):
+        s2 = (q @ keys.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.25).square()
+        for splits in (1, 3, 9):
+            out, z = te._forward_decode(q, keys, v, None, False, 0.25, "exp_squared", 1e-6, splits=splits)
+            ref = expressive_attention(q, keys, v, scale=0.25, enable_gqa=True, variant="exp_squared",
+                                       backend="reference")
+            _assert_close(out, ref, 2e-5, f"exp_squared splits={splits}")
+            lse = torch.logaddexp(s2.double().logsumexp(-1), torch.tensor(1e-6, dtype=torch.float64).log())
+            _assert_close(z.double(), lse.view(8, 2), 1e-6, f"exp_squared lse, splits={splits}")
 
 
 def check_auto_and_supports_under_interpreter():
@@ -215,7 +228,7 @@ def check_double_backward_raises():
 def check_kernels_compile_for_sm90():
     # No GPU here, but ptxas ships with triton: compile the kernels ahead of time to an sm_90
     # cubin, so the compiled path (not only the interpreter) is known to build. bf16 with causal
-    # and a mask; fp16 "squared" (its f V product runs in tf32).
+    # and a mask; fp16 "squared" (its f V product runs in tf32); bf16 "exp_squared" (its online max).
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -223,7 +236,8 @@ def check_kernels_compile_for_sm90():
 
     assert not interpreter_enabled()
     target = GPUTarget("cuda", 90, 32)
-    for dtype, variant in ((torch.bfloat16, "saturating"), (torch.float16, "squared")):
+    for dtype, variant in ((torch.bfloat16, "saturating"), (torch.float16, "squared"),
+                           (torch.bfloat16, "exp_squared")):
         dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         kernels = ((te._fwd, False), (te._fwd_decode, False), (te._bwd_delta, True), (te._bwd_dkdv, True),
                    (te._bwd_dq, True))
@@ -231,7 +245,7 @@ def check_kernels_compile_for_sm90():
             if dtype == torch.float16 and backward:
                 continue
             cfg = te._config(64, 64, dtype, True, backward)
-            consts = dict(SATURATING=variant == "saturating", CAUSAL=dtype == torch.bfloat16,
+            consts = dict(VARIANT=variant, CAUSAL=dtype == torch.bfloat16,
                           HAS_MASK=True, PRECISION=None, DOT=te._dot_dtype(dtype), BLOCK_E=64,
                           BLOCK_EV=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
             if fn is te._fwd_decode:  # 2 query heads x 8 rows, as for GQA with a few new tokens
@@ -240,7 +254,7 @@ def check_kernels_compile_for_sm90():
                 consts["F32_PV"] = variant == "squared" and dtype == torch.float16
             consts = {n: c for n, c in consts.items() if n in fn.arg_names}
             types = {"M": "*u8", "Z": "*fp32", "D": "*fp32", "PACC": "*fp32", "PZ": "*fp32",
-                     "scale": "fp32", "eps": "fp32",
+                     "PM": "*fp32", "scale": "fp32", "eps": "fp32",
                      **{t: "*" + dt for t in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}}
             sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
             kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,

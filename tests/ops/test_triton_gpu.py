@@ -42,7 +42,7 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@pytest.mark.parametrize("variant", ["saturating", "squared"])
+@pytest.mark.parametrize("variant", ["saturating", "squared", "exp_squared"])
 @pytest.mark.parametrize("L,S,E", [(300, 300, 64), (1, 300, 128), (77, 300, 80), (300, 45, 128)])
 def test_float32_causal_gqa(variant, L, S, E):
     q, k, v = _cuda(torch.float32, *make_qkv(2, 8, 2, L, S, E, E))
@@ -57,7 +57,7 @@ def test_float32_masks(mask_kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", ["saturating", "squared"])
+@pytest.mark.parametrize("variant", ["saturating", "squared", "exp_squared"])
 def test_half_precision_large_scores(dtype, variant):
     # |s| in the hundreds: f and the sums must stay in float32
     q, k, v = _cuda(dtype, *make_qkv(2, 8, 8, 512, 512, 128, 128, spread=6.0))

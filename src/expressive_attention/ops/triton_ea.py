@@ -1,7 +1,7 @@
 """Triton expressive attention: flash-style forward and backward kernels (backend "triton").
 
-EA is simpler to fuse than softmax: f(s) >= 0 is bounded per element without a running max, so a
-query block just accumulates, over key blocks,
+For "saturating" and "squared" EA is simpler to fuse than softmax: f(s) >= 0 needs no running max,
+so a query block just accumulates, over key blocks,
 
     acc += f(S) V,     z += rowsum f(S),      and at the end   O = acc / (eps + z).
 
@@ -10,6 +10,12 @@ Only Z = eps + z (one float per query row) is saved for backward, which recomput
 
     D_i = dO_i . O_i,   dF_ij = (dO_i . v_j - D_i) / Z_i,   dS = f'(S) * dF * scale,
     dq = dS k,   dk = dS^T q,   dv = (F / Z)^T dO.
+
+"exp_squared" (f = exp(s^2), softmax of s^2) is flash attention's online softmax of x = s^2 over the
+allowed keys: a running row maximum m (from 0, as the reference's clamp), f = exp(x - m), acc and z
+rescaled by exp(m_old - m_new) when it grows, Z = eps exp(-m) + z (the reference's eps compensated by
+the row constant). Z's slot then holds lse = m + log Z: backward recomputes a = exp(x - lse) and
+dS = 2 s a (dO . v - D) scale.
 
 Kernels: `_fwd` (grid: query blocks x H x B), `_fwd_decode` (decoding, L <= 16: key splits x Hkv x B,
 the G x L rows of a key head in one tile; the splits' partial sums are added and divided after it),
@@ -49,7 +55,7 @@ except ImportError:  # the backend's supports() says so; the kernels are never l
     def _jit(fn):
         return fn
 
-KERNEL_VARIANTS = ("saturating", "squared")
+KERNEL_VARIANTS = ("saturating", "squared", "exp_squared")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
@@ -78,11 +84,11 @@ def _query_block(G, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.c
 
 
 @_jit
-def _f_and_fprime(s, SATURATING: tl.constexpr):
-    """f(s) and f'(s) of a float32 score tile. Saturating, with r = 1 / (1 + s^2): f = 1 - r (finite
-    even when s^2 overflows), f' = 2 s r^2; squared: f = s^2, f' = 2 s. (Unused results are dropped
-    by the compiler.)"""
-    if SATURATING:
+def _f_and_fprime(s, VARIANT: tl.constexpr):
+    """f(s) and f'(s) of a float32 score tile for "saturating" / "squared". Saturating, with
+    r = 1 / (1 + s^2): f = 1 - r (finite even when s^2 overflows), f' = 2 s r^2; squared: f = s^2,
+    f' = 2 s. (Unused results are dropped by the compiler.)"""
+    if VARIANT == "saturating":
         r = 1.0 / (1.0 + s * s)
         f = 1.0 - r
         fp = 2.0 * s * r * r
@@ -105,6 +111,24 @@ def _keep(offs_m, offs_n, L, S, m_ptr, sml, sms, CAUSAL: tl.constexpr, HAS_MASK:
 
 
 @_jit
+def _exp_sq_tile(s, keep, m):
+    """exp_squared on a float32 score tile: (f, m_new, alpha) with m_new = max(m, the row's largest
+    allowed s^2), f = exp(s^2 - m_new) on the allowed keys (exp(-inf) = 0 on the others) and alpha =
+    exp(m - m_new), by which the rows' earlier sums must be rescaled."""
+    x = tl.where(keep, s * s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    return tl.exp(x - m_new[:, None]), m_new, tl.exp(m - m_new)
+
+
+@_jit
+def _exp_sq_grad(s, keep, lse, dp, dr, scale):
+    """exp_squared's backward on a tile: the weights a = exp(s^2 - lse) and dS = 2 s a (dP - D) scale,
+    both 0 on the keys not allowed (exp(-inf) there: s^2 - lse could overflow exp)."""
+    a = tl.exp(tl.where(keep, s * s - lse[:, None], float("-inf")))
+    return a, tl.where(keep, 2.0 * s * a * (dp - dr[:, None]) * scale, 0.0)
+
+
+@_jit
 def _accumulate(acc, z, f, v, Q, F32_PV: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
     """acc += f V and z += rowsum f for one tile (f float32, masked entries 0). f V feeds the tensor
     cores in the input dtype (Q's), or in tf32 when F32_PV (fp16 "squared", where f can pass 65504)."""
@@ -116,11 +140,27 @@ def _accumulate(acc, z, f, v, Q, F32_PV: tl.constexpr, PRECISION: tl.constexpr, 
 
 
 @_jit
+def _normaliser(z, mx, eps, VARIANT: tl.constexpr):
+    """(Z, what backward needs) per row from the row sums z (and exp_squared's row maxima mx):
+    Z = eps + z, or eps exp(-mx) + z, := 1 when 0 (eps == 0 and nothing to attend to: 0 / 1); saved
+    Z itself, or lse = mx + log Z for exp_squared."""
+    if VARIANT == "exp_squared":
+        z = z + eps * tl.exp(-mx)
+    else:
+        z = z + eps
+    z = tl.where(z > 0, z, 1.0)
+    saved = z
+    if VARIANT == "exp_squared":
+        saved = mx + tl.log(z)
+    return z, saved
+
+
+@_jit
 def _fwd(Q, K, V, M, O, Z,
          sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve,
          smb, smh, sml, sms, sob, soh, sol, soe,
          H, G, L, S, E, EV, scale, eps,
-         SATURATING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+         VARIANT: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
          F32_PV: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
          BLOCK_EV: tl.constexpr):
@@ -133,6 +173,7 @@ def _fwd(Q, K, V, M, O, Z,
     m_base = M + b * smb + h * smh
     acc = tl.zeros((BLOCK_M, BLOCK_EV), dtype=tl.float32)
     z = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mx = tl.zeros((BLOCK_M,), dtype=tl.float32)  # exp_squared: the running row maximum of s^2
     end = S
     if CAUSAL:  # row i sees keys j <= i
         end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
@@ -140,32 +181,37 @@ def _fwd(Q, K, V, M, O, Z,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, offs_e, sks, ske, S, E, DOT)  # (BLOCK_N, BLOCK_E)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
-        f, _ = _f_and_fprime(s, SATURATING)
-        f = tl.where(_keep(offs_m, offs_n, L, S, m_base, sml, sms, CAUSAL, HAS_MASK), f, 0.0)
+        if VARIANT == "exp_squared":
+            f, mx, alpha = _exp_sq_tile(s, _keep(offs_m, offs_n, L, S, m_base, sml, sms, CAUSAL, HAS_MASK), mx)
+            acc = acc * alpha[:, None]
+            z = z * alpha
+        else:
+            f, _ = _f_and_fprime(s, VARIANT)
+            f = tl.where(_keep(offs_m, offs_n, L, S, m_base, sml, sms, CAUSAL, HAS_MASK), f, 0.0)
         v = _load_tile(v_base, offs_n, offs_ev, svs, sve, S, EV, DOT)  # (BLOCK_N, BLOCK_EV)
         acc, z = _accumulate(acc, z, f, v, Q, F32_PV, PRECISION, DOT)
-    z = z + eps
-    z = tl.where(z > 0, z, 1.0)  # eps == 0 and nothing to attend to: 0 / 1
+    z, saved = _normaliser(z, mx, eps, VARIANT)
     out = acc / z[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_ev[None, :] * soe,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_ev[None, :] < EV))
-    tl.store(Z + (b * H + h) * L + offs_m, z, mask=row_ok)
+    tl.store(Z + (b * H + h) * L + offs_m, saved, mask=row_ok)
 
 
 @_jit
-def _fwd_decode(Q, K, V, M, PACC, PZ,
+def _fwd_decode(Q, K, V, M, PACC, PZ, PM,
                 sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve,
                 smb, smh, sml, sms,
                 G, L, S, E, EV, CHUNK, scale,
-                SATURATING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                VARIANT: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                 F32_PV: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                 BLOCK_EV: tl.constexpr):
     """Decode (split-K, as flash-decoding): program (split, key head hk, batch b) takes the G x L
     query rows of hk (row r = query head hk G + r // L, position r % L; GQA reads K/V once) against
     keys [split CHUNK, (split + 1) CHUNK), and stores its partial acc = sum f v and z = sum f, in
-    float32, to PACC (B, Hkv, NS, G L, EV) / PZ (B, Hkv, NS, G L). No running max: the partials
-    are summed afterwards and divided once."""
+    float32, to PACC (B, Hkv, NS, G L, EV) / PZ (B, Hkv, NS, G L). No running max for "saturating" /
+    "squared": the partials are summed afterwards and divided once; for "exp_squared" acc and z are
+    relative to the split's row maxima, stored to PM (as PZ), and the combine rescales them."""
     sp = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -183,6 +229,7 @@ def _fwd_decode(Q, K, V, M, PACC, PZ,
     v_base = V + b * svb + hk * svh
     acc = tl.zeros((BLOCK_M, BLOCK_EV), dtype=tl.float32)
     z = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mx = tl.zeros((BLOCK_M,), dtype=tl.float32)  # exp_squared: the running row maximum of s^2
     lo = sp * CHUNK
     hi = tl.minimum(S, lo + CHUNK)
     if CAUSAL:  # row i sees keys j <= i < L
@@ -191,7 +238,6 @@ def _fwd_decode(Q, K, V, M, PACC, PZ,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, offs_e, sks, ske, hi, E, DOT)  # (BLOCK_N, BLOCK_E)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
-        f, _ = _f_and_fprime(s, SATURATING)
         keep = row_ok[:, None] & (offs_n[None, :] < hi)
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= i[:, None])
@@ -199,13 +245,21 @@ def _fwd_decode(Q, K, V, M, PACC, PZ,
             mk = tl.load(M + b * smb + h[:, None] * smh + i[:, None] * sml + offs_n[None, :] * sms,
                          mask=keep, other=0)
             keep = keep & (mk != 0)
-        f = tl.where(keep, f, 0.0)
+        if VARIANT == "exp_squared":
+            f, mx, alpha = _exp_sq_tile(s, keep, mx)
+            acc = acc * alpha[:, None]
+            z = z * alpha
+        else:
+            f, _ = _f_and_fprime(s, VARIANT)
+            f = tl.where(keep, f, 0.0)
         v = _load_tile(v_base, offs_n, offs_ev, svs, sve, hi, EV, DOT)  # (BLOCK_N, BLOCK_EV)
         acc, z = _accumulate(acc, z, f, v, Q, F32_PV, PRECISION, DOT)
     part = (b * tl.num_programs(1) + hk) * ns + sp  # this program's slot
     tl.store(PACC + (part * R + offs_r[:, None]) * EV + offs_ev[None, :], acc,
              mask=row_ok[:, None] & (offs_ev[None, :] < EV))
     tl.store(PZ + part * R + offs_r, z, mask=row_ok)
+    if VARIANT == "exp_squared":
+        tl.store(PM + part * R + offs_r, mx, mask=row_ok)
 
 
 @_jit
@@ -214,7 +268,7 @@ def _bwd_dkdv(Q, K, V, M, DO, Z, D, DK, DV,
               smb, smh, sml, sms, sdb, sdh, sdl, sde,
               sdkb, sdkh, sdks, sdke, sdvb, sdvh, sdvs, sdve,
               H, G, L, S, E, EV, scale,
-              SATURATING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+              VARIANT: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
               PRECISION: tl.constexpr, DOT: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
               BLOCK_EV: tl.constexpr):
@@ -242,12 +296,15 @@ def _bwd_dkdv(Q, K, V, M, DO, Z, D, DK, DV,
             zr = tl.load(Z + (b * H + h) * L + offs_m, mask=row_ok, other=1.0)
             dr = tl.load(D + (b * H + h) * L + offs_m, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
-            f, fp = _f_and_fprime(s, SATURATING)
             keep = _keep(offs_m, offs_n, L, S, M + b * smb + h * smh, sml, sms, CAUSAL, HAS_MASK)
-            a = tl.where(keep, f / zr[:, None], 0.0)  # attention weights of the tile
-            dv += tl.dot(tl.trans(a).to(Q.dtype.element_ty).to(DOT), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dO_i . v_j
-            ds = tl.where(keep, (dp - dr[:, None]) / zr[:, None] * fp * scale, 0.0)
+            if VARIANT == "exp_squared":  # zr holds lse
+                a, ds = _exp_sq_grad(s, keep, zr, dp, dr, scale)
+            else:
+                f, fp = _f_and_fprime(s, VARIANT)
+                a = tl.where(keep, f / zr[:, None], 0.0)  # attention weights of the tile
+                ds = tl.where(keep, (dp - dr[:, None]) / zr[:, None] * fp * scale, 0.0)
+            dv += tl.dot(tl.trans(a).to(Q.dtype.element_ty).to(DOT), do, input_precision=PRECISION)
             dk += tl.dot(tl.trans(ds).to(Q.dtype.element_ty).to(DOT), q, input_precision=PRECISION)
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_e[None, :] * sdke,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_e[None, :] < E))
@@ -260,7 +317,7 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
             sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve,
             smb, smh, sml, sms, sdb, sdh, sdl, sde, sdqb, sdqh, sdql, sdqe,
             H, G, L, S, E, EV, scale,
-            SATURATING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+            VARIANT: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
             PRECISION: tl.constexpr, DOT: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
             BLOCK_EV: tl.constexpr):
@@ -282,10 +339,13 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
         k = _load_tile(k_base, offs_n, offs_e, sks, ske, S, E, DOT)
         v = _load_tile(v_base, offs_n, offs_ev, svs, sve, S, EV, DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        _, fp = _f_and_fprime(s, SATURATING)
         keep = _keep(offs_m, offs_n, L, S, m_base, sml, sms, CAUSAL, HAS_MASK)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = tl.where(keep, (dp - dr[:, None]) / zr[:, None] * fp * scale, 0.0)
+        if VARIANT == "exp_squared":  # zr holds lse
+            _, ds = _exp_sq_grad(s, keep, zr, dp, dr, scale)
+        else:
+            _, fp = _f_and_fprime(s, VARIANT)
+            ds = tl.where(keep, (dp - dr[:, None]) / zr[:, None] * fp * scale, 0.0)
         dq += tl.dot(ds.to(Q.dtype.element_ty).to(DOT), k, input_precision=PRECISION)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_e[None, :] * sdqe,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < E))
@@ -385,7 +445,7 @@ def _forward(q, k, v, mask, is_causal, scale, variant, eps):
     _fwd[grid](
         q, k, v, m, out, z, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
         H, H // Hkv, L, S, E, Ev, scale, eps,
-        SATURATING=variant == "saturating", CAUSAL=is_causal, HAS_MASK=mask is not None,
+        VARIANT=variant, CAUSAL=is_causal, HAS_MASK=mask is not None,
         F32_PV=variant == "squared" and q.dtype == torch.float16, PRECISION=_precision(q.dtype),
         DOT=_dot_dtype(q.dtype), BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev), **cfg,
     )
@@ -418,20 +478,29 @@ def _forward_decode(q, k, v, mask, is_causal, scale, variant, eps, splits=None):
     chunk = triton.cdiv(triton.cdiv(keys, ns), block_n) * block_n  # a whole number of key blocks
     pacc = torch.empty(B, Hkv, ns, R, Ev, dtype=torch.float32, device=q.device)
     pz = torch.empty(B, Hkv, ns, R, dtype=torch.float32, device=q.device)
+    exp_sq = variant == "exp_squared"
+    pm = torch.empty_like(pz) if exp_sq else pz  # the splits' row maxima (exp_squared only)
     m, ms = _mask_args(mask, q)
     extra = {} if interpreter_enabled() else dict(num_warps=4, num_stages=2)
     _fwd_decode[(ns, Hkv, B)](
-        q, k, v, m, pacc, pz, *q.stride(), *k.stride(), *v.stride(), *ms,
+        q, k, v, m, pacc, pz, pm, *q.stride(), *k.stride(), *v.stride(), *ms,
         G, L, S, E, Ev, chunk, scale,
-        SATURATING=variant == "saturating", CAUSAL=is_causal, HAS_MASK=mask is not None,
+        VARIANT=variant, CAUSAL=is_causal, HAS_MASK=mask is not None,
         F32_PV=variant == "squared" and q.dtype == torch.float16, PRECISION=_precision(q.dtype),
         DOT=_dot_dtype(q.dtype), BLOCK_M=_pow2(R), BLOCK_N=block_n, BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev),
         **extra,
     )
-    z = pz.sum(2) + eps  # (B, Hkv, R): rows (g, i) of query head hk G + g
+    if exp_sq:  # rescale each split to the rows' largest maximum, then as below with eps exp(-max)
+        mx = pm.amax(2, keepdim=True)
+        w = (pm - mx).exp()  # (B, Hkv, ns, R)
+        pacc, pz, mx = pacc * w[..., None], pz * w, mx.squeeze(2)
+        z = pz.sum(2) + eps * (-mx).exp()
+    else:
+        z = pz.sum(2) + eps  # (B, Hkv, R): rows (g, i) of query head hk G + g
     z = torch.where(z > 0, z, torch.ones_like(z))  # eps == 0 and nothing to attend to: 0 / 1
     out = (pacc.sum(2) / z[..., None]).view(B, H, L, Ev).to(q.dtype)
-    return out, z.view(B * H, L)
+    saved = mx + z.log() if exp_sq else z  # what backward reads (see `_normaliser`)
+    return out, saved.view(B * H, L)
 
 
 def _backward(q, k, v, mask, out, z, dout, is_causal, scale, variant):
@@ -444,7 +513,7 @@ def _backward(q, k, v, mask, out, z, dout, is_causal, scale, variant):
     rows = 16 if interpreter_enabled() else 64
     _bwd_delta[(triton.cdiv(L, rows), H, B)](
         out, dout, d, *out.stride(), *dout.stride(), H, L, Ev, BLOCK_M=rows, BLOCK_EV=_pow2(Ev))
-    consts = dict(SATURATING=variant == "saturating", CAUSAL=is_causal, HAS_MASK=mask is not None,
+    consts = dict(VARIANT=variant, CAUSAL=is_causal, HAS_MASK=mask is not None,
                   PRECISION=_precision(q.dtype), DOT=_dot_dtype(q.dtype),
                   BLOCK_E=_pow2(E), BLOCK_EV=_pow2(Ev), **cfg)
     common = (*q.stride(), *k.stride(), *v.stride(), *ms, *dout.stride())
