@@ -158,6 +158,19 @@ def test_exp_squared_saves_the_log_normaliser():
             torch.testing.assert_close(z, want, atol=1e-10, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_propagates_like_the_reference(dtype):
+    """A NaN in one query row gives NaN in that row only, as in the reference (the float32 exp of
+    exp_squared must not clamp NaN into a finite weight)."""
+    q, k, v = (t.to(dtype) for t in make_qkv(1, 2, 2, 70, 90, 16, 16, requires_grad=False))
+    q[0, 1, 5, 3] = float("nan")
+    for variant in VARIANTS:
+        out = expressive_attention(q, k, v, is_causal=True, variant=variant, backend="fused_cpu")
+        ref = expressive_attention(q, k, v, is_causal=True, variant=variant, backend="reference")
+        assert torch.equal(out.isnan(), ref.isnan()) and out[0, 1, 5].isnan().all(), variant
+        assert out.isnan().sum() == out.shape[-1], variant
+
+
 def test_strided_inputs_and_gqa_via_public_api():
     """(B, L, H, E) tensors transposed to (B, H, L, E): rows strided, no copies needed."""
     B, L, S, H, Hkv, E = 2, 70, 90, 4, 2, 16

@@ -228,10 +228,10 @@ enum Variant : int { kSquared = 0, kSaturating = 1, kExpSquared = 2 };
 // inside `omp simd` loops (a call to std::exp is not, without -ffast-math): x = n ln2 + r with
 // |r| <= ln2/2 (Cody-Waite, ln2 in two parts), exp(r) by its Taylor series to degree 7 (truncation
 // < 6e-9; measured max relative error 8e-8 on [-87, 0]), times 2^n put in the exponent bits.
-// Below -87, where float32 turns subnormal, it returns 0.
+// Below -87, where float32 turns subnormal, it returns 0; NaN stays NaN.
 inline float exp_upto88(float x) {
-  float xc = x > -87.0f ? x : -87.0f;
-  xc = xc < 88.0f ? xc : 88.0f;
+  float xc = x < -87.0f ? -87.0f : x;  // (comparisons that are false for NaN: it passes through)
+  xc = xc > 88.0f ? 88.0f : xc;
   const float nm = xc * 1.44269504088896341f + 12582912.0f;  // n + 1.5 * 2^23: n in the low bits
   const float n = nm - 12582912.0f;
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
