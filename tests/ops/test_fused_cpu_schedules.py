@@ -174,12 +174,13 @@ def test_compile_without_grad_keeps_the_custom_op(ext):
         assert "fused_cpu_fwd" in make_fx(f)(q, k, v).code
 
 
-@pytest.mark.parametrize("n_kv_heads", [None, 2])
-def test_generate_with_the_decode_schedule_matches_reference(ext, n_kv_heads):
+@pytest.mark.parametrize("n_kv_heads,variant", [(None, "saturating"), (2, "saturating"), (2, "exp_squared")])
+def test_generate_with_the_decode_schedule_matches_reference(ext, n_kv_heads, variant):
     from expressive_attention.nn import DecoderLM, LMConfig
 
     torch.manual_seed(0)
-    cfg = dict(vocab_size=50, context_length=64, d_model=64, n_heads=4, n_kv_heads=n_kv_heads, n_layers=2)
+    cfg = dict(vocab_size=50, context_length=64, d_model=64, n_heads=4, n_kv_heads=n_kv_heads, n_layers=2,
+               variant=variant)
     fast = DecoderLM(LMConfig(**cfg, backend="fused_cpu")).double().eval()  # float64: no near-ties
     ref = DecoderLM(LMConfig(**cfg, backend="reference")).double().eval()
     ref.load_state_dict(fast.state_dict())
