@@ -594,8 +594,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 Variant variant_code(const std::string& variant) {
   if (variant == "saturating") return kSaturating;
   if (variant == "squared") return kSquared;
-  if (variant == "exp_squared") return kExpSquared;
-  TORCH_CHECK(false, "ea_cpu: variant must be 'saturating', 'squared' or 'exp_squared', got '", variant, "'");
+  TORCH_CHECK(variant == "exp_squared",
+              "ea_cpu: variant must be 'saturating', 'squared' or 'exp_squared', got '", variant, "'");
+  return kExpSquared;
 }
 
 // Returns (out in q's dtype, z in the compute dtype, shape (B, H, L): Z, or lse = m + log Z for exp_squared).
