@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from ..errors import UserError
+from ..ops.reference import VARIANTS
 from .args import csv_of, deprecated, positive_int
 
 MODES = ("ops", "long", "model", "decode", "gpu")
@@ -44,7 +45,8 @@ def _add_ops(sub) -> None:
     p.add_argument("--B", type=positive_int, default=d.B, help="batch size (default %(default)s)")
     p.add_argument("--H", type=positive_int, default=d.H, help="heads (default %(default)s)")
     p.add_argument("--modes", type=csv_of(choices=("fwd", "fwdbwd")), default=list(d.modes), help="fwd,fwdbwd")
-    p.add_argument("--variants", type=csv_of(), default=list(d.variants), help="EA variants (saturating,squared)")
+    p.add_argument("--variants", type=csv_of(choices=VARIANTS), default=list(d.variants),
+                   help=f"EA variants, comma-separated, of {','.join(VARIANTS)} (default: %(default)s)")
     p.add_argument("--backends", type=csv_of(), default=None,
                    help="EA backends (default: auto and every registered backend that supports the shape)")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
