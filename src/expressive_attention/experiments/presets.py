@@ -233,8 +233,8 @@ PRESETS: dict[str, Preset] = {
         description="Does EA learn faster, or can it do more? The quick preset's model at one rung per family "
                     "(pointer T=16, lagged_digits N=5, recall K=2), along a budget axis (450, 1350, 4050 steps "
                     "at d_model 64) and a size axis (d_model 32, 64, 128 at 450 steps), DPA vs EA saturating "
-                    "and squared, 3 seeds: 3 families x 5 points x 3 kinds x 3 seeds = 135 runs, about 55 min "
-                    "on an idle 2-core CPU with --workers 2 (docs/ladder.md, \"The verify preset\").",
+                    "and squared, 3 seeds: 3 families x 5 points x 3 kinds x 3 seeds = 135 runs, about 67 min "
+                    "on an idle 2-core CPU with --workers 2 (the runs' CPU times add up to 134 min; docs/ladder.md).",
         base=dict(_QUICK_BASE),
         seeds=3,
         variants=("saturating", "squared"),
