@@ -38,8 +38,8 @@ from ._functorch import fold_vmap
 from .backend import Backend
 from .problem import Problem
 from .mask_patterns import key_padding_of
-from .linear_features import (OuterProducts, PackedFeatures, add_to_state, new_state, read_num,
-                              unpack_state, with_ones)
+from . import linear_sweeps
+from .linear_features import PackedFeatures, SplitState, add_to_state, new_state, read_num, with_ones
 from .reference import compute_dtype, repeat_kv
 
 __all__ = ["BACKEND", "add_to_state", "causal_forward", "default_chunk", "linear_attention", "linear_pays_off",
@@ -107,10 +107,6 @@ def read_state(state: Tensor, q: Tensor, eps: float, phi: PackedFeatures | None 
     return normalise_rows(read_num(state, q, phi), state.shape[-1] - 1, eps)[0]
 
 
-def _causal_tril(n: int, dtype, device) -> Tensor:
-    return torch.ones(n, n, dtype=dtype, device=device).tril()
-
-
 def normalise_rows(num: Tensor, Ev: int, eps: float):
     """num (..., Ev+1) -> (out (..., Ev), z (..., 1)) with z = eps + den, z <= 0 -> 1 (reference)."""
     z = num[..., Ev:] + eps
@@ -118,145 +114,17 @@ def normalise_rows(num: Tensor, Ev: int, eps: float):
     return num[..., :Ev] / z, z
 
 
-@torch.no_grad()
-def _rows(q: Tensor, scale: float, c0: int, c1: int) -> Tensor:
-    """Query rows c0:c1 of q (N, G, L, E), multiplied by scale: (N, G * n, E), a fresh tensor (so that
-    no scaled copy of the whole q is kept)."""
-    N, G, _, E = q.shape
-    return (q[:, :, c0:c1] * scale).reshape(N, G * (c1 - c0), E)
-
-
 def causal_forward(q: Tensor, k: Tensor, v: Tensor, state: Tensor, eps: float, chunk: int, scale: float):
-    """Causal linear EA over n tokens that follow the tokens summarised in `state`.
+    """Causal linear EA over n tokens that follow the tokens summarised in the packed `state`
+    (N, F, Ev+1), updated in place (the recurrent cache's prefill).
 
-    q (N, G, n, E) queries (multiplied by `scale` chunk by chunk); k (N, n, E); v (N, n, Ev);
-    state (N, F, Ev+1), updated in place. Returns out (N, G, n, Ev), z (N, G, n, 1).
+    q (N, G, n, E) queries (multiplied by `scale` chunk by chunk); k (N, n, E); v (N, n, Ev).
+    Returns out (N, G, n, Ev), z (N, G, n, 1).
     """
-    N, G, L, E = q.shape
-    Ev = v.shape[-1]
-    out = q.new_empty(N, G, L, Ev)
-    zs = q.new_empty(N, G, L, 1)
-    phi = PackedFeatures()
-    tril = _causal_tril(min(chunk, L), q.dtype, q.device)
-    for c0 in range(0, L, chunk):
-        c1 = min(L, c0 + chunk)
-        n = c1 - c0
-        qc = _rows(q, scale, c0, c1)
-        kc, vc = k[:, c0:c1], with_ones(v[:, c0:c1])
-        s = torch.bmm(qc, kc.transpose(1, 2))  # (N, G*n, n)
-        s.square_().view(N, G, n, n).mul_(tril[:n, :n])
-        num = torch.bmm(s, vc)  # (N, G*n, Ev+1)
-        num.baddbmm_(phi(qc), state)
-        add_to_state(state, kc, vc, phi)
-        o, z = normalise_rows(num.view(N, G, n, Ev + 1), Ev, eps)
-        out[:, :, c0:c1] = o
-        zs[:, :, c0:c1] = z
-    return out, zs
-
-
-@torch.no_grad()
-def _global_state(k: Tensor, v: Tensor, chunk: int) -> Tensor:
-    """sum_j phi(k_j) [v_j, 1]^T over all keys: (N, F, Ev+1)."""
-    N, S, E = k.shape
-    state = new_state(N, E, v.shape[-1], k.dtype, k.device)
-    phi = PackedFeatures()
-    for c0 in range(0, S, chunk):
-        add_to_state(state, k[:, c0 : c0 + chunk], with_ones(v[:, c0 : c0 + chunk]), phi)
-    return state
-
-
-@torch.no_grad()
-def full_forward(q: Tensor, k: Tensor, v: Tensor, eps: float, chunk: int, scale: float):
-    """Non-causal: every query sees every key through one global state."""
-    N, G, L, E = q.shape
-    Ev = v.shape[-1]
-    state = _global_state(k, v, chunk)
-    out = q.new_empty(N, G, L, Ev)
-    zs = q.new_empty(N, G, L, 1)
-    phi = PackedFeatures()
-    for c0 in range(0, L, chunk):
-        c1 = min(L, c0 + chunk)
-        n = c1 - c0
-        num = read_num(state, _rows(q, scale, c0, c1), phi)
-        o, z = normalise_rows(num.view(N, G, n, Ev + 1), Ev, eps)
-        out[:, :, c0:c1] = o
-        zs[:, :, c0:c1] = z
-    return out, zs
-
-
-def _grad_rows(do: Tensor, o: Tensor, z: Tensor) -> Tensor:
-    """g = [dO / Z, -(dO . O) / Z]: the gradient w.r.t. the un-normalised [num, den]. (..., Ev+1)"""
-    return torch.cat([do, -(do * o).sum(-1, keepdim=True)], dim=-1).div_(z)
-
-
-@torch.no_grad()
-def _backward(q, k, v, o, z, do, eps, chunk, is_causal, scale):
-    """Gradients w.r.t. the scaled queries q * scale (N, G, L, E), k (N, S, E) and v (N, S, Ev)
-    (a view of a (N, S, Ev+1) buffer); see the module docstring."""
-    N, G, L, E = q.shape
-    S, Ev = k.shape[1], v.shape[-1]
-    Ev1 = Ev + 1
-    dqs = torch.zeros_like(q)
-    dk = torch.zeros_like(k)
-    dv1 = k.new_zeros(N, S, Ev1)
-    outer, phi = OuterProducts(), PackedFeatures()
-
-    def g_of(c0, c1):
-        n = c1 - c0
-        return _grad_rows(do[:, :, c0:c1], o[:, :, c0:c1], z[:, :, c0:c1]).reshape(N, G * n, Ev1)
-
-    if not is_causal:
-        st_t = unpack_state(_global_state(k, v, chunk), E).transpose(1, 2)  # [(b, v), a]
-        dstate = new_state(N, E, Ev, k.dtype, k.device)
-        for c0 in range(0, L, chunk):
-            c1 = min(L, c0 + chunk)
-            n = c1 - c0
-            qc, g = _rows(q, scale, c0, c1), g_of(c0, c1)
-            dqs[:, :, c0:c1] = torch.bmm(outer(qc, g), st_t).mul_(2.0).view(N, G, n, E)
-            add_to_state(dstate, qc, g, phi)
-        dst_t = unpack_state(dstate, E).transpose(1, 2)
-        for c0 in range(0, S, chunk):
-            kc, vc = k[:, c0 : c0 + chunk], with_ones(v[:, c0 : c0 + chunk])
-            dk[:, c0 : c0 + chunk] = torch.bmm(outer(kc, vc), dst_t).mul_(2.0)
-            dv1[:, c0 : c0 + chunk] = read_num(dstate, kc, phi)
-        return dqs, dk, dv1[..., :Ev]
-
-    tril = _causal_tril(min(chunk, L), q.dtype, q.device)
-    # sweep 1, forward order: the quadratic part inside each chunk, and dq from the prefix state
-    state = new_state(N, E, Ev, k.dtype, k.device)
-    for c0 in range(0, L, chunk):
-        c1 = min(L, c0 + chunk)
-        n = c1 - c0
-        qc, g = _rows(q, scale, c0, c1), g_of(c0, c1)
-        kc, vc = k[:, c0:c1], with_ones(v[:, c0:c1])
-        s = torch.bmm(qc, kc.transpose(1, 2))  # (N, G*n, n)
-        m = tril[:n, :n]
-        ds = torch.bmm(g, vc.transpose(1, 2))  # dF
-        ds.view(N, G, n, n).mul_(m).mul_(s.view(N, G, n, n)).mul_(2.0)  # dF * f'(s), masked
-        f = s.square_()
-        f.view(N, G, n, n).mul_(m)
-        dv1[:, c0:c1] += torch.bmm(f.transpose(1, 2), g)
-        dk[:, c0:c1] += torch.bmm(ds.transpose(1, 2), qc)
-        dq = torch.bmm(ds, kc)  # (N, G*n, E)
-        if c0 > 0:  # the wide GEMM on the unpacked prefix state: dq_a = 2 sum_(b,v) q_b g_v S[a, (b, v)]
-            dq.baddbmm_(outer(qc, g), unpack_state(state, E).transpose(1, 2), alpha=2.0)
-        dqs[:, :, c0:c1] = dq.view(N, G, n, E)
-        add_to_state(state, kc, vc, phi)
-    # sweep 2, reverse order: keys of chunk c reach the queries of later chunks through dS
-    dstate = new_state(N, E, Ev, k.dtype, k.device)
-    starts = list(range(0, L, chunk))
-    for c0 in reversed(starts):
-        c1 = min(L, c0 + chunk)
-        n = c1 - c0
-        kc, vc = k[:, c0:c1], with_ones(v[:, c0:c1])
-        if c0 != starts[-1]:
-            # (bmm into a temporary: baddbmm_ on a strided slice falls back to per-matrix addmm)
-            dk[:, c0:c1] += torch.bmm(outer(kc, vc), unpack_state(dstate, E).transpose(1, 2)).mul_(2.0)
-            dv1[:, c0:c1] += read_num(dstate, kc, phi)
-        if c0 > 0:
-            qc, g = _rows(q, scale, c0, c1), g_of(c0, c1)
-            add_to_state(dstate, qc, g, phi)
-    return dqs, dk, dv1[..., :Ev]
+    st = SplitState.from_packed(state, q.shape[-1])
+    out, z = linear_sweeps.causal_forward(q, k, v, st, eps, chunk, scale)
+    st.write_packed(state)
+    return out, z
 
 
 class _LinearEA(torch.autograd.Function):
@@ -278,10 +146,10 @@ class _LinearEA(torch.autograd.Function):
         N, Ev = B * k.shape[1], v.shape[-1]
         q3, k3, v3 = _LinearEA._prepare(q, k, v)
         if is_causal:
-            state = new_state(N, E, Ev, k3.dtype, k3.device)
-            out, z = causal_forward(q3, k3, v3, state, eps, chunk, scale)
+            state = SplitState.zeros(N, E, Ev, k3.dtype, k3.device)
+            out, z = linear_sweeps.causal_forward(q3, k3, v3, state, eps, chunk, scale)
         else:
-            out, z = full_forward(q3, k3, v3, eps, chunk, scale)
+            out, z = linear_sweeps.full_forward(q3, k3, v3, eps, chunk, scale)
         return out.view(B, H, L, Ev).to(q.dtype), out, z  # the compute-dtype out and z: for backward
 
     @staticmethod
@@ -312,10 +180,9 @@ class _LinearBackward(torch.autograd.Function):
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
         q3, k3, v3 = _LinearEA._prepare(q, k, v)
         do = dout.to(q3.dtype).reshape(B * Hkv, H // Hkv, L, Ev)
-        dqs, dk, dv = _backward(q3, k3, v3, out, z, do, eps, chunk, is_causal, scale)
+        dqs, dk, dv = linear_sweeps.backward(q3, k3, v3, out, z, do, chunk, is_causal, scale)
         dq = dqs.mul_(scale).view(B, H, L, E).to(q.dtype)
-        # dv: a view of the (.., Ev+1) accumulator (no copy; unflatten keeps it a view)
-        return dq, dk.view(B, Hkv, S, E).to(k.dtype), dv.unflatten(0, (B, Hkv)).to(v.dtype)
+        return dq, dk.view(B, Hkv, S, E).to(k.dtype), dv.view(B, Hkv, S, Ev).to(v.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

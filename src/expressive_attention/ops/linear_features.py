@@ -58,7 +58,7 @@ def _tables(E: int, dtype: torch.dtype, device: torch.device):
             torch.tensor([1.0 if a == b else SQRT2 for a, b in feature_pairs(E)], dtype=dtype, device=device)[:, None])
 
 
-class _Buffers:
+class Buffers:
     """Named flat buffers reused across chunks (fresh multi-MB allocations per chunk are 3-5x slower
     on CPU than writing into the same memory)."""
 
@@ -73,7 +73,7 @@ class _Buffers:
         return buf[:need].view(*shape)
 
 
-class PackedFeatures(_Buffers):
+class PackedFeatures(Buffers):
     """x (N, n, E) -> phi(x) (N, n, F), a transposed view of a feature-major buffer (N, F, n) that is
     reused across calls (a result is valid until the next call).
 
@@ -89,7 +89,8 @@ class PackedFeatures(_Buffers):
 
     def __call__(self, x: Tensor) -> Tensor:
         N, n, E = x.shape
-        xt = x.transpose(1, 2).contiguous()  # (N, E, n)
+        xt = self.take("xt", x, N, E, n)
+        xt.copy_(x.transpose(1, 2))  # (N, E, n)
         out = self.take("phi", x, N, n_features(E), n)
         diag, _, _, rows, weight = _tables(E, x.dtype, x.device)
         if not (torch.get_num_threads() == 1 if self.by_rows is None else self.by_rows):
@@ -97,14 +98,14 @@ class PackedFeatures(_Buffers):
             torch.mul(xt[:, :, None], xt[:, None], out=full)  # (N, E, E, n)
             torch.index_select(full.view(N, E * E, n), 1, rows, out=out)  # the upper triangle
             return out.mul_(weight).transpose(1, 2)
-        xst = xt * SQRT2
+        xst = torch.mul(xt, SQRT2, out=self.take("xst", x, N, E, n))
         for a, o in enumerate(_row_starts(E)):  # row a: sqrt2 x_a x_b for b = a..E-1 (diagonal fixed below)
             torch.mul(xst[:, a : a + 1], xt[:, a:], out=out[:, o : o + E - a])
-        out.index_copy_(1, diag, xt.square())  # the diagonal terms x_a^2 carry weight 1, not sqrt2
+        out.index_copy_(1, diag, torch.mul(xt, xt, out=xst))  # the diagonal terms x_a^2 carry weight 1, not sqrt2
         return out.transpose(1, 2)
 
 
-class OuterProducts(_Buffers):
+class OuterProducts(Buffers):
     """Row-wise outer products x (N, n, a), y (N, n, b) -> (N, n, a*b) in a reused buffer."""
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
@@ -130,11 +131,49 @@ def read_num(state: Tensor, q: Tensor, phi: PackedFeatures | None = None) -> Ten
     return torch.bmm((phi or PackedFeatures())(q), state)
 
 
-def unpack_state(state: Tensor, E: int) -> Tensor:
-    """(N, F, Ev1) -> (N, E, E * Ev1) with entry [a, (b, v)] = sum_j x_ja x_jb y_jv (symmetric in a, b)."""
+def unpack_state(state: Tensor, E: int, out: Tensor | None = None) -> Tensor:
+    """(N, F, Ev1) -> (N, E, E * Ev1) with entry [a, (b, v)] = sum_j x_ja x_jb y_jv (symmetric in a, b),
+    written into `out` ((N, E * E, Ev1), e.g. a reused buffer) when given."""
     N, _, Ev1 = state.shape
     _, unpack, unweight, _, _ = _tables(E, state.dtype, state.device)
-    return state.index_select(1, unpack).mul_(unweight).view(N, E, E * Ev1)
+    out = torch.index_select(state, 1, unpack, out=out) if out is not None else state.index_select(1, unpack)
+    return out.mul_(unweight).view(N, E, E * Ev1)
+
+
+class SplitState:
+    """The state as the chunked form keeps it: the value part sv (N, F, Ev) = sum_j phi(k_j) v_j^T and
+    the normaliser's part as the Gram matrix gram (N, E, E) = sum_j k_j k_j^T, so that
+    den_i = sum_j (q_i.k_j)^2 = q_i^T gram q_i costs E^2 per row. (The packed state's (Ev+1)-th column
+    holds the same sums as features: one more column in every F-row GEMM, which MKL ran 1.4-1.5x
+    slower with Ev+1 = 33 or 65 columns than with 32 or 64, one thread.)"""
+
+    def __init__(self, sv: Tensor, gram: Tensor):
+        self.sv, self.gram = sv, gram
+
+    @classmethod
+    def zeros(cls, N: int, E: int, Ev: int, dtype: torch.dtype, device=None) -> "SplitState":
+        return cls(torch.zeros(N, n_features(E), Ev, dtype=dtype, device=device),
+                   torch.zeros(N, E, E, dtype=dtype, device=device))
+
+    @classmethod
+    def from_packed(cls, state: Tensor, E: int) -> "SplitState":
+        """From a packed state (N, F, Ev+1) (copies)."""
+        N = state.shape[0]
+        _, unpack, unweight, _, _ = _tables(E, state.dtype, state.device)
+        gram = state[..., -1].index_select(1, unpack).mul_(unweight[:, 0]).view(N, E, E)
+        return cls(state[..., :-1].contiguous(), gram)
+
+    def write_packed(self, state: Tensor) -> None:
+        """Into a packed state (N, F, Ev+1): sv, and the Gram matrix as the features' sums."""
+        N, E, _ = self.gram.shape
+        _, _, _, rows, weight = _tables(E, state.dtype, state.device)
+        state[..., :-1] = self.sv
+        state[..., -1] = self.gram.reshape(N, E * E).index_select(1, rows).mul_(weight[:, 0])
+
+    def add(self, x: Tensor, y: Tensor, phi: "PackedFeatures") -> None:
+        """Keys x (N, n, E) with values y (N, n, Ev): sv += phi(x)^T y, gram += x^T x."""
+        self.sv.baddbmm_(phi(x).transpose(1, 2), y)  # (N, F, n) contiguous: a plain GEMM
+        self.gram.baddbmm_(x.transpose(1, 2), x)
 
 
 def with_ones(v: Tensor) -> Tensor:

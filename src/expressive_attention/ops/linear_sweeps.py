@@ -1,0 +1,208 @@
+"""The chunk loops of EA-squared's linear form (backend="linear"): forward and backward, causal and not.
+
+On 3-D tensors: N = B * Hkv heads, G query heads per key/value head; q (N, G, L, E) unscaled (each
+chunk of rows is multiplied by `scale` into a reused buffer), k (N, S, E), v (N, S, Ev). The state is
+a `SplitState`: sv = sum_j phi(k_j) v_j^T (N, F, Ev) and gram = sum_j k_j k_j^T (N, E, E), so that
+
+    num_i = sum_{j<=i} f_ij v_j = phi(q_i)^T sv_i,      den_i = sum_{j<=i} f_ij = q_i^T gram_i q_i,
+    out_i = num_i / (eps + den_i)        (a row with eps + den <= 0 divides by 1, as the reference)
+
+Causal: chunks of C rows; inside a chunk the quadratic form (s^2 masked by tril), across chunks the
+running state. The backward recomputes the chunk features instead of keeping them, in two sweeps:
+forward order for dq (which needs the prefix state), reverse order for dk/dv (which need the suffix
+sums dsv = sum_{later i} phi(q_i) gv_i^T and dgram = sum_{later i} gz_i q_i q_i^T). With
+gv_i = dO_i / Z_i and gz_i = -(dO_i . O_i) / Z_i (the gradients w.r.t. num_i and den_i):
+
+    inside a chunk:  dF = gv v^T + gz 1^T,  ds = 2 s dF (masked),  dq += ds k, dk += ds^T q, dv += F^T gv
+    across chunks:   dq_i = 2 (q_i (x) gv_i) . sv^(a,(b,v)) + 2 gz_i gram q_i,
+                     dk_j = 2 (k_j (x) v_j) . dsv^(a,(b,v)) + 2 dgram k_j,   dv_j = phi(k_j)^T dsv
+
+where sv^(a,(b,v)) = sum_j k_ja k_jb v_jv is the packed state unpacked (symmetric in a, b): the
+gradient of phi as one wide GEMM. Every per-chunk temporary lives in a buffer reused across chunks
+(`Buffers`): a fresh multi-MB tensor per chunk is a fresh mapping, page-faulted on first use, which
+made the whole call ~1.7x slower under the benchmarks' MALLOC_MMAP_THRESHOLD_=65536.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .linear_features import Buffers, OuterProducts, PackedFeatures, SplitState, unpack_state
+
+
+def causal_tril(n: int, dtype, device) -> Tensor:
+    return torch.ones(n, n, dtype=dtype, device=device).tril()
+
+
+def _scaled_rows(q: Tensor, scale: float, c0: int, c1: int, ws: Buffers) -> Tensor:
+    """Query rows c0:c1 of q (N, G, L, E) times scale, in a reused buffer: (N, G * n, E)."""
+    N, G, _, E = q.shape
+    return torch.mul(q[:, :, c0:c1], scale, out=ws.take("q", q, N, G, c1 - c0, E)).view(N, G * (c1 - c0), E)
+
+
+def _scores(qc: Tensor, kc: Tensor, ws: Buffers) -> Tensor:
+    """s = qc kc^T (N, G * n, n) in a reused buffer."""
+    return torch.bmm(qc, kc.transpose(1, 2), out=ws.take("s", qc, qc.shape[0], qc.shape[1], kc.shape[1]))
+
+
+def _gram_rows(qc: Tensor, gram: Tensor, ws: Buffers) -> Tensor:
+    """qc gram (N, n, E) in a reused buffer (gram is symmetric: also gram qc per row)."""
+    return torch.bmm(qc, gram, out=ws.take("qK", qc, *qc.shape))
+
+
+def _normalise_into(num: Tensor, den: Tensor, eps: float, out: Tensor, zs: Tensor) -> None:
+    """out (N, G, n, Ev) = num / z, zs (N, G, n, 1) = z, with z = eps + den, z <= 0 -> 1 (the reference's
+    rule for rows that see no key); num (N, G * n, Ev), den (N, G * n)."""
+    z = den.add_(eps)
+    z = torch.where(z > 0, z, torch.ones_like(z)).view(zs.shape)
+    zs.copy_(z)
+    torch.div(num.view(out.shape), z, out=out)
+
+
+@torch.no_grad()
+def causal_forward(q: Tensor, k: Tensor, v: Tensor, st: SplitState, eps: float, chunk: int, scale: float):
+    """Causal linear EA over the L tokens that follow those summarised in `st` (updated in place).
+    Returns out (N, G, L, Ev), z (N, G, L, 1)."""
+    N, G, L, E = q.shape
+    Ev = v.shape[-1]
+    out = q.new_empty(N, G, L, Ev)
+    zs = q.new_empty(N, G, L, 1)
+    ws, phi = Buffers(), PackedFeatures()
+    tril = causal_tril(min(chunk, L), q.dtype, q.device)
+    for c0 in range(0, L, chunk):
+        c1 = min(L, c0 + chunk)
+        n = c1 - c0
+        qc = _scaled_rows(q, scale, c0, c1, ws)
+        kc, vc = k[:, c0:c1], v[:, c0:c1]
+        f = _scores(qc, kc, ws).square_()
+        f.view(N, G, n, n).mul_(tril[:n, :n])
+        num = torch.bmm(f, vc, out=ws.take("num", q, N, G * n, Ev))
+        num.baddbmm_(phi(qc), st.sv)
+        den = f.sum(-1).add_(_gram_rows(qc, st.gram, ws).mul_(qc).sum(-1))  # (N, G*n)
+        st.add(kc, vc, phi)
+        _normalise_into(num, den, eps, out[:, :, c0:c1], zs[:, :, c0:c1])
+    return out, zs
+
+
+@torch.no_grad()
+def global_state(k: Tensor, v: Tensor, chunk: int) -> SplitState:
+    """The state of all keys: sv = sum_j phi(k_j) v_j^T, gram = sum_j k_j k_j^T."""
+    N, S, E = k.shape
+    st = SplitState.zeros(N, E, v.shape[-1], k.dtype, k.device)
+    phi = PackedFeatures()
+    for c0 in range(0, S, chunk):
+        st.add(k[:, c0 : c0 + chunk], v[:, c0 : c0 + chunk], phi)
+    return st
+
+
+@torch.no_grad()
+def full_forward(q: Tensor, k: Tensor, v: Tensor, eps: float, chunk: int, scale: float):
+    """Non-causal: every query sees every key through one global state."""
+    N, G, L, E = q.shape
+    Ev = v.shape[-1]
+    st = global_state(k, v, chunk)
+    out = q.new_empty(N, G, L, Ev)
+    zs = q.new_empty(N, G, L, 1)
+    ws, phi = Buffers(), PackedFeatures()
+    for c0 in range(0, L, chunk):
+        c1 = min(L, c0 + chunk)
+        qc = _scaled_rows(q, scale, c0, c1, ws)
+        num = torch.bmm(phi(qc), st.sv, out=ws.take("num", q, N, qc.shape[1], Ev))
+        den = _gram_rows(qc, st.gram, ws).mul_(qc).sum(-1)
+        _normalise_into(num, den, eps, out[:, :, c0:c1], zs[:, :, c0:c1])
+    return out, zs
+
+
+class _Grads:
+    """gv = dO / Z (N, G * n, Ev) and gz = -(dO . O) / Z (N, G * n, 1) of rows c0:c1, in reused buffers."""
+
+    def __init__(self, do: Tensor, o: Tensor, z: Tensor, ws: Buffers):
+        self.do, self.o, self.z, self.ws = do, o, z, ws
+
+    def __call__(self, c0: int, c1: int) -> tuple[Tensor, Tensor]:
+        N, G, _, Ev = self.do.shape
+        n = c1 - c0
+        do, o, z = self.do[:, :, c0:c1], self.o[:, :, c0:c1], self.z[:, :, c0:c1]
+        gz = torch.mul(do, o, out=self.ws.take("gz_t", do, N, G, n, Ev)).sum(-1, keepdim=True).div_(z).neg_()
+        gv = torch.div(do, z, out=self.ws.take("gv", do, N, G, n, Ev))
+        return gv.view(N, G * n, Ev), gz.view(N, G * n, 1)
+
+
+def _state_grad(x: Tensor, y: Tensor, w: Tensor, st: SplitState, outer: OuterProducts, ws: Buffers,
+                name: str) -> Tensor:
+    """The gradient w.r.t. x (N, n, E) of sum_i <w_i, num-part> through a state: for queries (x = q,
+    y = gv, w = gz; st = the prefix state) or keys (x = k, y = v, w = None; st = the suffix grads):
+    2 (x (x) y) . sv^(a,(b,v)) + 2 w (x gram), into buffer `name`."""
+    N, n, E = x.shape
+    dx = torch.bmm(outer(x, y), unpack_state(st.sv, E, out=ws.take("unpacked", x, N, E * E, y.shape[-1]))
+                   .transpose(1, 2), out=ws.take(name, x, N, n, E))
+    xg = _gram_rows(x, st.gram, ws)
+    if w is not None:
+        xg.mul_(w)
+    return dx.add_(xg).mul_(2.0)
+
+
+@torch.no_grad()
+def backward(q, k, v, o, z, do, chunk, is_causal, scale):
+    """Gradients w.r.t. the scaled queries q * scale (N, G, L, E), k (N, S, E) and v (N, S, Ev)."""
+    N, G, L, E = q.shape
+    S, Ev = k.shape[1], v.shape[-1]
+    dqs = torch.empty_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    ws, outer, phi = Buffers(), OuterProducts(), PackedFeatures()
+    grads = _Grads(do, o, z, ws)
+
+    def add_grads(dst: SplitState, qc: Tensor, gv: Tensor, gz: Tensor) -> None:
+        """dsv += phi(qc)^T gv, dgram += (gz qc)^T qc."""
+        dst.sv.baddbmm_(phi(qc).transpose(1, 2), gv)
+        dst.gram.baddbmm_(torch.mul(qc, gz, out=ws.take("qgz", qc, *qc.shape)).transpose(1, 2), qc)
+
+    dst = SplitState.zeros(N, E, Ev, k.dtype, k.device)
+    if not is_causal:
+        st = global_state(k, v, chunk)
+        for c0 in range(0, L, chunk):
+            c1 = min(L, c0 + chunk)
+            qc, (gv, gz) = _scaled_rows(q, scale, c0, c1, ws), grads(c0, c1)
+            dqs[:, :, c0:c1] = _state_grad(qc, gv, gz, st, outer, ws, "dq").view(N, G, c1 - c0, E)
+            add_grads(dst, qc, gv, gz)
+        for c0 in range(0, S, chunk):
+            kc, vc = k[:, c0 : c0 + chunk], v[:, c0 : c0 + chunk]
+            dk[:, c0 : c0 + chunk] = _state_grad(kc, vc, None, dst, outer, ws, "dk")
+            torch.bmm(phi(kc), dst.sv, out=dv[:, c0 : c0 + chunk])
+        return dqs, dk, dv
+
+    tril = causal_tril(min(chunk, L), q.dtype, q.device)
+    # sweep 1, forward order: the quadratic part inside each chunk, and dq from the prefix state
+    st = SplitState.zeros(N, E, Ev, k.dtype, k.device)
+    for c0 in range(0, L, chunk):
+        c1 = min(L, c0 + chunk)
+        n = c1 - c0
+        qc, (gv, gz) = _scaled_rows(q, scale, c0, c1, ws), grads(c0, c1)
+        kc, vc = k[:, c0:c1], v[:, c0:c1]
+        m = tril[:n, :n]
+        s = _scores(qc, kc, ws)  # (N, G*n, n)
+        ds = torch.bmm(gv, vc.transpose(1, 2), out=ws.take("ds", q, N, G * n, n)).add_(gz)  # dF
+        ds.view(N, G, n, n).mul_(m).mul_(s.view(N, G, n, n)).mul_(2.0)  # dF * f'(s), masked
+        f = s.square_()
+        f.view(N, G, n, n).mul_(m)
+        dv[:, c0:c1] += torch.bmm(f.transpose(1, 2), gv, out=ws.take("dv_c", q, N, n, Ev))
+        dk[:, c0:c1] += torch.bmm(ds.transpose(1, 2), qc, out=ws.take("dk_c", q, N, n, E))
+        if c0 > 0:
+            dq = _state_grad(qc, gv, gz, st, outer, ws, "dq").baddbmm_(ds, kc)
+        else:
+            dq = torch.bmm(ds, kc, out=ws.take("dq", q, N, G * n, E))
+        dqs[:, :, c0:c1] = dq.view(N, G, n, E)
+        st.add(kc, vc, phi)
+    # sweep 2, reverse order: keys of chunk c reach the queries of later chunks through dst
+    starts = list(range(0, L, chunk))
+    for c0 in reversed(starts):
+        c1 = min(L, c0 + chunk)
+        kc, vc = k[:, c0:c1], v[:, c0:c1]
+        if c0 != starts[-1]:
+            dk[:, c0:c1] += _state_grad(kc, vc, None, dst, outer, ws, "dk")
+            dv[:, c0:c1] += torch.bmm(phi(kc), dst.sv, out=ws.take("dv_c", q, N, c1 - c0, Ev))
+        if c0 > 0:
+            qc, (gv, gz) = _scaled_rows(q, scale, c0, c1, ws), grads(c0, c1)
+            add_grads(dst, qc, gv, gz)
+    return dqs, dk, dv
