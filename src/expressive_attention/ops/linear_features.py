@@ -105,6 +105,29 @@ class PackedFeatures(Buffers):
         return out.transpose(1, 2)
 
 
+class PhiGrad(Buffers):
+    """The gradient through the packed features: given dphi^T (N, F, n) (feature-major, as
+    S @ g^T gives it) and x (N, n, E), dx (N, n, E) with dx_a = 2 dphi_aa x_a + sqrt2 sum_{b != a}
+    dphi_(min(a,b), max(a,b)) x_b, i.e. the symmetric E x E contraction of each row, E^2 work per row
+    instead of the wide GEMM's 2 E^2 Ev on the unpacked state. By rows of the triangle: row a's block
+    P_a (features (a, a..E-1)) gives dx_a += sum_b P_a[b] x_b and dx_b += P_a[b] x_a (the diagonal
+    twice: 2 dphi_aa x_a). dphi^T is weighted in place (overwritten)."""
+
+    def __call__(self, dphi_t: Tensor, x: Tensor) -> Tensor:
+        N, n, E = x.shape
+        _, _, _, _, weight = _tables(E, x.dtype, x.device)
+        pw = dphi_t.mul_(weight)
+        xt = self.take("xt", x, N, E, n)
+        xt.copy_(x.transpose(1, 2))  # (N, E, n)
+        dxt = self.take("dxt", x, N, E, n).zero_()
+        tmp = self.take("tmp", x, N, E, n)
+        for a, o in enumerate(_row_starts(E)):
+            block = pw[:, o : o + E - a]  # (N, E-a, n)
+            dxt[:, a] += torch.mul(block, xt[:, a:], out=tmp[:, : E - a]).sum(1)
+            dxt[:, a:].addcmul_(block, xt[:, a : a + 1])
+        return dxt.transpose(1, 2)
+
+
 class OuterProducts(Buffers):
     """Row-wise outer products x (N, n, a), y (N, n, b) -> (N, n, a*b) in a reused buffer."""
 

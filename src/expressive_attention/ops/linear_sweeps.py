@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .linear_features import Buffers, OuterProducts, PackedFeatures, SplitState, unpack_state
+from .linear_features import Buffers, OuterProducts, PackedFeatures, PhiGrad, SplitState, unpack_state
 
 
 def causal_tril(n: int, dtype, device) -> Tensor:
@@ -113,6 +113,14 @@ def full_forward(q: Tensor, k: Tensor, v: Tensor, eps: float, chunk: int, scale:
     return out, zs
 
 
+class _BackwardBuffers(Buffers):
+    """The backward's buffers, with those of the outer products and of the gradient through phi."""
+
+    def __init__(self):
+        super().__init__()
+        self.outer, self.phi_grad = OuterProducts(), PhiGrad()
+
+
 class _Grads:
     """gv = dO / Z (N, G * n, Ev) and gz = -(dO . O) / Z (N, G * n, 1) of rows c0:c1, in reused buffers."""
 
@@ -128,18 +136,30 @@ class _Grads:
         return gv.view(N, G * n, Ev), gz.view(N, G * n, 1)
 
 
-def _state_grad(x: Tensor, y: Tensor, w: Tensor, st: SplitState, outer: OuterProducts, ws: Buffers,
-                name: str) -> Tensor:
-    """The gradient w.r.t. x (N, n, E) of sum_i <w_i, num-part> through a state: for queries (x = q,
-    y = gv, w = gz; st = the prefix state) or keys (x = k, y = v, w = None; st = the suffix grads):
-    2 (x (x) y) . sv^(a,(b,v)) + 2 w (x gram), into buffer `name`."""
+def packed_phi_grad(E: int) -> bool:
+    """Whether the gradient through phi is taken on the packed state (dphi = y sv^T, then `PhiGrad`:
+    half the GEMM flops, plus E^2 work per row in ~3 E small ops) rather than by the wide GEMM on the
+    unpacked state. Measured (one thread, fwd+bwd, B=4, H=4, L=4096): ... """
+    return E >= PACKED_PHI_GRAD_FROM_E
+
+
+PACKED_PHI_GRAD_FROM_E = 32
+
+
+def _state_grad(x: Tensor, y: Tensor, w: Tensor | None, st: SplitState, ws: Buffers, name: str) -> Tensor:
+    """The gradient w.r.t. x (N, n, E) of sum_i <y_i, num_i> + w_i den_i through a state, into buffer
+    `name`: for queries (x = q, y = gv, w = gz; st = the prefix state) or keys (x = k, y = v, w = 1;
+    st = the suffix sums of the gradients): 2 (x (x) y) . sv^(a,(b,v)) + 2 w (x gram)."""
     N, n, E = x.shape
-    dx = torch.bmm(outer(x, y), unpack_state(st.sv, E, out=ws.take("unpacked", x, N, E * E, y.shape[-1]))
-                   .transpose(1, 2), out=ws.take(name, x, N, n, E))
+    out = ws.take(name, x, N, n, E)
     xg = _gram_rows(x, st.gram, ws)
     if w is not None:
         xg.mul_(w)
-    return dx.add_(xg).mul_(2.0)
+    if packed_phi_grad(E):
+        dphi_t = torch.bmm(st.sv, y.transpose(1, 2), out=ws.take("dphi", x, N, st.sv.shape[1], n))  # (N, F, n)
+        return torch.add(ws.phi_grad(dphi_t, x), xg, alpha=2.0, out=out)
+    unpacked = unpack_state(st.sv, E, out=ws.take("unpacked", x, N, E * E, y.shape[-1]))  # (N, E, E*Ev)
+    return torch.bmm(ws.outer(x, y), unpacked.transpose(1, 2), out=out).add_(xg).mul_(2.0)
 
 
 @torch.no_grad()
@@ -150,7 +170,7 @@ def backward(q, k, v, o, z, do, chunk, is_causal, scale):
     dqs = torch.empty_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
-    ws, outer, phi = Buffers(), OuterProducts(), PackedFeatures()
+    ws, phi = _BackwardBuffers(), PackedFeatures()
     grads = _Grads(do, o, z, ws)
 
     def add_grads(dst: SplitState, qc: Tensor, gv: Tensor, gz: Tensor) -> None:
@@ -164,11 +184,11 @@ def backward(q, k, v, o, z, do, chunk, is_causal, scale):
         for c0 in range(0, L, chunk):
             c1 = min(L, c0 + chunk)
             qc, (gv, gz) = _scaled_rows(q, scale, c0, c1, ws), grads(c0, c1)
-            dqs[:, :, c0:c1] = _state_grad(qc, gv, gz, st, outer, ws, "dq").view(N, G, c1 - c0, E)
+            dqs[:, :, c0:c1] = _state_grad(qc, gv, gz, st, ws, "dq").view(N, G, c1 - c0, E)
             add_grads(dst, qc, gv, gz)
         for c0 in range(0, S, chunk):
             kc, vc = k[:, c0 : c0 + chunk], v[:, c0 : c0 + chunk]
-            dk[:, c0 : c0 + chunk] = _state_grad(kc, vc, None, dst, outer, ws, "dk")
+            dk[:, c0 : c0 + chunk] = _state_grad(kc, vc, None, dst, ws, "dk")
             torch.bmm(phi(kc), dst.sv, out=dv[:, c0 : c0 + chunk])
         return dqs, dk, dv
 
@@ -189,7 +209,7 @@ def backward(q, k, v, o, z, do, chunk, is_causal, scale):
         dv[:, c0:c1] += torch.bmm(f.transpose(1, 2), gv, out=ws.take("dv_c", q, N, n, Ev))
         dk[:, c0:c1] += torch.bmm(ds.transpose(1, 2), qc, out=ws.take("dk_c", q, N, n, E))
         if c0 > 0:
-            dq = _state_grad(qc, gv, gz, st, outer, ws, "dq").baddbmm_(ds, kc)
+            dq = _state_grad(qc, gv, gz, st, ws, "dq").baddbmm_(ds, kc)
         else:
             dq = torch.bmm(ds, kc, out=ws.take("dq", q, N, G * n, E))
         dqs[:, :, c0:c1] = dq.view(N, G, n, E)
@@ -200,7 +220,7 @@ def backward(q, k, v, o, z, do, chunk, is_causal, scale):
         c1 = min(L, c0 + chunk)
         kc, vc = k[:, c0:c1], v[:, c0:c1]
         if c0 != starts[-1]:
-            dk[:, c0:c1] += _state_grad(kc, vc, None, dst, outer, ws, "dk")
+            dk[:, c0:c1] += _state_grad(kc, vc, None, dst, ws, "dk")
             dv[:, c0:c1] += torch.bmm(phi(kc), dst.sv, out=ws.take("dv_c", q, N, c1 - c0, Ev))
         if c0 > 0:
             qc, (gv, gz) = _scaled_rows(q, scale, c0, c1, ws), grads(c0, c1)
