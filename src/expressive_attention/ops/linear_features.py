@@ -119,13 +119,13 @@ class PhiGrad(Buffers):
         pw = dphi_t.mul_(weight)
         xt = self.take("xt", x, N, E, n)
         xt.copy_(x.transpose(1, 2))  # (N, E, n)
-        dxt = self.take("dxt", x, N, E, n).zero_()
-        tmp = self.take("tmp", x, N, E, n)
+        rows = self.take("rows", x, N, E, n)  # sum_b P_a[b] x_b
+        cols = self.take("cols", x, N, E, n).zero_()  # sum_a P_a[b] x_a
         for a, o in enumerate(_row_starts(E)):
             block = pw[:, o : o + E - a]  # (N, E-a, n)
-            dxt[:, a] += torch.mul(block, xt[:, a:], out=tmp[:, : E - a]).sum(1)
-            dxt[:, a:].addcmul_(block, xt[:, a : a + 1])
-        return dxt.transpose(1, 2)
+            torch.linalg.vecdot(block, xt[:, a:], dim=1, out=rows[:, a])
+            cols[:, a:].addcmul_(block, xt[:, a : a + 1])
+        return cols.add_(rows).transpose(1, 2)
 
 
 class OuterProducts(Buffers):
