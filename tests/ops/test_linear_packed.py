@@ -6,8 +6,11 @@ import torch
 from attention_inputs import assert_matches, make_qkv
 
 from expressive_attention import expressive_attention
-from expressive_attention.ops.linear_features import (PackedFeatures, add_to_state, feature_pairs, n_features,
-                                                      new_state, read_num, unpack_state)
+from expressive_attention.ops import linear_sweeps
+from expressive_attention.ops.linear import linear_attention
+from expressive_attention.ops.linear_features import (PackedFeatures, PhiGrad, SplitState, add_to_state, feature_pairs,
+                                                      n_features, new_state, read_num, unpack_state)
+from expressive_attention.ops.problem import normalise
 
 E_VALUES = [1, 2, 3, 5, 8, 16, 33]
 
@@ -97,3 +100,72 @@ def test_float32_against_float64_reference(E, threads):
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), do.float()), torch.autograd.grad(ref, (q64, k64, v64), do)):
         assert (a.double() - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+@pytest.mark.parametrize("E", [1, 2, 5, 9])
+def test_phi_grad_is_the_gradient_of_the_packed_features(E):
+    """PhiGrad(dphi^T, x) = d<dphi, phi(x)>/dx, from autograd of the explicit packed map."""
+    g = torch.Generator().manual_seed(E)
+    x = torch.randn(3, 7, E, generator=g, dtype=torch.float64, requires_grad=True)
+    a, b = (torch.tensor(c) for c in zip(*feature_pairs(E)))
+    w = (a == b).double() + (a != b).double() * 2**0.5
+    phi = w * x[..., a] * x[..., b]
+    dphi = torch.randn(phi.shape, generator=g, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(phi, x, dphi)
+    got = PhiGrad()(dphi.transpose(1, 2).contiguous(), x.detach())
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("E", [1, 4, 7])
+def test_split_state_holds_the_packed_state(E):
+    """SplitState (sv, Gram matrix) <-> the packed (N, F, Ev+1) state, both ways, and the Gram matrix
+    gives the normaliser: q^T gram q = sum_j (q.k_j)^2."""
+    g = torch.Generator().manual_seed(2)
+    N, n, Ev = 3, 11, 4
+    k, q = torch.randn(2, N, n, E, generator=g, dtype=torch.float64).unbind(0)
+    v = torch.randn(N, n, Ev, generator=g, dtype=torch.float64)
+    packed = new_state(N, E, Ev, torch.float64)
+    add_to_state(packed, k, torch.cat([v, torch.ones(N, n, 1, dtype=torch.float64)], -1))
+    split = SplitState.zeros(N, E, Ev, torch.float64)
+    split.add(k[:, :4], v[:, :4], PackedFeatures())
+    split.add(k[:, 4:], v[:, 4:], PackedFeatures())
+    back = torch.full_like(packed, float("nan"))
+    split.write_packed(back)
+    torch.testing.assert_close(back, packed, atol=1e-12, rtol=1e-12)
+    again = SplitState.from_packed(packed, E)
+    torch.testing.assert_close(again.sv, split.sv, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(again.gram, split.gram, atol=1e-12, rtol=1e-12)
+    den = torch.einsum("nie,nef,nif->ni", q, split.gram, q)
+    torch.testing.assert_close(den, torch.einsum("nie,nje->nij", q, k).square().sum(-1), atol=1e-12, rtol=1e-12)
+
+
+@pytest.fixture(params=["wide", "packed"])
+def phi_grad_path(request, monkeypatch):
+    """The backward's gradient through phi: the wide GEMM on the unpacked state, or PhiGrad on the
+    packed one (chosen by E; forced here so that both run on small shapes)."""
+    monkeypatch.setattr(linear_sweeps, "PACKED_PHI_GRAD_FROM_E", 0 if request.param == "packed" else 10**9)
+    return request.param
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("E,Ev", [(1, 2), (6, 3), (9, 9)])
+def test_both_gradient_paths_match_the_reference(phi_grad_path, causal, E, Ev):
+    """GQA, L not a multiple of the chunk, L != S when bidirectional, key padding with a fully masked
+    batch entry (causal: as the full causal-and-padding mask): values and gradients in float64."""
+    B, H, Hkv = 2, 4, 2
+    L, S = (70, 70) if causal else (70, 45)
+    q, k, v = make_qkv(B, H, Hkv, L, S, E, Ev, seed=E)
+    keep = torch.rand(B, 1, 1, S, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep[1] = False
+    mask = keep & torch.ones(L, S, dtype=torch.bool).tril() if causal else keep  # causal: the padded-decoder mask
+    p = normalise(q, k, v, mask, 0.0, False, None, True, "squared", 1e-6)
+    out = linear_attention(p, chunk=16)
+    assert_matches(out, reference(q, k, v, attn_mask=mask), (q, k, v), 1e-10, 1e-8)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_large_head_dim_float64(causal):
+    """E = 48: the default path takes the gradient through phi on the packed state."""
+    assert linear_sweeps.packed_phi_grad(48)
+    q, k, v = make_qkv(1, 2, 1, 150, 150, 48, 5, seed=4, spread=0.5)
+    assert_matches(linear(q, k, v, is_causal=causal), reference(q, k, v, is_causal=causal), (q, k, v), 1e-10, 1e-8)

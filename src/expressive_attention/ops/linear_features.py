@@ -121,9 +121,10 @@ class PhiGrad(Buffers):
         xt.copy_(x.transpose(1, 2))  # (N, E, n)
         rows = self.take("rows", x, N, E, n)  # sum_b P_a[b] x_b
         cols = self.take("cols", x, N, E, n).zero_()  # sum_a P_a[b] x_a
+        tmp = self.take("tmp", x, N, E, n)
         for a, o in enumerate(_row_starts(E)):
             block = pw[:, o : o + E - a]  # (N, E-a, n)
-            torch.linalg.vecdot(block, xt[:, a:], dim=1, out=rows[:, a])
+            torch.sum(torch.mul(block, xt[:, a:], out=tmp[:, : E - a]), 1, out=rows[:, a])
             cols[:, a:].addcmul_(block, xt[:, a : a + 1])
         return cols.add_(rows).transpose(1, 2)
 

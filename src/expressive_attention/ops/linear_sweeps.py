@@ -143,7 +143,7 @@ def packed_phi_grad(E: int) -> bool:
     return E >= PACKED_PHI_GRAD_FROM_E
 
 
-PACKED_PHI_GRAD_FROM_E = 32
+PACKED_PHI_GRAD_FROM_E = 48
 
 
 def _state_grad(x: Tensor, y: Tensor, w: Tensor | None, st: SplitState, ws: Buffers, name: str) -> Tensor:
