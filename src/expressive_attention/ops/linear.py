@@ -8,17 +8,12 @@ linear_features.py). So EA-squared *is* linear attention with a polynomial featu
     out_i = num_i[:Ev] / (eps + num_i[Ev])
 
 The value gets a column of ones so that the normaliser rides along in the same state
-S (F x (Ev+1)). The causal form is chunked (C rows): inside a chunk the quadratic form (s^2 masked
-by tril), across chunks the running state. Time O(L (C E + E^2 Ev)), memory O(L): backward
-recomputes the chunk features instead of keeping them, in two sweeps (forward order for dq, which
-needs the prefix state; reverse order for dk/dv, which need the suffix sum dS = sum_{later i}
-phi(q_i) g_i^T).
-
-Backward, with g_i = [dO_i / Z_i, -(dO_i . O_i) / Z_i]:
-    inside a chunk (as in blocked.py): dF = g v'^T, ds = 2 s dF;
-    across chunks: dq_i = 2 (q_i (x) g_i) . S_i^(a,(b,v)),  dk_j = 2 (k_j (x) v'_j) . dS^(a,(b,v)),
-    dv'_j = phi(k_j)^T dS,  where S^(a,(b,v)) = sum_j k_ja k_jb v'_jv is the packed state unpacked
-    (symmetric in a, b): the gradient of phi through one wide GEMM.
+S (F x (Ev+1)): the packed state of the recurrent cache and of `add_to_state` / `read_state`. The
+chunked forms (linear_sweeps.py) keep it split instead, as sv = S[:, :Ev] and the normaliser's column
+as the Gram matrix sum_j k_j k_j^T (E x E; `SplitState`), so that every F-row GEMM has Ev columns.
+Causal: chunks of C rows; inside a chunk the quadratic form (s^2 masked by tril), across chunks the
+running state. Time O(L (C E + E^2 Ev)), memory O(L): backward recomputes the chunk features
+instead of keeping them (the sweeps and the gradient formulas: linear_sweeps.py).
 
 The saturating variant f = s^2/(1+s^2) has no finite feature map: this backend refuses it.
 Key-padding masks (bool, shape (B|1, H|Hkv|1, 1, S)) zero the masked keys, which is exact
@@ -47,10 +42,11 @@ __all__ = ["BACKEND", "add_to_state", "causal_forward", "default_chunk", "linear
 
 
 def default_chunk(E: int) -> int:
-    """Chunk rows: E^2 / 2 clamped to [64, 128]. The state costs ~4 F (E+1) flops per row whatever
-    the chunk; the chunk adds 4 C E per row inside it and buffers of C E (E+1) floats (the backward's
-    wide GEMM). With the packed state, 128 rows were as fast as 256 at E=64 and 12% faster at E=32
-    (one thread, fwd+bwd, L=4096), with half the buffers."""
+    """Chunk rows: E^2 / 2 clamped to [64, 128]. The state costs ~14 F Ev flops per row (fwd+bwd)
+    whatever the chunk; the chunk adds ~14 C E per row inside it, buffers of C F floats (phi) and
+    per-chunk Python overhead. Re-measured with the split state and reused buffers (one thread,
+    fwd+bwd, B=4, H=4, L=4096, 3 interleaved repeats, load ~4.5): C = 64 / 128 / 256 took
+    1089 / 986 / 1025 ms at E=32 and 4506 / 4296 / 4269 ms at E=64: 128 kept (256: 2x the buffers)."""
     return int(min(128, max(64, E * E // 2)))
 
 

@@ -13,8 +13,11 @@ full outer product and a row gather of its triangle (4 ops instead of E; see Pac
 on this CPU, and writing strided blocks of it ~10x slower.)
 
 The state of a run of keys is S = sum_j phi(k_j) [v_j, 1]^T, (N, F, Ev+1): the normaliser rides
-along as the last column. The backward needs S "unpacked" (`unpack_state`: (N, E, E (Ev+1)), entry
-[a, (b, v)] = sum_j k_ja k_jb v'_jv, symmetric in a, b) for its wide-GEMM gradient of phi.
+along as the last column (the recurrent cache's layout). The chunk sweeps keep it as a `SplitState`:
+the value part (N, F, Ev) and the normaliser's part as the Gram matrix (N, E, E). Their backward
+takes the gradient through phi either by a wide GEMM on the state "unpacked" (`unpack_state`:
+(N, E, E Ev), entry [a, (b, v)] = sum_j k_ja k_jb v_jv, symmetric in a, b) or on the packed state
+(`PhiGrad`: the symmetric contraction of dphi = y S^T with x).
 """
 from __future__ import annotations
 
@@ -60,7 +63,8 @@ def _tables(E: int, dtype: torch.dtype, device: torch.device):
 
 class Buffers:
     """Named flat buffers reused across chunks (fresh multi-MB allocations per chunk are 3-5x slower
-    on CPU than writing into the same memory)."""
+    on CPU than writing into the same memory: each is a fresh mapping, page-faulted on first use,
+    when glibc's mmap threshold is low, as in the benchmarks' MALLOC_MMAP_THRESHOLD_=65536)."""
 
     def __init__(self):
         self._bufs: dict[str, Tensor] = {}
@@ -111,7 +115,7 @@ class PhiGrad(Buffers):
     dphi_(min(a,b), max(a,b)) x_b, i.e. the symmetric E x E contraction of each row, E^2 work per row
     instead of the wide GEMM's 2 E^2 Ev on the unpacked state. By rows of the triangle: row a's block
     P_a (features (a, a..E-1)) gives dx_a += sum_b P_a[b] x_b and dx_b += P_a[b] x_a (the diagonal
-    twice: 2 dphi_aa x_a). dphi^T is weighted in place (overwritten)."""
+    twice: 2 dphi_aa x_a): 2 E small ops. dphi^T is weighted in place (overwritten)."""
 
     def __call__(self, dphi_t: Tensor, x: Tensor) -> Tensor:
         N, n, E = x.shape

@@ -18,7 +18,8 @@ gv_i = dO_i / Z_i and gz_i = -(dO_i . O_i) / Z_i (the gradients w.r.t. num_i and
                      dk_j = 2 (k_j (x) v_j) . dsv^(a,(b,v)) + 2 dgram k_j,   dv_j = phi(k_j)^T dsv
 
 where sv^(a,(b,v)) = sum_j k_ja k_jb v_jv is the packed state unpacked (symmetric in a, b): the
-gradient of phi as one wide GEMM. Every per-chunk temporary lives in a buffer reused across chunks
+gradient of phi as one wide GEMM, or (E >= PACKED_PHI_GRAD_FROM_E) on the packed state: dphi = y sv^T
+(N, F, n), then the symmetric contraction of each row (`PhiGrad`). Every per-chunk temporary lives in a buffer reused across chunks
 (`Buffers`): a fresh multi-MB tensor per chunk is a fresh mapping, page-faulted on first use, which
 made the whole call ~1.7x slower under the benchmarks' MALLOC_MMAP_THRESHOLD_=65536.
 """
@@ -136,14 +137,17 @@ class _Grads:
         return gv.view(N, G * n, Ev), gz.view(N, G * n, 1)
 
 
+# From this head dim on, the backward takes the gradient through phi on the packed state.
+PACKED_PHI_GRAD_FROM_E = 48
+
+
 def packed_phi_grad(E: int) -> bool:
     """Whether the gradient through phi is taken on the packed state (dphi = y sv^T, then `PhiGrad`:
-    half the GEMM flops, plus E^2 work per row in ~3 E small ops) rather than by the wide GEMM on the
-    unpacked state. Measured (one thread, fwd+bwd, B=4, H=4, L=4096): ... """
+    half the GEMM flops, plus E^2 memory-bound work per row in 2 E small ops) rather than by the wide
+    GEMM on the unpacked state. Measured (one thread, causal fwd+bwd, B=4, H=4, median of 5
+    interleaved repeats, wide / packed): E=16 L=4096 313 / 355 ms; E=32 L=4096 994 / 1020 ms;
+    E=64 L=2048 (3 repeats) 2422 / 2144 ms."""
     return E >= PACKED_PHI_GRAD_FROM_E
-
-
-PACKED_PHI_GRAD_FROM_E = 48
 
 
 def _state_grad(x: Tensor, y: Tensor, w: Tensor | None, st: SplitState, ws: Buffers, name: str) -> Tensor:
