@@ -217,8 +217,11 @@ def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
 # 2.13.0, B=4, H=4, float32) against the fastest quadratic EA backend (fused_cpu), by
 # `python benchmarks/bench_long.py --threads T --rounds 5`: its crossover estimate (median over L of
 # L * t_linear / t_quadratic); see docs/linear.md for the tables and the commands.
-CROSSOVER_TRAIN = {1: {16: 2560, 32: 4608, 64: 11008}}
-CROSSOVER_INFER = {1: {16: 3072, 32: 4608, 64: 9472}}
+# One thread (29 Nov 2026, split state + reused buffers; the estimates' median over L = 1024, 2048, 16384
+# at E=16, 4096, 8192 at E=32, 6144, 12288 at E=64, rounded to 256; before: 2560 / 4608 / 11008 for
+# training, 3072 / 4608 / 9472 forward only).
+CROSSOVER_TRAIN = {1: {16: 1280, 32: 2560, 64: 6912}}
+CROSSOVER_INFER = {1: {16: 1536, 32: 2816, 64: 6912}}
 # (a 2-thread run on the loaded machine measured the load, not the method: docs/linear.md; add a
 # quiet machine's as key 2)
 
