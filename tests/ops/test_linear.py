@@ -161,3 +161,15 @@ def test_crossover_uses_the_table_of_the_nearest_thread_count(monkeypatch):
         assert linear.crossover_length(16, True) == 3000  # default: torch's current thread count
     finally:
         torch.set_num_threads(before)
+
+
+def test_measured_crossover_tables_are_consistent():
+    """Every measured thread count covers the same head dims in both tables, and the crossover grows with E."""
+    from expressive_attention.ops import linear
+
+    for tables in (linear.CROSSOVER_TRAIN, linear.CROSSOVER_INFER):
+        assert 1 in tables
+        for threads, table in tables.items():
+            assert sorted(table) == sorted(linear.CROSSOVER_TRAIN[1]), threads
+            lengths = [table[e] for e in sorted(table)]
+            assert lengths == sorted(lengths) and lengths[0] > 0, (threads, table)

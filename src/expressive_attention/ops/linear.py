@@ -220,10 +220,9 @@ def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
 # One thread (29 Nov 2026, split state + reused buffers; the estimates' median over L = 1024, 2048, 16384
 # at E=16, 4096, 8192 at E=32, 6144, 12288 at E=64, rounded to 256; before: 2560 / 4608 / 11008 for
 # training, 3072 / 4608 / 9472 forward only).
-CROSSOVER_TRAIN = {1: {16: 1280, 32: 2560, 64: 6912}}
-CROSSOVER_INFER = {1: {16: 1536, 32: 2816, 64: 6912}}
-# (a 2-thread run on the loaded machine measured the load, not the method: docs/linear.md; add a
-# quiet machine's as key 2)
+# Two threads (29 Nov 2026, quiet machine, medians of 3 rounds at L = 4096, 8192).
+CROSSOVER_TRAIN = {1: {16: 1280, 32: 2560, 64: 6912}, 2: {16: 1536, 32: 3840, 64: 9984}}
+CROSSOVER_INFER = {1: {16: 1536, 32: 2816, 64: 6912}, 2: {16: 1792, 32: 3840, 64: 11264}}
 
 
 def crossover_length(E: int, train: bool, threads: int | None = None) -> float:
