@@ -129,6 +129,35 @@ def _exp_sq_grad(s, keep, lse, dp, dr, scale):
 
 
 @_jit
+def _tile_weights(s, keep, acc, z, mx, VARIANT: tl.constexpr):
+    """The weights f of a float32 score tile (0 on the keys not allowed), with the running sums:
+    for "exp_squared" f is relative to the running row maximum mx, and acc, z are first rescaled when
+    it grows; the other variants leave acc, z, mx as they are. Returns (f, acc, z, mx)."""
+    if VARIANT == "exp_squared":
+        f, mx, alpha = _exp_sq_tile(s, keep, mx)
+        acc = acc * alpha[:, None]
+        z = z * alpha
+    else:
+        f, _ = _f_and_fprime(s, VARIANT)
+        f = tl.where(keep, f, 0.0)
+    return f, acc, z, mx
+
+
+@_jit
+def _tile_grads(s, keep, zr, dp, dr, scale, VARIANT: tl.constexpr):
+    """The weights a = f / Z and dS = f'(s) (dP - D) / Z scale of a score tile, 0 on the keys not
+    allowed; zr holds, per row, what the forward saved (Z, or lse for "exp_squared"). (An unused
+    result is dropped by the compiler.)"""
+    if VARIANT == "exp_squared":
+        a, ds = _exp_sq_grad(s, keep, zr, dp, dr, scale)
+    else:
+        f, fp = _f_and_fprime(s, VARIANT)
+        a = tl.where(keep, f / zr[:, None], 0.0)  # attention weights of the tile
+        ds = tl.where(keep, (dp - dr[:, None]) / zr[:, None] * fp * scale, 0.0)
+    return a, ds
+
+
+@_jit
 def _accumulate(acc, z, f, v, Q, F32_PV: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
     """acc += f V and z += rowsum f for one tile (f float32, masked entries 0). f V feeds the tensor
     cores in the input dtype (Q's), or in tf32 when F32_PV (fp16 "squared", where f can pass 65504)."""
@@ -181,13 +210,8 @@ def _fwd(Q, K, V, M, O, Z,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, offs_e, sks, ske, S, E, DOT)  # (BLOCK_N, BLOCK_E)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
-        if VARIANT == "exp_squared":
-            f, mx, alpha = _exp_sq_tile(s, _keep(offs_m, offs_n, L, S, m_base, sml, sms, CAUSAL, HAS_MASK), mx)
-            acc = acc * alpha[:, None]
-            z = z * alpha
-        else:
-            f, _ = _f_and_fprime(s, VARIANT)
-            f = tl.where(_keep(offs_m, offs_n, L, S, m_base, sml, sms, CAUSAL, HAS_MASK), f, 0.0)
+        keep = _keep(offs_m, offs_n, L, S, m_base, sml, sms, CAUSAL, HAS_MASK)
+        f, acc, z, mx = _tile_weights(s, keep, acc, z, mx, VARIANT)
         v = _load_tile(v_base, offs_n, offs_ev, svs, sve, S, EV, DOT)  # (BLOCK_N, BLOCK_EV)
         acc, z = _accumulate(acc, z, f, v, Q, F32_PV, PRECISION, DOT)
     z, saved = _normaliser(z, mx, eps, VARIANT)
@@ -245,13 +269,7 @@ def _fwd_decode(Q, K, V, M, PACC, PZ, PM,
             mk = tl.load(M + b * smb + h[:, None] * smh + i[:, None] * sml + offs_n[None, :] * sms,
                          mask=keep, other=0)
             keep = keep & (mk != 0)
-        if VARIANT == "exp_squared":
-            f, mx, alpha = _exp_sq_tile(s, keep, mx)
-            acc = acc * alpha[:, None]
-            z = z * alpha
-        else:
-            f, _ = _f_and_fprime(s, VARIANT)
-            f = tl.where(keep, f, 0.0)
+        f, acc, z, mx = _tile_weights(s, keep, acc, z, mx, VARIANT)
         v = _load_tile(v_base, offs_n, offs_ev, svs, sve, hi, EV, DOT)  # (BLOCK_N, BLOCK_EV)
         acc, z = _accumulate(acc, z, f, v, Q, F32_PV, PRECISION, DOT)
     part = (b * tl.num_programs(1) + hk) * ns + sp  # this program's slot
@@ -298,12 +316,7 @@ def _bwd_dkdv(Q, K, V, M, DO, Z, D, DK, DV,
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
             keep = _keep(offs_m, offs_n, L, S, M + b * smb + h * smh, sml, sms, CAUSAL, HAS_MASK)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dO_i . v_j
-            if VARIANT == "exp_squared":  # zr holds lse
-                a, ds = _exp_sq_grad(s, keep, zr, dp, dr, scale)
-            else:
-                f, fp = _f_and_fprime(s, VARIANT)
-                a = tl.where(keep, f / zr[:, None], 0.0)  # attention weights of the tile
-                ds = tl.where(keep, (dp - dr[:, None]) / zr[:, None] * fp * scale, 0.0)
+            a, ds = _tile_grads(s, keep, zr, dp, dr, scale, VARIANT)
             dv += tl.dot(tl.trans(a).to(Q.dtype.element_ty).to(DOT), do, input_precision=PRECISION)
             dk += tl.dot(tl.trans(ds).to(Q.dtype.element_ty).to(DOT), q, input_precision=PRECISION)
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_e[None, :] * sdke,
@@ -341,11 +354,7 @@ def _bwd_dq(Q, K, V, M, DO, Z, D, DQ,
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         keep = _keep(offs_m, offs_n, L, S, m_base, sml, sms, CAUSAL, HAS_MASK)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if VARIANT == "exp_squared":  # zr holds lse
-            _, ds = _exp_sq_grad(s, keep, zr, dp, dr, scale)
-        else:
-            _, fp = _f_and_fprime(s, VARIANT)
-            ds = tl.where(keep, (dp - dr[:, None]) / zr[:, None] * fp * scale, 0.0)
+        _, ds = _tile_grads(s, keep, zr, dp, dr, scale, VARIANT)
         dq += tl.dot(ds.to(Q.dtype.element_ty).to(DOT), k, input_precision=PRECISION)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdql + offs_e[None, :] * sdqe,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < E))
