@@ -222,20 +222,29 @@ def test_generate_cache_matches_no_cache(family):
 
 def test_generate_decode_steps_run_the_fused_kernel(monkeypatch):
     # backend "auto": each one-token step against the cache (with its padding mask) runs the fused
-    # CPU kernel (its decode schedule), and gives the tokens the reference backend gives
+    # CPU kernel (its decode schedule) through auto's decode shortcut, and gives the tokens the
+    # reference backend gives
     import dataclasses
 
-    from expressive_attention.ops import BACKENDS, fused_cpu
+    from expressive_attention.ops import BACKENDS, dispatch, fused_cpu
 
     assert fused_cpu.is_available()
-    rows = []
+    rows, shortcut_rows = [], []
     orig = BACKENDS["fused_cpu"]
 
     def run(p):
         rows.append(p.q.shape[2])
         return orig.run(p)
 
+    def shortcut(*args):
+        out = fused_cpu.decode_shortcut(*args)
+        if out is not None:
+            rows.append(args[0].shape[2])
+            shortcut_rows.append(args[0].shape[2])
+        return out
+
     monkeypatch.setitem(BACKENDS, "fused_cpu", dataclasses.replace(orig, run=run))
+    monkeypatch.setattr(dispatch, "_SHORTCUTS", [shortcut])
     ids = tokens(2, 7, seed=5)
     pad = torch.ones_like(ids)
     pad[1, :3] = 0
@@ -243,6 +252,7 @@ def test_generate_decode_steps_run_the_fused_kernel(monkeypatch):
     kw = dict(attention_mask=pad, max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     fast = build("llama", "expressive").generate(ids, use_cache=True, **kw)
     assert rows.count(1) >= 5 * make_config("llama").num_hidden_layers
+    assert shortcut_rows.count(1) == rows.count(1)  # every decode step took the shortcut
     eah.register("ea_ref", backend="reference")
     assert torch.equal(build("llama", "ea_ref").generate(ids, use_cache=True, **kw), fast)
 

@@ -1,74 +1,18 @@
 """`normalise`'s fast path for the common 4-D call (`problem._normalise_4d`): it builds the same
 `Problem` as the general path, and every bad input reaches the general path's error unchanged."""
-from decimal import Decimal
-
 import pytest
 import torch
 
 from expressive_attention import expressive_attention
 from expressive_attention.ops import problem
 from expressive_attention.ops.problem import normalise
-
-B, H, L, S, E, Ev = 2, 4, 3, 7, 8, 5
-
-
-def _args(**over):
-    """normalise's positional arguments for a valid 4-D call, with `over` replacing some."""
-    g = torch.Generator().manual_seed(0)
-    a = dict(query=torch.randn(B, H, L, E, generator=g), key=torch.randn(B, H, S, E, generator=g),
-             value=torch.randn(B, H, S, Ev, generator=g), attn_mask=None, dropout_p=0.0, is_causal=False,
-             scale=None, enable_gqa=False, variant="saturating", eps=1e-6, power=None)
-    a.update(over)
-    return a
-
+from call_cases import B, BAD, VALID, VALID_GENERAL_ONLY, Ev, H, L, S, E, call_args, random_mask
 
 def _general(monkeypatch, a):
     """normalise with the fast path switched off."""
     with monkeypatch.context() as mp:
         mp.setattr(problem, "_normalise_4d", lambda *args: None)
         return normalise(**a)
-
-
-def _mask(*shape):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(1)) > 0.4
-
-
-def _gqa_kv(hkv):
-    return dict(key=torch.randn(B, hkv, S, E), value=torch.randn(B, hkv, S, Ev), enable_gqa=True)
-
-
-VALID = {
-    "plain": {},
-    "causal": dict(is_causal=True),
-    "mask (B,H,L,S)": dict(attn_mask=_mask(B, H, L, S)),
-    "mask (1,1,1,S)": dict(attn_mask=_mask(1, 1, 1, S)),
-    "mask (B,1,L,S)": dict(attn_mask=_mask(B, 1, L, S)),
-    "mask (1,H,1,S) expanded": dict(attn_mask=_mask(1, H, 1, 1).expand(1, H, 1, S)),
-    "gqa": _gqa_kv(2),
-    "gqa, Hkv == H": _gqa_kv(H),
-    "scale": dict(scale=0.3),
-    "int scale, int dropout, int eps": dict(scale=2, dropout_p=0, eps=0),
-    "dropout": dict(dropout_p=0.25),
-    "variant power": dict(variant="power", power=3),
-    "variant squared": dict(variant="squared"),
-    "float64": dict(query=torch.randn(B, H, L, E, dtype=torch.float64),
-                    key=torch.randn(B, H, S, E, dtype=torch.float64),
-                    value=torch.randn(B, H, S, Ev, dtype=torch.float64)),
-    "bfloat16": dict(query=torch.randn(B, H, L, E).bfloat16(), key=torch.randn(B, H, S, E).bfloat16(),
-                     value=torch.randn(B, H, S, Ev).bfloat16()),
-    "strided (B, L, H, E) views": dict(query=torch.randn(B, L, H, E).transpose(1, 2),
-                                       key=torch.randn(B, S, H, E).transpose(1, 2),
-                                       value=torch.randn(B, S, H, Ev).transpose(1, 2)),
-    "S = 0": dict(key=torch.randn(B, H, 0, E), value=torch.randn(B, H, 0, Ev)),
-    "E = 0": dict(query=torch.randn(B, H, L, 0), key=torch.randn(B, H, S, 0)),
-    "requires grad": dict(query=torch.randn(B, H, L, E, requires_grad=True)),
-}
-# calls the fast path leaves to the general one although they are valid
-VALID_GENERAL_ONLY = {
-    "3-D": dict(query=torch.randn(H, L, E), key=torch.randn(H, S, E), value=torch.randn(H, S, Ev)),
-    "2-D mask": dict(attn_mask=_mask(L, S)),
-    "mask broadcast over keys": dict(attn_mask=_mask(B, H, L, 1)),
-}
 
 
 def _same_problem(p, r):
@@ -84,7 +28,7 @@ def _same_problem(p, r):
 
 @pytest.mark.parametrize("case", list(VALID))
 def test_fast_path_builds_the_general_problem(case, monkeypatch):
-    a = _args(**VALID[case])
+    a = call_args(**VALID[case])
     fast = problem._normalise_4d(**a)
     assert fast is not None, "the common 4-D call should take the fast path"
     _same_problem(fast, _general(monkeypatch, a))
@@ -93,53 +37,14 @@ def test_fast_path_builds_the_general_problem(case, monkeypatch):
 
 @pytest.mark.parametrize("case", list(VALID_GENERAL_ONLY))
 def test_other_layouts_take_the_general_path(case):
-    a = _args(**VALID_GENERAL_ONLY[case])
+    a = call_args(**VALID_GENERAL_ONLY[case])
     assert problem._normalise_4d(**a) is None
     assert normalise(**a).q.dim() == 4
 
 
-BAD = {
-    "query not a tensor": dict(query=[[1.0]]),
-    "value not a tensor": dict(value=3.0),
-    "integer query": dict(query=torch.ones(B, H, L, E, dtype=torch.int64)),
-    "integer key and value": dict(key=torch.ones(B, H, S, E, dtype=torch.int64),
-                                  value=torch.ones(B, H, S, Ev, dtype=torch.int64)),
-    "dtypes differ": dict(key=torch.randn(B, H, S, E, dtype=torch.float64)),
-    "devices differ": dict(key=torch.randn(B, H, S, E, device="meta")),
-    "dims differ": dict(value=torch.randn(B, H, S, Ev, 1)),
-    "E differs": dict(key=torch.randn(B, H, S, E + 1)),
-    "S differs": dict(value=torch.randn(B, H, S + 1, Ev)),
-    "batch differs": dict(key=torch.randn(B + 1, H, S, E), value=torch.randn(B + 1, H, S, Ev)),
-    "value heads differ": dict(value=torch.randn(B, H - 1, S, Ev)),
-    "heads differ without enable_gqa": dict(key=torch.randn(B, 2, S, E), value=torch.randn(B, 2, S, Ev)),
-    "gqa heads do not divide": _gqa_kv(3),
-    "gqa with zero heads": dict(query=torch.randn(B, 0, L, E), **_gqa_kv(0)),
-    "float mask": dict(attn_mask=torch.zeros(B, H, L, S)),
-    "int mask": dict(attn_mask=torch.ones(B, H, L, S, dtype=torch.int64)),
-    "mask not a tensor": dict(attn_mask=[[True]]),
-    "mask on another device": dict(attn_mask=torch.ones(B, H, L, S, dtype=torch.bool, device="meta")),
-    "mask batch 3": dict(attn_mask=_mask(3, H, L, S)),
-    "mask heads 2": dict(attn_mask=_mask(B, 2, L, S)),
-    "mask rows 2": dict(attn_mask=_mask(B, H, 2, S)),
-    "mask keys S + 1": dict(attn_mask=_mask(B, H, L, S + 1)),
-    "mask and is_causal": dict(attn_mask=_mask(B, H, L, S), is_causal=True),
-    "dropout 1": dict(dropout_p=1.0),
-    "dropout a string": dict(dropout_p="0"),
-    "dropout a Decimal": dict(dropout_p=Decimal(0)),
-    "scale nan": dict(scale=float("nan")),
-    "scale inf": dict(scale=float("inf")),
-    "scale overflows": dict(scale=1e30),
-    "eps negative": dict(eps=-1.0),
-    "eps None": dict(eps=None),
-    "variant unknown": dict(variant="cubic"),
-    "power without variant power": dict(power=3.0),
-    "power out of range": dict(variant="power", power=100.0),
-}
-
-
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_gets_the_general_paths_error(case, monkeypatch):
-    a = _args(**BAD[case])
+    a = call_args(**BAD[case])
     with pytest.raises((TypeError, ValueError)) as general:
         _general(monkeypatch, a)
     with pytest.raises(general.type) as got:
@@ -153,7 +58,7 @@ def test_public_call_results_equal_the_general_path(monkeypatch):
     q = torch.randn(B, H, L, E, generator=g, requires_grad=True)
     k = torch.randn(B, 2, S, E, generator=g, requires_grad=True)
     v = torch.randn(B, 2, S, Ev, generator=g, requires_grad=True)
-    mask = _mask(B, 1, L, S)
+    mask = random_mask(B, 1, L, S)
 
     def run():
         out = expressive_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -20,6 +20,16 @@ _transform_level = torch._C._functorch.maybe_current_level  # None when no torch
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
+def transform_active() -> bool:
+    """True inside a torch.func transform (grad, vmap, jvp, ...)."""
+    return _transform_level() is not None
+
+
+def modes_active() -> bool:
+    """True while a torch_dispatch mode (fake tensors, make_fx, ...) is active."""
+    return _dispatch_modes() > 0
+
+
 def under_functorch(*tensors: Tensor) -> bool:
     """True when any tensor is wrapped by a torch.func transform (grad, vmap, jvp, ...)."""
     if torch.compiler.is_compiling() or _transform_level() is None:  # no transform: nothing is wrapped

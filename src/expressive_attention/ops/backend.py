@@ -9,6 +9,11 @@ key/value heads may divide the query heads (GQA: query head h uses key/value hea
 users who ask for the backend by name). `backend="auto"` runs, among the backends that support a
 call and whose `prefer(problem)` holds (a crossover rule; None: always), the one of highest
 `priority`. Dropout is refused here, with one message, for every backend not marked `dropout=True`.
+
+`shortcut` (optional) is a fast lane of "auto" for one narrow, frequent call (a decode step): it takes
+`expressive_attention`'s raw arguments and returns the output, or None for any call it does not
+take. It must take only valid calls that "auto" would give this backend anyway, and give the same
+output as the general path; it skips the `Problem` and the policy (see dispatch.try_shortcut).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ class Backend:
     dropout: bool = False  # implements dropout_p > 0
     functorch: bool = True  # works under torch.func transforms (grad, vmap, ...)
     description: str = ""
+    shortcut: Callable[..., "Tensor | None"] | None = None  # raw arguments -> output or None (see above)
 
     def unsupported(self, p: "Problem") -> "str | None":
         """Why this backend cannot run `p`, or None."""

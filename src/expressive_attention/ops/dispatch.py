@@ -25,8 +25,25 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
+# the built-in backends' shortcuts, highest priority first; emptied by `register_backend` (a new backend
+# may outrank the one a shortcut stands for)
+_SHORTCUTS: list = [b.shortcut for b in sorted(BACKENDS.values(), key=lambda b: -b.priority) if b.shortcut]
+
+
+def try_shortcut(*args) -> Tensor | None:
+    """`backend="auto"` for a call one backend's `shortcut` takes (a decode step; see Backend), from
+    `expressive_attention`'s raw arguments (query, key, value, attn_mask, dropout_p, is_causal, scale,
+    enable_gqa, variant, eps, power); None when none takes it."""
+    for shortcut in _SHORTCUTS:
+        out = shortcut(*args)
+        if out is not None:
+            return out
+    return None
+
+
 def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
-    """Add `backend` to the table (by name; `replace=True` to swap out a registered one)."""
+    """Add `backend` to the table (by name; `replace=True` to swap out a registered one). The built-in
+    shortcuts of "auto" are turned off from then on: the new backend might outrank them."""
     if not isinstance(backend, Backend):
         raise TypeError(f"backend must be an expressive_attention.ops.Backend, got {type(backend).__name__}")
     if backend.name == "auto":
@@ -34,6 +51,7 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
     if backend.name in BACKENDS and not replace:
         raise ValueError(f"a backend named {backend.name!r} is registered already; pass replace=True to swap it")
     BACKENDS[backend.name] = backend
+    _SHORTCUTS.clear()
     return backend
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import run_backend
+from .dispatch import run_backend, try_shortcut
 from .problem import normalise
 
 KINDS = ("ea", "dpa")  # the one switch: expressive attention or dot-product attention (SDPA)
@@ -44,6 +44,10 @@ def expressive_attention(
     (a backend that does not implement ``variant`` says so; "auto" then picks one that does).
     Returns (..., Hq, L, Ev) in the dtype of ``query``.
     """
+    if type(backend) is str and backend == "auto":  # a decode step's fast lane (ops/dispatch.try_shortcut)
+        out = try_shortcut(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps, power)
+        if out is not None:
+            return out
     p = normalise(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps, power)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")

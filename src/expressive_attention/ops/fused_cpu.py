@@ -42,9 +42,9 @@ import torch
 from torch import Tensor
 
 from ..diagnostics import warn
-from ._functorch import plain_eager
+from ._functorch import modes_active, plain_eager, transform_active
 from .backend import Backend
-from .problem import Problem
+from .problem import SCALE_CHECKED_ABOVE, Problem
 from .reference import compute_dtype
 
 SOURCE = Path(__file__).parent / "csrc" / "ea_cpu.cpp"
@@ -56,6 +56,7 @@ STAMP = "built.ok"  # written after a successful build + load; its absence means
 # the blocked/reference backends finish them in well under a millisecond.
 MIN_WORK_TO_BUILD = 2**21
 KERNEL_VARIANTS = ("saturating", "squared", "exp_squared")
+DECODE_ROWS = 16  # calls with at most this many query rows run the kernel's decode schedule (split over keys)
 
 _lock = threading.Lock()
 _STATE: dict = {"module": None, "error": None, "warned": False}
@@ -310,6 +311,53 @@ def fused_cpu_attention(p: Problem) -> Tensor:
     return out
 
 
+def decode_shortcut(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, eps, power):
+    """"auto"'s fast lane for a decode step: at most DECODE_ROWS query rows against a KV cache, no
+    gradient, plain 4-D CPU tensors, the kernel loaded. Returns what the general path (`normalise`,
+    `choose_backend`, `fused_cpu_attention`) returns for such a call (the same kernel call on the same
+    arguments), or None for every other call, valid or not, which then takes the general path with its
+    checks and messages. Why: inside a model, a decode step finds the CPU caches holding the rest of the
+    network, where each Python-level tensor access costs microseconds, and the general path makes
+    many more of them than this function (measured: docs/kernels-cpu.md#decode-step)."""
+    if torch.compiler.is_compiling():  # first: constant True under torch.compile, the rest never traced
+        return None
+    module = _STATE["module"]
+    if (module is None or type(query) is not Tensor or type(key) is not Tensor or type(value) is not Tensor
+            or variant not in KERNEL_VARIANTS or power is not None or type(is_causal) is not bool
+            or type(eps) is not float or not 0.0 <= eps < _INF
+            or not (type(dropout_p) in (float, int) and dropout_p == 0)
+            or not (scale is None or (type(scale) is float and -SCALE_CHECKED_ABOVE <= scale <= SCALE_CHECKED_ABOVE))):
+        return None
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return None
+    dtype = query.dtype
+    if not (dtype in DTYPES and key.dtype is dtype and value.dtype is dtype
+            and query.is_cpu and key.is_cpu and value.is_cpu):
+        return None
+    B, H, L, E = query.shape
+    Bk, Hk, S, Ek = key.shape
+    Bv, Hv, Sv, Ev = value.shape
+    if not (0 < L <= DECODE_ROWS and B > 0 and S > 0 and E > 0 and Ev > 0 and Bk == B and Bv == B
+            and Hv == Hk and Sv == S and Ek == E and Hk > 0 and (Hk == H or (enable_gqa and H % Hk == 0))):
+        return None
+    if attn_mask is not None:
+        if (is_causal or type(attn_mask) is not Tensor or attn_mask.dtype is not torch.bool
+                or not attn_mask.is_cpu or attn_mask.dim() != 4):
+            return None
+        Bm, Hm, Lm, Sm = attn_mask.shape
+        if not (Sm == S and Bm in (1, B) and Hm in (1, H) and Lm in (1, L)):
+            return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None
+    if modes_active() or transform_active():
+        return None
+    return module.forward(query, key, value, attn_mask, is_causal, E**-0.5 if scale is None else scale,
+                          variant, eps)[0]
+
+
+_INF = float("inf")
+
+
 def worth_building(p: Problem) -> bool:
     """The `"auto"` rule: a problem waits for the one-time build only if it is big enough to gain."""
     if is_built():
@@ -321,4 +369,5 @@ def worth_building(p: Problem) -> bool:
 BACKEND = Backend(
     "fused_cpu", fused_cpu_attention, supports, priority=20, prefer=worth_building, functorch=False,
     description="fused C++ CPU kernel (flash-style, built on first use), O(L) extra memory",
+    shortcut=decode_shortcut,
 )

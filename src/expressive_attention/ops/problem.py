@@ -162,13 +162,13 @@ def check_mask(attn_mask, is_causal: bool, query: Tensor, S: int) -> None:
 
 
 # Scales up to this size skip the overflow check below (which reads q and k once).
-_SCALE_CHECKED_ABOVE = 1e4
+SCALE_CHECKED_ABOVE = 1e4
 
 
 def check_scores_fit(q: Tensor, k: Tensor, scale: float) -> None:
     """A huge `scale` makes s^2 (and its row sums) overflow the compute dtype, and every backend
     would return NaN. Bound |s_ij| <= |scale| max_i |q_i| max_j |k_j| (Cauchy-Schwarz) and refuse."""
-    if abs(scale) <= _SCALE_CHECKED_ABOVE or q.numel() == 0 or k.numel() == 0:
+    if abs(scale) <= SCALE_CHECKED_ABOVE or q.numel() == 0 or k.numel() == 0:
         return
     from .reference import compute_dtype
 
