@@ -2,7 +2,7 @@
 # One command for the first machine with an NVIDIA GPU (docs/kernels-triton.md, "When you have a GPU"):
 #   1. the Triton correctness tests, on the GPU (tests/ops/test_triton_gpu.py: kernels vs the reference,
 #      values and gradients) and the interpreter/compile tests of tests/ops/test_triton_ea.py;
-#   2. `ea bench gpu`: EA (Triton) vs SDPA (flash), causal fwd+bwd at L 1k-16k and decode steps at
+#   2. `ea bench gpu`: EA (Triton; saturating and exp_squared) vs SDPA (flash), causal fwd+bwd at L 1k-16k and decode steps at
 #      contexts 1k-16k, E 64/128, bf16, every case time-boxed -> OUT/gpu_check.json, OUT/gpu_check.md.
 # Installs nothing: it needs torch with CUDA, triton and pytest already there (`pip install -e '.[triton,test]'`).
 # The tests are time-boxed to 4 minutes; the benchmark runs even when a test fails (its record says so).

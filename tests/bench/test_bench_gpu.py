@@ -39,6 +39,17 @@ def test_bad_spec_is_named():
         gpu.GpuBench(contexts=[]).check()
     with pytest.raises(ValueError, match="dtype"):
         gpu.GpuBench(dtype="int8").check()
+    with pytest.raises(ValueError, match="variants"):
+        gpu.GpuBench(variants=["power"]).check()  # not in the Triton kernels
+
+
+def test_gpu_cases_run_the_variants_in_turn_at_each_shape():
+    spec = gpu.GpuBench(L=[1024, 2048], E=[64], contexts=[1024], decode_B=[1])
+    assert list(spec.variants) == ["saturating", "exp_squared"]  # the paper's EA and the text recommendation
+    what = [(part, w.get("L", w.get("S")), w["variant"]) for part, _, w in gpu.cases(spec)]
+    assert what == [("fwdbwd", 1024, "saturating"), ("fwdbwd", 1024, "exp_squared"),
+                    ("fwdbwd", 2048, "saturating"), ("fwdbwd", 2048, "exp_squared"),
+                    ("decode", 1024, "saturating"), ("decode", 1024, "exp_squared")]
 
 
 def test_run_records_budget_and_files(monkeypatch, tmp_path):
@@ -61,7 +72,8 @@ def test_run_records_budget_and_files(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     pytest.importorskip("triton")
-    spec = gpu.GpuBench(out=str(tmp_path), L=[1024, 2048], E=[64], contexts=[1024, 4096], decode_B=[1])
+    spec = gpu.GpuBench(out=str(tmp_path), L=[1024, 2048], E=[64], contexts=[1024, 4096], decode_B=[1],
+                        variants=["saturating"])
     result = gpu.run_gpu_benchmark(spec, progress=False)
     recs = result["records"]
     assert [r["part"] for r in recs] == ["fwdbwd", "fwdbwd", "decode", "decode"]

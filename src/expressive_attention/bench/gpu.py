@@ -41,7 +41,8 @@ class GpuBench:
     case_budget_s: float = 8.0
     total_budget_s: float = 200.0
     decode_calls: int = 50  # decode calls per timed repeat (one call is ~10 us)
-    variants: Sequence[str] = field(default_factory=lambda: ["saturating"])
+    # the paper's EA and the variant the README recommends for text; each case runs them in turn
+    variants: Sequence[str] = field(default_factory=lambda: ["saturating", "exp_squared"])
 
     def check(self) -> None:
         for name in ("L", "E", "contexts", "decode_B"):
@@ -50,6 +51,11 @@ class GpuBench:
         for name in ("tokens", "H", "repeats", "decode_calls"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        from ..ops.triton_ea import KERNEL_VARIANTS
+
+        bad = [v for v in self.variants if v not in KERNEL_VARIANTS]
+        if not list(self.variants) or bad:
+            raise ValueError(f"variants must be a non-empty list of {KERNEL_VARIANTS}, got {list(self.variants)}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
 
@@ -142,16 +148,18 @@ def _ratio(r: dict, flops: float) -> dict:
 
 
 def cases(spec: GpuBench) -> list[tuple[str, Callable[[], dict], dict]]:
-    """(part, run, what) of every case, training shapes first."""
+    """(part, run, what) of every case, training shapes first; the variants in turn within each shape
+    (a spent time budget then cuts them all at the same place)."""
     todo = []
-    for variant in spec.variants:
-        for E in spec.E:
-            for L in spec.L:
+    for E in spec.E:
+        for L in spec.L:
+            for variant in spec.variants:
                 todo.append(("fwdbwd", lambda L=L, E=E, v=variant: _training_case(spec, L, E, v),
                              {"L": L, "E": E, "variant": variant}))
-        for E in spec.E:
-            for B in spec.decode_B:
-                for S in spec.contexts:
+    for E in spec.E:
+        for B in spec.decode_B:
+            for S in spec.contexts:
+                for variant in spec.variants:
                     todo.append(("decode", lambda S=S, E=E, B=B, v=variant: _decode_case(spec, S, E, B, v),
                                  {"S": S, "E": E, "B": B, "variant": variant}))
     return todo

@@ -177,6 +177,7 @@ def _decode_cmd(args) -> int:
 
 def _add_gpu(sub) -> None:
     from ..bench.gpu import GpuBench
+    from ..ops.triton_ea import KERNEL_VARIANTS as TRITON_VARIANTS
 
     d = GpuBench()
     p = sub.add_parser("gpu", help="CUDA: EA (Triton) vs SDPA (flash), fwd+bwd and decode, in a few minutes",
@@ -192,6 +193,9 @@ def _add_gpu(sub) -> None:
     p.add_argument("--contexts", type=csv_of(positive_int), default=list(d.contexts), help="decode: KV-cache lengths")
     p.add_argument("--decode-B", type=csv_of(positive_int), default=list(d.decode_B), help="decode: batch sizes")
     p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--variants", type=csv_of(choices=TRITON_VARIANTS), default=list(d.variants),
+                   help=f"EA variants, each timed at every shape, of {','.join(TRITON_VARIANTS)} (default: "
+                        "%(default)s)")
     p.add_argument("--repeats", type=positive_int, default=d.repeats, help="timed repeats per case (median)")
     p.add_argument("--case-budget", type=float, default=d.case_budget_s, help="seconds per case (time box)")
     p.add_argument("--total-budget", type=float, default=d.total_budget_s, help="seconds for all cases")
@@ -204,7 +208,7 @@ def _gpu_cmd(args) -> int:
     from ..bench.gpu import GpuBench, run_gpu_benchmark
 
     spec = GpuBench(out=args.out, L=args.L, E=args.E, tokens=args.tokens, H=args.H, contexts=args.contexts,
-                    decode_B=args.decode_B, dtype=args.dtype, repeats=args.repeats,
+                    decode_B=args.decode_B, dtype=args.dtype, variants=args.variants, repeats=args.repeats,
                     case_budget_s=args.case_budget, total_budget_s=args.total_budget)
     try:
         run_gpu_benchmark(_checked(spec), command=getattr(args, "command_line", "ea bench gpu"))
