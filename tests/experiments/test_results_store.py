@@ -71,3 +71,26 @@ def test_corrupt_middle_line_and_duplicates(tmp_path):
         recs = store.read()
     assert [r["config"]["seed"] for r in recs] == [0, 1]
     assert recs[0]["metrics"]["token_acc"] == 0.0
+
+
+def test_serialised_waits_for_the_other_writer(tmp_path):
+    """Two writers of one folder (e.g. two `ea lm` workers sharing a queue): the second waits until
+    the first has released the write lock."""
+    import threading
+    import time
+
+    from expressive_attention.experiments.results import serialised
+
+    events = []
+
+    def second():
+        with serialised(tmp_path):
+            events.append("second in")
+
+    with serialised(tmp_path):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        events.append("first out")
+    t.join(10)
+    assert events == ["first out", "second in"]

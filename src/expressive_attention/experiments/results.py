@@ -60,6 +60,30 @@ def exclusive(out: str | os.PathLike, what: str = "sweep"):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+WRITE_LOCK_FILE = ".write.lock"
+
+
+@contextlib.contextmanager
+def serialised(out: str | os.PathLike):
+    """Wait for, then hold, an OS lock on OUT/.write.lock: for the short steps in which a run appends
+    its record or a command rewrites the folder's summary from the records. Two commands writing
+    into one folder at once (e.g. workers sharing a queue of runs) then never write a report that
+    misses a record the other appended meanwhile. (No-op where fcntl is unavailable.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(out) / WRITE_LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def config_key(config: dict[str, Any]) -> str:
     """A stable 16-hex-digit key for a config dict (canonical JSON: sorted keys, no spaces)."""
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)

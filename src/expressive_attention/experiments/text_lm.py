@@ -36,7 +36,7 @@ import torch
 from ..deprecation import warn_renamed
 from ..ops.reference import DEFAULT_POWER, VARIANTS, resolve_power
 from .kinds import kind_label, kind_specs
-from .results import RESULTS_FILE, ResultsStore, config_key
+from .results import RESULTS_FILE, ResultsStore, config_key, serialised
 
 # the old `impls` names (attn_implementation names) -> (kind, variant)
 IMPLEMENTATIONS = {"sdpa": ("dpa", None), "expressive": ("ea", "saturating"),
@@ -488,21 +488,23 @@ def run(cfg: TextLMConfig, progress: bool = True, log=print, command: str = "") 
             continue
         rows, diagnosis = train_one(cfg, mech, impl, lr, seed, train_ids, windows, vocab, bytes_per_token, progress)
         last = rows[-1]
-        store.append(dict(
-            key=key, setting=setting(cfg), kind=mech.label, impl=impl, lr=float(lr), seed=int(seed),
-            val_loss=last["val_loss"], val_bpb=last["val_bpb"], train_seconds=last["train_seconds"],
-            wall_seconds=last["wall_seconds"], curve=rows, diagnosis=diagnosis, vocab=vocab,
-            train_bytes=len(train), val_bytes=len(val), files=n_files, threads=torch.get_num_threads(),
-            torch=torch.__version__, transformers=transformers.__version__,
-        ))
+        with serialised(out):
+            store.append(dict(
+                key=key, setting=setting(cfg), kind=mech.label, impl=impl, lr=float(lr), seed=int(seed),
+                val_loss=last["val_loss"], val_bpb=last["val_bpb"], train_seconds=last["train_seconds"],
+                wall_seconds=last["wall_seconds"], curve=rows, diagnosis=diagnosis, vocab=vocab,
+                train_bytes=len(train), val_bytes=len(val), files=n_files, threads=torch.get_num_threads(),
+                torch=torch.__version__, transformers=transformers.__version__,
+            ))
         done.add(key)
         log(f"{mech.label} lr={lr:g} seed={seed}: held-out {last['val_bpb']:.4f} bits/byte "
             f"({last['wall_seconds']:.0f} s) -> {store.path}")
-    records = [r for r in store.read() if r.get("setting") == setting(cfg)]
     summary = dict(config=asdict(cfg), runs=[m.label for m, _ in mechs], vocab=vocab, train_bytes=len(train),
                    val_bytes=len(val), files=n_files, corpus=corpus_description(cfg),
                    tokens_per_run=cfg.steps * cfg.batch_size * cfg.context, torch=torch.__version__,
                    transformers=transformers.__version__, threads=torch.get_num_threads(), command=command)
-    return write_outputs(records, summary, out)
+    with serialised(out):  # the records as they are now, including those other commands appended meanwhile
+        records = [r for r in store.read() if r.get("setting") == setting(cfg)]
+        return write_outputs(records, summary, out)
 
 from .text_study import format_table  # noqa: E402,F401  (the tables of a summary)
