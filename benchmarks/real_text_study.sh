@@ -45,3 +45,9 @@ for c in prose code; do
     run_one $c $OUT/$c-1200 "$label" --lr "$(selected_lr $OUT/$c-300 "$label")" --seeds 0,1,2 --steps 1200 --eval-every 100
   done
 done
+# 5. the paper's EA and EA squared (the issue names them at both budgets) at 1200 steps, each at its selected lr
+for c in prose code; do
+  for label in ea ea-squared; do
+    run_one $c $OUT/$c-1200 "$label" --lr "$(selected_lr $OUT/$c-300 "$label")" --seeds 0,1,2 --steps 1200 --eval-every 100
+  done
+done
