@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from expressive_attention import attention, expressive_attention
-from expressive_attention.ops import BACKENDS, choose_backend
+from expressive_attention.ops import BACKENDS, choose_backend, fused_cpu
 from expressive_attention.ops.problem import normalise
 
 
@@ -59,7 +59,6 @@ def test_auto_backend_choice():
     small = normalise(*qkv(1, 1), None, 0.0, False, None, False, "saturating", 1e-6)
     big = normalise(*qkv(1, 1, L=300, S=300), None, 0.0, True, None, False, "saturating", 1e-6)
     drop = normalise(*qkv(1, 1, L=300, S=300), None, 0.1, True, None, False, "saturating", 1e-6)
-    from expressive_attention.ops import fused_cpu
 
     fused = fused_cpu.is_available()
     assert choose_backend(small).name == ("fused_cpu" if fused else "reference")
@@ -102,8 +101,13 @@ def test_backends_registered():
     assert {"reference", "blocked"} <= set(BACKENDS)
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_works_under_torch_compile(backend):
+@pytest.mark.parametrize("backend", ["reference", "auto", "auto, kernel not loaded yet"])
+def test_works_under_torch_compile(backend, monkeypatch):
+    # "auto" while dynamo traces: the fused kernel only if loaded (no file checks traced), else blocked;
+    # the eager call below may then run another backend, hence float32 tolerances across backends
+    if backend.startswith("auto, "):
+        monkeypatch.setitem(fused_cpu._STATE, "module", None)
+        backend = "auto"
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, L=80, S=80, E=16, Ev=16))
 
     def f(q, k, v):
@@ -115,7 +119,7 @@ def test_works_under_torch_compile(backend):
     g1 = torch.autograd.grad(got, (q, k, v))
     g2 = torch.autograd.grad(want, (q, k, v))
     for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_third_party_backend_joins_the_table_and_auto(monkeypatch):
@@ -123,6 +127,7 @@ def test_third_party_backend_joins_the_table_and_auto(monkeypatch):
     from expressive_attention.ops.problem import normalise
 
     monkeypatch.setattr(dispatch, "BACKENDS", dict(dispatch.BACKENDS))  # leave the real table alone
+    monkeypatch.setattr(dispatch, "_SHORTCUTS", list(dispatch._SHORTCUTS))  # (registering empties it)
     calls = []
 
     def run(p: Problem):

@@ -108,8 +108,11 @@ def _complete(d: Path) -> bool:
 
 def is_built() -> bool:
     """True when the kernel is loaded in this process or its cached build is complete on disk
-    (never starts a build)."""
-    return _STATE["module"] is not None or _complete(build_dir())
+    (never starts a build). While torch.compile traces: only when it is loaded (dynamo cannot trace
+    the file checks; the first eager call, or `ea info --build`, loads it)."""
+    if _STATE["module"] is not None:
+        return True
+    return not torch.compiler.is_compiling() and _complete(build_dir())
 
 
 def _ensure_ninja_on_path() -> None:
