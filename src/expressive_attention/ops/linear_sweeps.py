@@ -25,9 +25,13 @@ made the whole call ~1.7x slower under the benchmarks' MALLOC_MMAP_THRESHOLD_=65
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
 import torch
 from torch import Tensor
 
+from ._functorch import plain_eager
 from .linear_features import Buffers, OuterProducts, PackedFeatures, PhiGrad, SplitState, unpack_state
 
 
@@ -60,14 +64,67 @@ def _normalise_into(num: Tensor, den: Tensor, eps: float, out: Tensor, zs: Tenso
     torch.div(num.view(out.shape), z, out=out)
 
 
+def head_workers(N: int) -> int:
+    """How many threads the sweeps split the N = B * Hkv heads over by default: torch's thread count, at
+    most N (see `over_heads`)."""
+    return max(1, min(torch.get_num_threads(), N))
+
+
+def over_heads(run: Callable[[slice], None], N: int, workers: int, *tensors: Tensor) -> None:
+    """Run `run(h)` on `workers` contiguous slices h that cover range(N) (the heads: each head's sweep is
+    independent of the others), each slice in a thread of its own in which torch runs on one thread;
+    workers <= 1: `run(slice(0, N))` in the calling thread, with torch's threads splitting each op.
+
+    Why: a chunk sweep is thousands of small ops (tens to hundreds of microseconds each), and with
+    torch's threads every op is a parallel region whose threads meet at a barrier; on a busy machine each
+    barrier waits for a descheduled thread (profile of E=32, L=4096 fwd+bwd at 2 threads, load ~2.5:
+    2.7-4.8 s against 0.9-1.1 s on one thread, elementwise ops ~1 ms each instead of ~30 us). Split by
+    heads, each thread runs the one-thread schedule with no barrier at all (docs/linear.md, "Threads").
+    The results are the same op by op as on one thread.
+
+    torch.set_num_threads is per thread for the running thread but also sets the count that threads
+    started later begin with: the workers set 1 and restore the caller's count when done. The caller's
+    inference mode is carried into the workers (grad mode: the sweeps run under no_grad themselves).
+    Under a compiler, a torch_dispatch mode (e.g. FLOP counting) or a torch.func transform of `tensors`,
+    all of them per thread, the heads are not split."""
+    workers = min(workers, N)
+    if workers <= 1 or not plain_eager(*tensors):
+        run(slice(0, N))
+        return
+    threads = torch.get_num_threads()
+    inference = torch.is_inference_mode_enabled()
+
+    def work(h: slice) -> None:
+        torch.get_num_threads()  # a fresh thread takes torch's settings now, not at its first op
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode(inference):
+                run(h)
+        finally:
+            torch.set_num_threads(threads)
+
+    bounds = [N * i // workers for i in range(workers + 1)]
+    with ThreadPoolExecutor(workers, thread_name_prefix="ea-linear") as pool:
+        futures = [pool.submit(work, slice(a, b)) for a, b in zip(bounds, bounds[1:])]
+        for f in futures:
+            f.result()
+
+
+def causal_forward(q: Tensor, k: Tensor, v: Tensor, st: SplitState, eps: float, chunk: int, scale: float,
+                   workers: int = 1):
+    """Causal linear EA over the L tokens that follow those summarised in `st` (updated in place), the
+    heads split over `workers` threads (`over_heads`). Returns out (N, G, L, Ev), z (N, G, L, 1)."""
+    N, G, L, _ = q.shape
+    out = q.new_empty(N, G, L, v.shape[-1])
+    zs = q.new_empty(N, G, L, 1)
+    over_heads(lambda h: _causal_forward(q[h], k[h], v[h], st[h], eps, chunk, scale, out[h], zs[h]), N, workers, q, k, v)
+    return out, zs
+
+
 @torch.no_grad()
-def causal_forward(q: Tensor, k: Tensor, v: Tensor, st: SplitState, eps: float, chunk: int, scale: float):
-    """Causal linear EA over the L tokens that follow those summarised in `st` (updated in place).
-    Returns out (N, G, L, Ev), z (N, G, L, 1)."""
+def _causal_forward(q, k, v, st: SplitState, eps, chunk, scale, out: Tensor, zs: Tensor) -> None:
     N, G, L, E = q.shape
     Ev = v.shape[-1]
-    out = q.new_empty(N, G, L, Ev)
-    zs = q.new_empty(N, G, L, 1)
     ws, phi = Buffers(), PackedFeatures()
     tril = causal_tril(min(chunk, L), q.dtype, q.device)
     for c0 in range(0, L, chunk):
@@ -82,7 +139,6 @@ def causal_forward(q: Tensor, k: Tensor, v: Tensor, st: SplitState, eps: float, 
         den = f.sum(-1).add_(_gram_rows(qc, st.gram, ws).mul_(qc).sum(-1))  # (N, G*n)
         st.add(kc, vc, phi)
         _normalise_into(num, den, eps, out[:, :, c0:c1], zs[:, :, c0:c1])
-    return out, zs
 
 
 @torch.no_grad()
@@ -96,14 +152,21 @@ def global_state(k: Tensor, v: Tensor, chunk: int) -> SplitState:
     return st
 
 
+def full_forward(q: Tensor, k: Tensor, v: Tensor, eps: float, chunk: int, scale: float, workers: int = 1):
+    """Non-causal: every query sees every key through one global state (per head; the heads split over
+    `workers` threads). Returns out (N, G, L, Ev), z (N, G, L, 1)."""
+    N, G, L, _ = q.shape
+    out = q.new_empty(N, G, L, v.shape[-1])
+    zs = q.new_empty(N, G, L, 1)
+    over_heads(lambda h: _full_forward(q[h], k[h], v[h], eps, chunk, scale, out[h], zs[h]), N, workers, q, k, v)
+    return out, zs
+
+
 @torch.no_grad()
-def full_forward(q: Tensor, k: Tensor, v: Tensor, eps: float, chunk: int, scale: float):
-    """Non-causal: every query sees every key through one global state."""
+def _full_forward(q, k, v, eps, chunk, scale, out: Tensor, zs: Tensor) -> None:
     N, G, L, E = q.shape
     Ev = v.shape[-1]
     st = global_state(k, v, chunk)
-    out = q.new_empty(N, G, L, Ev)
-    zs = q.new_empty(N, G, L, 1)
     ws, phi = Buffers(), PackedFeatures()
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
@@ -111,7 +174,6 @@ def full_forward(q: Tensor, k: Tensor, v: Tensor, eps: float, chunk: int, scale:
         num = torch.bmm(phi(qc), st.sv, out=ws.take("num", q, N, qc.shape[1], Ev))
         den = _gram_rows(qc, st.gram, ws).mul_(qc).sum(-1)
         _normalise_into(num, den, eps, out[:, :, c0:c1], zs[:, :, c0:c1])
-    return out, zs
 
 
 class _BackwardBuffers(Buffers):
@@ -166,14 +228,20 @@ def _state_grad(x: Tensor, y: Tensor, w: Tensor | None, st: SplitState, ws: Buff
     return torch.bmm(ws.outer(x, y), unpacked.transpose(1, 2), out=out).add_(xg).mul_(2.0)
 
 
+def backward(q, k, v, o, z, do, chunk, is_causal, scale, workers: int = 1):
+    """Gradients w.r.t. the scaled queries q * scale (N, G, L, E), k (N, S, E) and v (N, S, Ev), the heads
+    split over `workers` threads (`over_heads`)."""
+    N = q.shape[0]
+    dqs, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    over_heads(lambda h: _backward(q[h], k[h], v[h], o[h], z[h], do[h], chunk, is_causal, scale, dqs[h], dk[h], dv[h]),
+               N, workers, q, k, v, do)
+    return dqs, dk, dv
+
+
 @torch.no_grad()
-def backward(q, k, v, o, z, do, chunk, is_causal, scale):
-    """Gradients w.r.t. the scaled queries q * scale (N, G, L, E), k (N, S, E) and v (N, S, Ev)."""
+def _backward(q, k, v, o, z, do, chunk, is_causal, scale, dqs: Tensor, dk: Tensor, dv: Tensor) -> None:
     N, G, L, E = q.shape
     S, Ev = k.shape[1], v.shape[-1]
-    dqs = torch.empty_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
     ws, phi = _BackwardBuffers(), PackedFeatures()
     grads = _Grads(do, o, z, ws)
 
@@ -194,7 +262,7 @@ def backward(q, k, v, o, z, do, chunk, is_causal, scale):
             kc, vc = k[:, c0 : c0 + chunk], v[:, c0 : c0 + chunk]
             dk[:, c0 : c0 + chunk] = _state_grad(kc, vc, None, dst, ws, "dk")
             torch.bmm(phi(kc), dst.sv, out=dv[:, c0 : c0 + chunk])
-        return dqs, dk, dv
+        return
 
     tril = causal_tril(min(chunk, L), q.dtype, q.device)
     # sweep 1, forward order: the quadratic part inside each chunk, and dq from the prefix state
@@ -229,4 +297,3 @@ def backward(q, k, v, o, z, do, chunk, is_causal, scale):
         if c0 > 0:
             qc, (gv, gz) = _scaled_rows(q, scale, c0, c1, ws), grads(c0, c1)
             add_grads(dst, qc, gv, gz)
-    return dqs, dk, dv
