@@ -145,3 +145,24 @@ def test_bad_workers_raise():
     q, k, v = make_qkv(1, 2, 2, 8, 8, 4, 4)
     with pytest.raises(ValueError, match="workers"):
         run(q, k, v, 0, is_causal=True)
+
+
+def _split_in_child(conn):
+    seen = []
+    linear_sweeps.over_heads(lambda h: seen.append(torch.get_num_threads()), 4, 2, torch.zeros(1))
+    conn.send(seen)
+
+
+def test_split_works_in_a_forked_child():
+    """The worker threads are kept between calls; a forked child has none of them and starts its own."""
+    import multiprocessing
+
+    linear_sweeps.over_heads(lambda h: None, 4, 2, torch.zeros(1))  # the parent's pool exists
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_split_in_child, args=(child,))
+    proc.start()
+    assert parent.poll(60), "the split hung in a forked child"
+    assert parent.recv() == [1, 1]
+    proc.join(60)
+    assert proc.exitcode == 0

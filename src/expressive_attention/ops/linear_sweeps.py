@@ -25,6 +25,8 @@ made the whole call ~1.7x slower under the benchmarks' MALLOC_MMAP_THRESHOLD_=65
 """
 from __future__ import annotations
 
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -70,6 +72,32 @@ def head_workers(N: int) -> int:
     return max(1, min(torch.get_num_threads(), N))
 
 
+_pool: "ThreadPoolExecutor | None" = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new one when needed."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _submit(work: Callable[[slice], None], slices: list) -> list:
+    """Futures of work(h) for each slice, on the module's worker threads (kept between calls: a fresh
+    thread's first torch op initialises OpenMP and MKL for it, ~1-2 ms a call under load)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < len(slices):
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # (what it runs still completes)
+            _pool, _pool_size = ThreadPoolExecutor(len(slices), thread_name_prefix="ea-linear"), len(slices)
+        return [_pool.submit(work, h) for h in slices]
+
+
 def over_heads(run: Callable[[slice], None], N: int, workers: int, *tensors: Tensor) -> None:
     """Run `run(h)` on `workers` contiguous slices h that cover range(N) (the heads: each head's sweep is
     independent of the others), each slice in a thread of its own in which torch runs on one thread;
@@ -104,10 +132,8 @@ def over_heads(run: Callable[[slice], None], N: int, workers: int, *tensors: Ten
             torch.set_num_threads(threads)
 
     bounds = [N * i // workers for i in range(workers + 1)]
-    with ThreadPoolExecutor(workers, thread_name_prefix="ea-linear") as pool:
-        futures = [pool.submit(work, slice(a, b)) for a, b in zip(bounds, bounds[1:])]
-        for f in futures:
-            f.result()
+    for f in _submit(work, [slice(a, b) for a, b in zip(bounds, bounds[1:])]):
+        f.result()
 
 
 def causal_forward(q: Tensor, k: Tensor, v: Tensor, st: SplitState, eps: float, chunk: int, scale: float,
