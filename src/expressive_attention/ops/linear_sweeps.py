@@ -22,6 +22,10 @@ gradient of phi as one wide GEMM, or (E >= PACKED_PHI_GRAD_FROM_E) on the packed
 (N, F, n), then the symmetric contraction of each row (`PhiGrad`). Every per-chunk temporary lives in a buffer reused across chunks
 (`Buffers`): a fresh multi-MB tensor per chunk is a fresh mapping, page-faulted on first use, which
 made the whole call ~1.7x slower under the benchmarks' MALLOC_MMAP_THRESHOLD_=65536.
+
+Threads: the heads are independent, so with torch on T threads the sweeps split the N heads into T
+contiguous slices, each run by a worker thread with torch on one thread (`over_heads`): one barrier
+per call instead of one per op.
 """
 from __future__ import annotations
 
@@ -112,7 +116,7 @@ def over_heads(run: Callable[[slice], None], N: int, workers: int, *tensors: Ten
 
     torch.set_num_threads is per thread for the running thread but also sets the count that threads
     started later begin with: the workers set 1 and restore the caller's count when done. The caller's
-    inference mode is carried into the workers (grad mode: the sweeps run under no_grad themselves).
+    inference mode is carried into the workers, which build no autograd graph.
     Under a compiler, a torch_dispatch mode (e.g. FLOP counting) or a torch.func transform of `tensors`,
     all of them per thread, the heads are not split."""
     workers = min(workers, N)
@@ -126,7 +130,7 @@ def over_heads(run: Callable[[slice], None], N: int, workers: int, *tensors: Ten
         torch.get_num_threads()  # a fresh thread takes torch's settings now, not at its first op
         torch.set_num_threads(1)
         try:
-            with torch.inference_mode(inference):
+            with torch.inference_mode(inference), torch.no_grad():
                 run(h)
         finally:
             torch.set_num_threads(threads)
