@@ -166,3 +166,13 @@ def test_split_works_in_a_forked_child():
     assert parent.recv() == [1, 1]
     proc.join(60)
     assert proc.exitcode == 0
+
+
+@pytest.mark.parametrize("E,by_rows", [(16, False), (47, False), (48, True), (64, True)])
+def test_phi_builder_in_split_workers(one_thread, E, by_rows):
+    """In a worker phi is built by rows only from SPLIT_ROWS_FROM_E; elsewhere PackedFeatures decides."""
+    assert linear_sweeps._phi_builder(E).by_rows is None  # the calling thread
+    seen = []
+    linear_sweeps.over_heads(lambda h: seen.append(linear_sweeps._phi_builder(E).by_rows), 4, 2, torch.zeros(1))
+    assert seen == [by_rows, by_rows]
+    assert linear_sweeps._phi_builder(E).by_rows is None

@@ -102,6 +102,22 @@ def _submit(work: Callable[[slice], None], slices: list) -> list:
         return [_pool.submit(work, h) for h in slices]
 
 
+# In a head-split worker phi is built by rows (E ops a build) only from this head dim on; below it by the
+# full outer product and a row gather (4 ops of ~2x the elements). Each op takes the GIL, which all the
+# workers share: with E ops a build the Python side of the small ops, not the work, limited the split.
+# Measured (quiet machine, 2 threads, B=4, H=4, fwd+bwd, 2 alternating processes each, unsplit / split
+# by rows / split by gather): E=16, L=16384: 500 / 840-877 / 549-593 ms; E=32, L=4096: 400-407 /
+# 447-462 / 378-379 ms; E=64, L=4096: 1991-2050 / 1618-1740 / 1969-2068 ms.
+SPLIT_ROWS_FROM_E = 48
+_worker = threading.local()  # .active: this thread runs a slice of heads for over_heads
+
+
+def _phi_builder(E: int) -> PackedFeatures:
+    """The feature builder for this thread: PackedFeatures' own rule (by rows on one torch thread), but
+    in a head-split worker by rows only from E = SPLIT_ROWS_FROM_E."""
+    return PackedFeatures(E >= SPLIT_ROWS_FROM_E if getattr(_worker, "active", False) else None)
+
+
 def over_heads(run: Callable[[slice], None], N: int, workers: int, *tensors: Tensor) -> None:
     """Run `run(h)` on `workers` contiguous slices h that cover range(N) (the heads: each head's sweep is
     independent of the others), each slice in a thread of its own in which torch runs on one thread;
@@ -129,10 +145,12 @@ def over_heads(run: Callable[[slice], None], N: int, workers: int, *tensors: Ten
     def work(h: slice) -> None:
         torch.get_num_threads()  # a fresh thread takes torch's settings now, not at its first op
         torch.set_num_threads(1)
+        _worker.active = True
         try:
             with torch.inference_mode(inference), torch.no_grad():
                 run(h)
         finally:
+            _worker.active = False
             torch.set_num_threads(threads)
 
     bounds = [N * i // workers for i in range(workers + 1)]
@@ -155,7 +173,7 @@ def causal_forward(q: Tensor, k: Tensor, v: Tensor, st: SplitState, eps: float, 
 def _causal_forward(q, k, v, st: SplitState, eps, chunk, scale, out: Tensor, zs: Tensor) -> None:
     N, G, L, E = q.shape
     Ev = v.shape[-1]
-    ws, phi = Buffers(), PackedFeatures()
+    ws, phi = Buffers(), _phi_builder(E)
     tril = causal_tril(min(chunk, L), q.dtype, q.device)
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
@@ -176,7 +194,7 @@ def global_state(k: Tensor, v: Tensor, chunk: int) -> SplitState:
     """The state of all keys: sv = sum_j phi(k_j) v_j^T, gram = sum_j k_j k_j^T."""
     N, S, E = k.shape
     st = SplitState.zeros(N, E, v.shape[-1], k.dtype, k.device)
-    phi = PackedFeatures()
+    phi = _phi_builder(E)
     for c0 in range(0, S, chunk):
         st.add(k[:, c0 : c0 + chunk], v[:, c0 : c0 + chunk], phi)
     return st
@@ -197,7 +215,7 @@ def _full_forward(q, k, v, eps, chunk, scale, out: Tensor, zs: Tensor) -> None:
     N, G, L, E = q.shape
     Ev = v.shape[-1]
     st = global_state(k, v, chunk)
-    ws, phi = Buffers(), PackedFeatures()
+    ws, phi = Buffers(), _phi_builder(E)
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
         qc = _scaled_rows(q, scale, c0, c1, ws)
@@ -272,7 +290,7 @@ def backward(q, k, v, o, z, do, chunk, is_causal, scale, workers: int = 1):
 def _backward(q, k, v, o, z, do, chunk, is_causal, scale, dqs: Tensor, dk: Tensor, dv: Tensor) -> None:
     N, G, L, E = q.shape
     S, Ev = k.shape[1], v.shape[-1]
-    ws, phi = _BackwardBuffers(), PackedFeatures()
+    ws, phi = _BackwardBuffers(), _phi_builder(E)
     grads = _Grads(do, o, z, ws)
 
     def add_grads(dst: SplitState, qc: Tensor, gv: Tensor, gz: Tensor) -> None:
