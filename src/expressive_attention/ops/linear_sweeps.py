@@ -128,7 +128,9 @@ def over_heads(run: Callable[[slice], None], N: int, workers: int, *tensors: Ten
     barrier waits for a descheduled thread (profile of E=32, L=4096 fwd+bwd at 2 threads, load ~2.5:
     2.7-4.8 s against 0.9-1.1 s on one thread, elementwise ops ~1 ms each instead of ~30 us). Split by
     heads, each thread runs the one-thread schedule with no barrier at all (docs/linear.md, "Threads").
-    The results are the same op by op as on one thread.
+    On a quiet machine the gain is smaller (2 threads: E=32 ~6%, E=64 ~17%; E=16 loses ~10%): every
+    worker issues all the ops of a sweep, and the Python side of each op holds the GIL they share.
+    The results are those of the unsplit sweep, head by head.
 
     torch.set_num_threads is per thread for the running thread but also sets the count that threads
     started later begin with: the workers set 1 and restore the caller's count when done. The caller's
