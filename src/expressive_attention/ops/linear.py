@@ -110,15 +110,18 @@ def normalise_rows(num: Tensor, Ev: int, eps: float):
     return num[..., :Ev] / z, z
 
 
-def causal_forward(q: Tensor, k: Tensor, v: Tensor, state: Tensor, eps: float, chunk: int, scale: float):
+def causal_forward(q: Tensor, k: Tensor, v: Tensor, state: Tensor, eps: float, chunk: int, scale: float,
+                   workers: int | None = None):
     """Causal linear EA over n tokens that follow the tokens summarised in the packed `state`
     (N, F, Ev+1), updated in place (the recurrent cache's prefill).
 
     q (N, G, n, E) queries (multiplied by `scale` chunk by chunk); k (N, n, E); v (N, n, Ev).
+    workers: threads the N heads are split over (None: `linear_sweeps.head_workers`).
     Returns out (N, G, n, Ev), z (N, G, n, 1).
     """
     st = SplitState.from_packed(state, q.shape[-1])
-    out, z = linear_sweeps.causal_forward(q, k, v, st, eps, chunk, scale)
+    workers = linear_sweeps.head_workers(q.shape[0]) if workers is None else workers
+    out, z = linear_sweeps.causal_forward(q, k, v, st, eps, chunk, scale, workers)
     st.write_packed(state)
     return out, z
 
@@ -137,24 +140,24 @@ class _LinearEA(torch.autograd.Function):
         return q.to(ct).reshape(N, H // Hkv, L, E), k.to(ct).reshape(N, S, E), v.to(ct).reshape(N, S, Ev)
 
     @staticmethod
-    def forward(q, k, v, is_causal, scale, eps, chunk):
+    def forward(q, k, v, is_causal, scale, eps, chunk, workers):
         B, H, L, E = q.shape
         N, Ev = B * k.shape[1], v.shape[-1]
         q3, k3, v3 = _LinearEA._prepare(q, k, v)
         if is_causal:
             state = SplitState.zeros(N, E, Ev, k3.dtype, k3.device)
-            out, z = linear_sweeps.causal_forward(q3, k3, v3, state, eps, chunk, scale)
+            out, z = linear_sweeps.causal_forward(q3, k3, v3, state, eps, chunk, scale, workers)
         else:
-            out, z = linear_sweeps.full_forward(q3, k3, v3, eps, chunk, scale)
+            out, z = linear_sweeps.full_forward(q3, k3, v3, eps, chunk, scale, workers)
         return out.view(B, H, L, Ev).to(q.dtype), out, z  # the compute-dtype out and z: for backward
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, is_causal, scale, eps, chunk = inputs
+        q, k, v, is_causal, scale, eps, chunk, workers = inputs
         _, out, z = output
         ctx.mark_non_differentiable(out, z)
         ctx.save_for_backward(q, k, v, out, z)
-        ctx.args = (is_causal, scale, eps, chunk)
+        ctx.args = (is_causal, scale, eps, chunk, workers)
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -164,19 +167,19 @@ class _LinearEA(torch.autograd.Function):
     def backward(ctx, dout, _dout_ct, _dz):
         q, k, v, out, z = ctx.saved_tensors
         dq, dk, dv = _LinearBackward.apply(dout, q, k, v, out, z, *ctx.args)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 class _LinearBackward(torch.autograd.Function):
     """The backward as a function of its own, so torch.func can vmap it (per-sample gradients)."""
 
     @staticmethod
-    def forward(dout, q, k, v, out, z, is_causal, scale, eps, chunk):
+    def forward(dout, q, k, v, out, z, is_causal, scale, eps, chunk, workers):
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
         q3, k3, v3 = _LinearEA._prepare(q, k, v)
         do = dout.to(q3.dtype).reshape(B * Hkv, H // Hkv, L, Ev)
-        dqs, dk, dv = linear_sweeps.backward(q3, k3, v3, out, z, do, chunk, is_causal, scale)
+        dqs, dk, dv = linear_sweeps.backward(q3, k3, v3, out, z, do, chunk, is_causal, scale, workers)
         dq = dqs.mul_(scale).view(B, H, L, E).to(q.dtype)
         return dq, dk.view(B, Hkv, S, E).to(k.dtype), dv.view(B, Hkv, S, Ev).to(v.dtype)
 
@@ -194,8 +197,10 @@ class _LinearBackward(torch.autograd.Function):
                            "use backend='reference' for higher-order gradients")
 
 
-def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
-    """Backend entry point: a checked 4-D `Problem` (see `supports`) -> output (B, H, L, Ev)."""
+def linear_attention(p: Problem, chunk: int | None = None, workers: int | None = None) -> Tensor:
+    """Backend entry point: a checked 4-D `Problem` (see `supports`) -> output (B, H, L, Ev).
+    chunk: rows per chunk (None: `default_chunk(E)`); workers: threads the B * Hkv heads are split over,
+    forward and backward (None: torch's thread count, at most B * Hkv; `linear_sweeps.over_heads`)."""
     reason = BACKEND.unsupported(p)
     if reason is not None:
         raise ValueError(f"backend='linear' cannot run this call: {reason}")
@@ -208,7 +213,10 @@ def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
     chunk = default_chunk(q.shape[-1]) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    return _LinearEA.apply(q, k, v, is_causal, p.scale, p.eps, chunk)[0]
+    workers = linear_sweeps.head_workers(k.shape[0] * k.shape[1]) if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    return _LinearEA.apply(q, k, v, is_causal, p.scale, p.eps, chunk, workers)[0]
 
 
 # Sequence length above which backend="auto" runs the linear form on CPU, by torch's thread count
@@ -220,9 +228,13 @@ def linear_attention(p: Problem, chunk: int | None = None) -> Tensor:
 # One thread (29 Nov 2026, split state + reused buffers; the estimates' median over L = 1024, 2048, 16384
 # at E=16, 4096, 8192 at E=32, 6144, 12288 at E=64, rounded to 256; before: 2560 / 4608 / 11008 for
 # training, 3072 / 4608 / 9472 forward only).
-# Two threads (29 Nov 2026, quiet machine, medians of 3 rounds at L = 4096, 8192).
-CROSSOVER_TRAIN = {1: {16: 1280, 32: 2560, 64: 6912}, 2: {16: 1536, 32: 3840, 64: 9984}}
-CROSSOVER_INFER = {1: {16: 1536, 32: 2816, 64: 6912}, 2: {16: 1792, 32: 3840, 64: 11264}}
+# E=32 re-measured on the quiet machine (29 Nov 2026, 20:31-20:36 UTC, medians of 5 rounds at L = 2048, 3072,
+# 4096: ~2404 / ~2397; it was 2560 / 2816 from the run under load).
+# Two threads (29 Nov 2026, quiet machine, the heads split over the threads; medians of 5 rounds at
+# L = 2048, 3072, 4096 for E=32 and 6144, 8192, 12288 for E=64, one round at L = 16384 for E=16; before
+# the split: 1536 / 3840 / 9984 for training, 1792 / 3840 / 11264 forward only).
+CROSSOVER_TRAIN = {1: {16: 1280, 32: 2304, 64: 6912}, 2: {16: 1792, 32: 2816, 64: 8192}}
+CROSSOVER_INFER = {1: {16: 1536, 32: 2304, 64: 6912}, 2: {16: 2048, 32: 3072, 64: 7936}}
 
 
 def crossover_length(E: int, train: bool, threads: int | None = None) -> float:

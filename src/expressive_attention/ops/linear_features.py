@@ -183,6 +183,10 @@ class SplitState:
         return cls(torch.zeros(N, n_features(E), Ev, dtype=dtype, device=device),
                    torch.zeros(N, E, E, dtype=dtype, device=device))
 
+    def __getitem__(self, heads: slice) -> "SplitState":
+        """The state of some heads: views, so that updating them updates this state."""
+        return SplitState(self.sv[heads], self.gram[heads])
+
     @classmethod
     def from_packed(cls, state: Tensor, E: int) -> "SplitState":
         """From a packed state (N, F, Ev+1) (copies)."""

@@ -22,12 +22,22 @@ gradient of phi as one wide GEMM, or (E >= PACKED_PHI_GRAD_FROM_E) on the packed
 (N, F, n), then the symmetric contraction of each row (`PhiGrad`). Every per-chunk temporary lives in a buffer reused across chunks
 (`Buffers`): a fresh multi-MB tensor per chunk is a fresh mapping, page-faulted on first use, which
 made the whole call ~1.7x slower under the benchmarks' MALLOC_MMAP_THRESHOLD_=65536.
+
+Threads: the heads are independent, so with torch on T threads the sweeps split the N heads into T
+contiguous slices, each run by a worker thread with torch on one thread (`over_heads`): one barrier
+per call instead of one per op.
 """
 from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from ._functorch import plain_eager
 from .linear_features import Buffers, OuterProducts, PackedFeatures, PhiGrad, SplitState, unpack_state
 
 
@@ -60,15 +70,112 @@ def _normalise_into(num: Tensor, den: Tensor, eps: float, out: Tensor, zs: Tenso
     torch.div(num.view(out.shape), z, out=out)
 
 
+def head_workers(N: int) -> int:
+    """How many threads the sweeps split the N = B * Hkv heads over by default: torch's thread count, at
+    most N (see `over_heads`)."""
+    return max(1, min(torch.get_num_threads(), N))
+
+
+_pool: "ThreadPoolExecutor | None" = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new one when needed."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _submit(work: Callable[[slice], None], slices: list) -> list:
+    """Futures of work(h) for each slice, on the module's worker threads (kept between calls: a fresh
+    thread's first torch op initialises OpenMP and MKL for it, ~1-2 ms a call under load)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < len(slices):
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # (what it runs still completes)
+            _pool, _pool_size = ThreadPoolExecutor(len(slices), thread_name_prefix="ea-linear"), len(slices)
+        return [_pool.submit(work, h) for h in slices]
+
+
+# In a head-split worker phi is built by rows (E ops a build) only from this head dim on; below it by the
+# full outer product and a row gather (4 ops of ~2x the elements). Each op takes the GIL, which all the
+# workers share: with E ops a build the Python side of the small ops, not the work, limited the split.
+# Measured (quiet machine, 2 threads, B=4, H=4, fwd+bwd, 2 alternating processes each, unsplit / split
+# by rows / split by gather): E=16, L=16384: 500 / 840-877 / 549-593 ms; E=32, L=4096: 400-407 /
+# 447-462 / 378-379 ms; E=64, L=4096: 1991-2050 / 1618-1740 / 1969-2068 ms.
+SPLIT_ROWS_FROM_E = 48
+_worker = threading.local()  # .active: this thread runs a slice of heads for over_heads
+
+
+def _phi_builder(E: int) -> PackedFeatures:
+    """The feature builder for this thread: PackedFeatures' own rule (by rows on one torch thread), but
+    in a head-split worker by rows only from E = SPLIT_ROWS_FROM_E."""
+    return PackedFeatures(E >= SPLIT_ROWS_FROM_E if getattr(_worker, "active", False) else None)
+
+
+def over_heads(run: Callable[[slice], None], N: int, workers: int, *tensors: Tensor) -> None:
+    """Run `run(h)` on `workers` contiguous slices h that cover range(N) (the heads: each head's sweep is
+    independent of the others), each slice in a thread of its own in which torch runs on one thread;
+    workers <= 1: `run(slice(0, N))` in the calling thread, with torch's threads splitting each op.
+
+    Why: a chunk sweep is thousands of small ops (tens to hundreds of microseconds each), and with
+    torch's threads every op is a parallel region whose threads meet at a barrier; on a busy machine each
+    barrier waits for a descheduled thread (profile of E=32, L=4096 fwd+bwd at 2 threads, load ~2.5:
+    2.7-4.8 s against 0.9-1.1 s on one thread, elementwise ops ~1 ms each instead of ~30 us). Split by
+    heads, each thread runs the one-thread schedule with no barrier at all (docs/linear.md, "Threads").
+    On a quiet machine the gain is smaller (2 threads: E=32 ~6%, E=64 ~17%; E=16 loses ~10%): every
+    worker issues all the ops of a sweep, and the Python side of each op holds the GIL they share.
+    The results are those of the unsplit sweep, head by head.
+
+    torch.set_num_threads is per thread for the running thread but also sets the count that threads
+    started later begin with: the workers set 1 and restore the caller's count when done. The caller's
+    inference mode is carried into the workers, which build no autograd graph.
+    Under a compiler, a torch_dispatch mode (e.g. FLOP counting) or a torch.func transform of `tensors`,
+    all of them per thread, the heads are not split."""
+    workers = min(workers, N)
+    if workers <= 1 or not plain_eager(*tensors):
+        run(slice(0, N))
+        return
+    threads = torch.get_num_threads()
+    inference = torch.is_inference_mode_enabled()
+
+    def work(h: slice) -> None:
+        torch.get_num_threads()  # a fresh thread takes torch's settings now, not at its first op
+        torch.set_num_threads(1)
+        _worker.active = True
+        try:
+            with torch.inference_mode(inference), torch.no_grad():
+                run(h)
+        finally:
+            _worker.active = False
+            torch.set_num_threads(threads)
+
+    bounds = [N * i // workers for i in range(workers + 1)]
+    for f in _submit(work, [slice(a, b) for a, b in zip(bounds, bounds[1:])]):
+        f.result()
+
+
+def causal_forward(q: Tensor, k: Tensor, v: Tensor, st: SplitState, eps: float, chunk: int, scale: float,
+                   workers: int = 1):
+    """Causal linear EA over the L tokens that follow those summarised in `st` (updated in place), the
+    heads split over `workers` threads (`over_heads`). Returns out (N, G, L, Ev), z (N, G, L, 1)."""
+    N, G, L, _ = q.shape
+    out = q.new_empty(N, G, L, v.shape[-1])
+    zs = q.new_empty(N, G, L, 1)
+    over_heads(lambda h: _causal_forward(q[h], k[h], v[h], st[h], eps, chunk, scale, out[h], zs[h]), N, workers, q, k, v)
+    return out, zs
+
+
 @torch.no_grad()
-def causal_forward(q: Tensor, k: Tensor, v: Tensor, st: SplitState, eps: float, chunk: int, scale: float):
-    """Causal linear EA over the L tokens that follow those summarised in `st` (updated in place).
-    Returns out (N, G, L, Ev), z (N, G, L, 1)."""
+def _causal_forward(q, k, v, st: SplitState, eps, chunk, scale, out: Tensor, zs: Tensor) -> None:
     N, G, L, E = q.shape
     Ev = v.shape[-1]
-    out = q.new_empty(N, G, L, Ev)
-    zs = q.new_empty(N, G, L, 1)
-    ws, phi = Buffers(), PackedFeatures()
+    ws, phi = Buffers(), _phi_builder(E)
     tril = causal_tril(min(chunk, L), q.dtype, q.device)
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
@@ -82,7 +189,6 @@ def causal_forward(q: Tensor, k: Tensor, v: Tensor, st: SplitState, eps: float, 
         den = f.sum(-1).add_(_gram_rows(qc, st.gram, ws).mul_(qc).sum(-1))  # (N, G*n)
         st.add(kc, vc, phi)
         _normalise_into(num, den, eps, out[:, :, c0:c1], zs[:, :, c0:c1])
-    return out, zs
 
 
 @torch.no_grad()
@@ -90,28 +196,34 @@ def global_state(k: Tensor, v: Tensor, chunk: int) -> SplitState:
     """The state of all keys: sv = sum_j phi(k_j) v_j^T, gram = sum_j k_j k_j^T."""
     N, S, E = k.shape
     st = SplitState.zeros(N, E, v.shape[-1], k.dtype, k.device)
-    phi = PackedFeatures()
+    phi = _phi_builder(E)
     for c0 in range(0, S, chunk):
         st.add(k[:, c0 : c0 + chunk], v[:, c0 : c0 + chunk], phi)
     return st
 
 
+def full_forward(q: Tensor, k: Tensor, v: Tensor, eps: float, chunk: int, scale: float, workers: int = 1):
+    """Non-causal: every query sees every key through one global state (per head; the heads split over
+    `workers` threads). Returns out (N, G, L, Ev), z (N, G, L, 1)."""
+    N, G, L, _ = q.shape
+    out = q.new_empty(N, G, L, v.shape[-1])
+    zs = q.new_empty(N, G, L, 1)
+    over_heads(lambda h: _full_forward(q[h], k[h], v[h], eps, chunk, scale, out[h], zs[h]), N, workers, q, k, v)
+    return out, zs
+
+
 @torch.no_grad()
-def full_forward(q: Tensor, k: Tensor, v: Tensor, eps: float, chunk: int, scale: float):
-    """Non-causal: every query sees every key through one global state."""
+def _full_forward(q, k, v, eps, chunk, scale, out: Tensor, zs: Tensor) -> None:
     N, G, L, E = q.shape
     Ev = v.shape[-1]
     st = global_state(k, v, chunk)
-    out = q.new_empty(N, G, L, Ev)
-    zs = q.new_empty(N, G, L, 1)
-    ws, phi = Buffers(), PackedFeatures()
+    ws, phi = Buffers(), _phi_builder(E)
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
         qc = _scaled_rows(q, scale, c0, c1, ws)
         num = torch.bmm(phi(qc), st.sv, out=ws.take("num", q, N, qc.shape[1], Ev))
         den = _gram_rows(qc, st.gram, ws).mul_(qc).sum(-1)
         _normalise_into(num, den, eps, out[:, :, c0:c1], zs[:, :, c0:c1])
-    return out, zs
 
 
 class _BackwardBuffers(Buffers):
@@ -166,15 +278,21 @@ def _state_grad(x: Tensor, y: Tensor, w: Tensor | None, st: SplitState, ws: Buff
     return torch.bmm(ws.outer(x, y), unpacked.transpose(1, 2), out=out).add_(xg).mul_(2.0)
 
 
+def backward(q, k, v, o, z, do, chunk, is_causal, scale, workers: int = 1):
+    """Gradients w.r.t. the scaled queries q * scale (N, G, L, E), k (N, S, E) and v (N, S, Ev), the heads
+    split over `workers` threads (`over_heads`)."""
+    N = q.shape[0]
+    dqs, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    over_heads(lambda h: _backward(q[h], k[h], v[h], o[h], z[h], do[h], chunk, is_causal, scale, dqs[h], dk[h], dv[h]),
+               N, workers, q, k, v, do)
+    return dqs, dk, dv
+
+
 @torch.no_grad()
-def backward(q, k, v, o, z, do, chunk, is_causal, scale):
-    """Gradients w.r.t. the scaled queries q * scale (N, G, L, E), k (N, S, E) and v (N, S, Ev)."""
+def _backward(q, k, v, o, z, do, chunk, is_causal, scale, dqs: Tensor, dk: Tensor, dv: Tensor) -> None:
     N, G, L, E = q.shape
     S, Ev = k.shape[1], v.shape[-1]
-    dqs = torch.empty_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
-    ws, phi = _BackwardBuffers(), PackedFeatures()
+    ws, phi = _BackwardBuffers(), _phi_builder(E)
     grads = _Grads(do, o, z, ws)
 
     def add_grads(dst: SplitState, qc: Tensor, gv: Tensor, gz: Tensor) -> None:
@@ -194,7 +312,7 @@ def backward(q, k, v, o, z, do, chunk, is_causal, scale):
             kc, vc = k[:, c0 : c0 + chunk], v[:, c0 : c0 + chunk]
             dk[:, c0 : c0 + chunk] = _state_grad(kc, vc, None, dst, ws, "dk")
             torch.bmm(phi(kc), dst.sv, out=dv[:, c0 : c0 + chunk])
-        return dqs, dk, dv
+        return
 
     tril = causal_tril(min(chunk, L), q.dtype, q.device)
     # sweep 1, forward order: the quadratic part inside each chunk, and dq from the prefix state
@@ -229,4 +347,3 @@ def backward(q, k, v, o, z, do, chunk, is_causal, scale):
         if c0 > 0:
             qc, (gv, gz) = _scaled_rows(q, scale, c0, c1, ws), grads(c0, c1)
             add_grads(dst, qc, gv, gz)
-    return dqs, dk, dv
