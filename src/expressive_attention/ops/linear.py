@@ -229,11 +229,12 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
 # at E=16, 4096, 8192 at E=32, 6144, 12288 at E=64, rounded to 256; before: 2560 / 4608 / 11008 for
 # training, 3072 / 4608 / 9472 forward only).
 # E=32 re-measured on the quiet machine (29 Nov 2026, 20:31-20:36 UTC, medians of 5 rounds at L = 2048, 3072,
-# 4096: ~2404 / ~2397; it was 2560 / 2816 from the run under load).
+# 4096: ~2404 / ~2397; it was 2560 / 2816 from the run under load); E=64 training too (21:00 UTC, medians of 3
+# rounds at L = 6144, 8192, fwd+bwd only: ~6663; it was 6912).
 # Two threads (29 Nov 2026, quiet machine, the heads split over the threads; medians of 5 rounds at
 # L = 2048, 3072, 4096 for E=32 and 6144, 8192, 12288 for E=64, one round at L = 16384 for E=16; before
 # the split: 1536 / 3840 / 9984 for training, 1792 / 3840 / 11264 forward only).
-CROSSOVER_TRAIN = {1: {16: 1280, 32: 2304, 64: 6912}, 2: {16: 1792, 32: 2816, 64: 8192}}
+CROSSOVER_TRAIN = {1: {16: 1280, 32: 2304, 64: 6656}, 2: {16: 1792, 32: 2816, 64: 8192}}
 CROSSOVER_INFER = {1: {16: 1536, 32: 2304, 64: 6912}, 2: {16: 2048, 32: 3072, 64: 7936}}
 
 
