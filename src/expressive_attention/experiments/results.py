@@ -29,25 +29,40 @@ class OutputInUse(UserError):
 
 
 @contextlib.contextmanager
+def _flock(path: Path, blocking: bool):
+    """An exclusive OS lock on `path` (created with its folder) for the duration; yields the open file
+    (read/append), or None where fcntl is unavailable. Not blocking: raises OSError if another process
+    holds it. The OS releases the lock when its holder dies."""
+    try:
+        import fcntl
+    except ImportError:
+        yield None
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        try:
+            yield fh
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def exclusive(out: str | os.PathLike, what: str = "sweep"):
     """Hold an OS lock on OUT/.sweep.lock for the duration: a second sweep into the same folder is
     refused (OutputInUse) instead of training every run twice. The OS releases the lock when its
     holder dies, so a killed sweep never blocks the next one. (No-op where fcntl is unavailable.)"""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
     path = Path(out) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fh = stack.enter_context(_flock(path, blocking=False))
         except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown process"
+            holder = path.read_text().strip() or "unknown process"
             raise OutputInUse(f"{Path(out)} is in use by another {what} ({holder}); wait for it to finish "
                               "or choose another output folder") from None
+        if fh is None:
+            yield
+            return
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
@@ -57,7 +72,6 @@ def exclusive(out: str | os.PathLike, what: str = "sweep"):
         finally:
             fh.seek(0)
             fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 WRITE_LOCK_FILE = ".write.lock"
@@ -69,19 +83,8 @@ def serialised(out: str | os.PathLike):
     its record or a command rewrites the folder's summary from the records. Two commands writing
     into one folder at once (e.g. workers sharing a queue of runs) then never write a report that
     misses a record the other appended meanwhile. (No-op where fcntl is unavailable.)"""
-    try:
-        import fcntl
-    except ImportError:
+    with _flock(Path(out) / WRITE_LOCK_FILE, blocking=True):
         yield
-        return
-    path = Path(out) / WRITE_LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def config_key(config: dict[str, Any]) -> str:

@@ -25,22 +25,6 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-# the built-in backends' shortcuts, highest priority first; emptied by `register_backend` (a new backend
-# may outrank the one a shortcut stands for)
-_SHORTCUTS: list = [b.shortcut for b in sorted(BACKENDS.values(), key=lambda b: -b.priority) if b.shortcut]
-
-
-def try_shortcut(*args) -> Tensor | None:
-    """`backend="auto"` for a call one backend's `shortcut` takes (a decode step; see Backend), from
-    `expressive_attention`'s raw arguments (query, key, value, attn_mask, dropout_p, is_causal, scale,
-    enable_gqa, variant, eps, power); None when none takes it."""
-    for shortcut in _SHORTCUTS:
-        out = shortcut(*args)
-        if out is not None:
-            return out
-    return None
-
-
 def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
     """Add `backend` to the table (by name; `replace=True` to swap out a registered one). The built-in
     shortcuts of "auto" are turned off from then on: the new backend might outrank them."""
@@ -77,6 +61,22 @@ def _by_priority() -> tuple[Backend, ...]:
     if values != _ORDER[0]:
         _ORDER[:] = [values, tuple(sorted(values, key=lambda b: -b.priority))]
     return _ORDER[1]
+
+
+# the built-in backends' shortcuts, highest priority first; emptied by `register_backend` (a new backend
+# may outrank the one a shortcut stands for)
+_SHORTCUTS: list = [b.shortcut for b in _by_priority() if b.shortcut]
+
+
+def try_shortcut(*args) -> Tensor | None:
+    """`backend="auto"` for a call one backend's `shortcut` takes (a decode step; see Backend), from
+    `expressive_attention`'s raw arguments (query, key, value, attn_mask, dropout_p, is_causal, scale,
+    enable_gqa, variant, eps, power); None when none takes it."""
+    for shortcut in _SHORTCUTS:
+        out = shortcut(*args)
+        if out is not None:
+            return out
+    return None
 
 
 class _EmptyEA(torch.autograd.Function):

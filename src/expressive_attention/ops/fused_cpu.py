@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -327,7 +328,7 @@ def decode_shortcut(query, key, value, attn_mask, dropout_p, is_causal, scale, e
     module = _STATE["module"]
     if (module is None or type(query) is not Tensor or type(key) is not Tensor or type(value) is not Tensor
             or variant not in KERNEL_VARIANTS or power is not None or type(is_causal) is not bool
-            or type(eps) is not float or not 0.0 <= eps < _INF
+            or type(eps) is not float or not 0.0 <= eps < math.inf
             or not (type(dropout_p) in (float, int) and dropout_p == 0)
             or not (scale is None or (type(scale) is float and -SCALE_CHECKED_ABOVE <= scale <= SCALE_CHECKED_ABOVE))):
         return None
@@ -357,8 +358,6 @@ def decode_shortcut(query, key, value, attn_mask, dropout_p, is_causal, scale, e
     return module.forward(query, key, value, attn_mask, is_causal, E**-0.5 if scale is None else scale,
                           variant, eps)[0]
 
-
-_INF = float("inf")
 
 
 def worth_building(p: Problem) -> bool:
