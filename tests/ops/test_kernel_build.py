@@ -138,9 +138,10 @@ def test_the_build_names_no_checkout_path():
     assert fused_cpu.is_available()
     d = fused_cpu.build_dir()
     ninja = (d / "build.ninja").read_text()
-    assert str(fused_cpu.SOURCE) not in ninja
-    assert str(d / fused_cpu.SOURCE.name) in ninja
-    assert (d / fused_cpu.SOURCE.name).read_bytes() == fused_cpu.SOURCE.read_bytes()
+    for src in fused_cpu.SOURCES:
+        assert str(src) not in ninja
+        assert str(d / src.name) in ninja
+        assert (d / src.name).read_bytes() == src.read_bytes()
 
 
 @pytest.fixture

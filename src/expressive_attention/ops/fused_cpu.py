@@ -1,9 +1,10 @@
 """The fused CPU kernel (csrc/ea_cpu.cpp): loader, torch custom op with autograd, and backend.
 
-The C++ source is compiled on first use with `torch.utils.cpp_extension.load` (one time, about a
+The extension also carries the linear form's feature helpers (csrc/linear_cpu.cpp, registered by the
+kernel's module; used by ops/linear_features.py when it is loaded). The C++ sources are compiled on first use with `torch.utils.cpp_extension.load` (one time, about a
 minute; ``ea info --build`` does it ahead of time) and cached in
 ``$TORCH_EXTENSIONS_DIR/expressive_attention`` or ``~/.cache/expressive_attention``, in a folder keyed
-by a hash of everything the build depends on (`build_key`): the source, the compiler and its flags,
+by a hash of everything the build depends on (`build_key`): the sources, the compiler and its flags,
 the torch version and install path, the Python version, interpreter and environment, and the CPU (the build
 uses ``-march=native``). So two environments never share (and never rebuild) each other's kernel.
 Importing this module builds nothing; a message on stderr says when a build starts.
@@ -48,7 +49,8 @@ from .backend import Backend
 from .problem import SCALE_CHECKED_ABOVE, Problem
 from .reference import compute_dtype
 
-SOURCE = Path(__file__).parent / "csrc" / "ea_cpu.cpp"
+# the kernel, and the linear form's feature helpers (registered by the kernel's module)
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("ea_cpu.cpp", "linear_cpu.cpp"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp")  # tuples: torch's loader appends to lists in place
 LDFLAGS = ("-fopenmp",)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -83,7 +85,7 @@ def build_key() -> dict[str, str]:
     """Everything the compiled kernel depends on (hashed into the folder name)."""
     cxx = os.environ.get("CXX", "c++")
     return {
-        "source": _file_hash(SOURCE),
+        "source": " ".join(_file_hash(src) for src in SOURCES),
         "flags": " ".join(CFLAGS + LDFLAGS),
         "compiler": f"{cxx} -> {shutil.which(cxx)}",
         "torch": f"{torch.__version__} at {Path(torch.__file__).parent}",
@@ -179,10 +181,11 @@ def _build():
                   file=sys.stderr, flush=True)
         # Compile a copy kept in the build folder: the generated build.ninja then names the same path
         # for every checkout whose source has these bytes, so two checkouts never rebuild each other.
-        source = d / SOURCE.name
-        if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
-            shutil.copyfile(SOURCE, source)
-        module = load(name=d.name, sources=[str(source)], extra_cflags=list(CFLAGS),
+        copies = [d / src.name for src in SOURCES]
+        for src, copy in zip(SOURCES, copies):
+            if not copy.exists() or copy.read_bytes() != src.read_bytes():
+                shutil.copyfile(src, copy)
+        module = load(name=d.name, sources=[str(c) for c in copies], extra_cflags=list(CFLAGS),
                       extra_ldflags=list(LDFLAGS), build_directory=str(d), verbose=False)
         stamp.write_text("\n".join(f"{k}: {v}" for k, v in build_key().items()) + "\n")
     return module
@@ -222,6 +225,11 @@ def load_extension():
 def is_available() -> bool:
     """True when the fused CPU kernel is built (builds it on the first call)."""
     return load_extension() is not None
+
+
+def loaded_module():
+    """The extension if this process has loaded it, else None (never builds, never touches the disk)."""
+    return _STATE["module"]
 
 
 def build_error() -> "str | None":

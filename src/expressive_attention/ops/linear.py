@@ -29,7 +29,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._functorch import fold_vmap
+from . import fused_cpu
+from ._functorch import fold_vmap, plain_eager
 from .backend import Backend
 from .problem import Problem
 from .mask_patterns import key_padding_of
@@ -216,6 +217,8 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
     workers = linear_sweeps.head_workers(k.shape[0] * k.shape[1]) if workers is None else int(workers)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if q.is_cpu and plain_eager(q) and fused_cpu.worth_building(p):
+        fused_cpu.load_extension()  # its C++ feature helpers (linear_features.native_helpers); None: torch ops
     return _LinearEA.apply(q, k, v, is_causal, p.scale, p.eps, chunk, workers)[0]
 
 
@@ -224,18 +227,13 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
 # (calls that need gradients) and forward only. Measured on the project's 2-core AVX2 CPU (torch
 # 2.13.0, B=4, H=4, float32) against the fastest quadratic EA backend (fused_cpu), by
 # `python benchmarks/bench_long.py --threads T --rounds 5`: its crossover estimate (median over L of
-# L * t_linear / t_quadratic); see docs/linear.md for the tables and the commands.
-# One thread (29 Nov 2026, split state + reused buffers; the estimates' median over L = 1024, 2048, 16384
-# at E=16, 4096, 8192 at E=32, 6144, 12288 at E=64, rounded to 256; before: 2560 / 4608 / 11008 for
-# training, 3072 / 4608 / 9472 forward only).
-# E=32 re-measured on the quiet machine (29 Nov 2026, 20:31-20:36 UTC, medians of 5 rounds at L = 2048, 3072,
-# 4096: ~2404 / ~2397; it was 2560 / 2816 from the run under load); E=64 training too (21:00 UTC, medians of 3
-# rounds at L = 6144, 8192, fwd+bwd only: ~6663; it was 6912).
-# Two threads (29 Nov 2026, quiet machine, the heads split over the threads; medians of 5 rounds at
-# L = 2048, 3072, 4096 for E=32 and 6144, 8192, 12288 for E=64, one round at L = 16384 for E=16; before
-# the split: 1536 / 3840 / 9984 for training, 1792 / 3840 / 11264 forward only).
-CROSSOVER_TRAIN = {1: {16: 1280, 32: 2304, 64: 6656}, 2: {16: 1792, 32: 2816, 64: 8192}}
-CROSSOVER_INFER = {1: {16: 1536, 32: 2304, 64: 6912}, 2: {16: 2048, 32: 3072, 64: 7936}}
+# L * t_linear / t_quadratic), rounded to 256; see docs/linear.md for the tables and the commands.
+# These: the native feature helpers (csrc/linear_cpu.cpp), the split state, reused buffers, the heads
+# split over the threads; quiet machine, 29 Nov 2026 21:30-21:57 UTC, medians of 5 rounds at L = 1024,
+# 2048 (E=16), 2048, 3072 (E=32), 4096, 6144 (E=64). Before the helpers: one thread 1280 / 2304 / 6656
+# (training), 1536 / 2304 / 6912 (forward only); two threads 1792 / 2816 / 8192 and 2048 / 3072 / 7936.
+CROSSOVER_TRAIN = {1: {16: 1024, 32: 1792, 64: 5632}, 2: {16: 1792, 32: 2048, 64: 5888}}
+CROSSOVER_INFER = {1: {16: 1024, 32: 1792, 64: 5632}, 2: {16: 2560, 32: 2560, 64: 5888}}
 
 
 def crossover_length(E: int, train: bool, threads: int | None = None) -> float:

@@ -18,6 +18,13 @@ the value part (N, F, Ev) and the normaliser's part as the Gram matrix (N, E, E)
 takes the gradient through phi either by a wide GEMM on the state "unpacked" (`unpack_state`:
 (N, E, E Ev), entry [a, (b, v)] = sum_j k_ja k_jb v_jv, symmetric in a, b) or on the packed state
 (`PhiGrad`: the symmetric contraction of dphi = y S^T with x).
+
+Native helpers: when the fused CPU kernel's extension is loaded (`ops/fused_cpu.py`; the linear backend
+loads it for calls big enough to be worth its one-time build), the features and the gradient through
+them are built by its C++ helpers (`csrc/linear_cpu.cpp`: one pass each, instead of E or 2 E small torch
+ops) for plain float32/float64 CPU tensors in eager mode. Compilers, tracers, dispatch modes and
+torch.func transforms see the torch ops below, which give the same values (tests/ops/test_linear_native.py).
+`USE_NATIVE = False` turns the helpers off (for tests and measurements).
 """
 from __future__ import annotations
 
@@ -27,7 +34,21 @@ import math
 import torch
 from torch import Tensor
 
+from . import fused_cpu
+from ._functorch import plain_eager
+
 SQRT2 = math.sqrt(2.0)
+USE_NATIVE = True
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def native_helpers(x: Tensor):
+    """The loaded extension whose C++ helpers build the features for `x`, or None (not loaded, turned
+    off, or a tensor they do not take: not CPU, not float32/float64, or not plain eager). Never builds."""
+    mod = fused_cpu.loaded_module()
+    if mod is None or not USE_NATIVE or x.dtype not in _NATIVE_DTYPES or not x.is_cpu or not plain_eager(x):
+        return None
+    return mod
 
 
 def n_features(E: int) -> int:
@@ -93,6 +114,11 @@ class PackedFeatures(Buffers):
 
     def __call__(self, x: Tensor) -> Tensor:
         N, n, E = x.shape
+        native = native_helpers(x)
+        if native is not None:
+            out = self.take("phi", x, N, n_features(E), n)
+            native.linear_features(x, out)
+            return out.transpose(1, 2)
         xt = self.take("xt", x, N, E, n)
         xt.copy_(x.transpose(1, 2))  # (N, E, n)
         out = self.take("phi", x, N, n_features(E), n)
@@ -119,6 +145,11 @@ class PhiGrad(Buffers):
 
     def __call__(self, dphi_t: Tensor, x: Tensor) -> Tensor:
         N, n, E = x.shape
+        native = native_helpers(x)
+        if native is not None and dphi_t.is_contiguous():
+            dx = self.take("dx", x, N, n, E)
+            native.linear_feature_grad(dphi_t, x, dx)
+            return dx
         _, _, _, _, weight = _tables(E, x.dtype, x.device)
         pw = dphi_t.mul_(weight)
         xt = self.take("xt", x, N, E, n)

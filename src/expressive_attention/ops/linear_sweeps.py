@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ._functorch import plain_eager
-from .linear_features import Buffers, OuterProducts, PackedFeatures, PhiGrad, SplitState, unpack_state
+from .linear_features import Buffers, OuterProducts, PackedFeatures, PhiGrad, SplitState, native_helpers, unpack_state
 
 
 def causal_tril(n: int, dtype, device) -> Tensor:
@@ -249,17 +249,20 @@ class _Grads:
         return gv.view(N, G * n, Ev), gz.view(N, G * n, 1)
 
 
-# From this head dim on, the backward takes the gradient through phi on the packed state.
+# From this head dim on, the backward takes the gradient through phi on the packed state (torch ops); with
+# the native helpers, at every head dim.
 PACKED_PHI_GRAD_FROM_E = 48
 
 
-def packed_phi_grad(E: int) -> bool:
+def packed_phi_grad(E: int, native: bool = False) -> bool:
     """Whether the gradient through phi is taken on the packed state (dphi = y sv^T, then `PhiGrad`:
-    half the GEMM flops, plus E^2 memory-bound work per row in 2 E small ops) rather than by the wide
-    GEMM on the unpacked state. Measured (one thread, causal fwd+bwd, B=4, H=4, median of 5
-    interleaved repeats, wide / packed): E=16 L=4096 313 / 355 ms; E=32 L=4096 994 / 1020 ms;
-    E=64 L=2048 (3 repeats) 2422 / 2144 ms."""
-    return E >= PACKED_PHI_GRAD_FROM_E
+    half the GEMM flops, plus the E^2-per-row contraction) rather than by the wide GEMM on the unpacked
+    state. With torch ops the contraction is 2 E memory-bound small ops; measured (one thread, causal
+    fwd+bwd, B=4, H=4, median of 5 interleaved repeats, wide / packed): E=16 L=4096 313 / 355 ms; E=32
+    L=4096 994 / 1020 ms; E=64 L=2048 (3 repeats) 2422 / 2144 ms. With the native helpers (`native`:
+    one pass in C++) packed wins at every E: E=16 L=8192 295 / 273 ms, E=32 L=4096 475 / 378 ms
+    (one thread, median of 5, 29 Nov 2026)."""
+    return native or E >= PACKED_PHI_GRAD_FROM_E
 
 
 def _state_grad(x: Tensor, y: Tensor, w: Tensor | None, st: SplitState, ws: Buffers, name: str) -> Tensor:
@@ -271,7 +274,7 @@ def _state_grad(x: Tensor, y: Tensor, w: Tensor | None, st: SplitState, ws: Buff
     xg = _gram_rows(x, st.gram, ws)
     if w is not None:
         xg.mul_(w)
-    if packed_phi_grad(E):
+    if packed_phi_grad(E, native_helpers(x) is not None):
         dphi_t = torch.bmm(st.sv, y.transpose(1, 2), out=ws.take("dphi", x, N, st.sv.shape[1], n))  # (N, F, n)
         return torch.add(ws.phi_grad(dphi_t, x), xg, alpha=2.0, out=out)
     unpacked = unpack_state(st.sv, E, out=ws.take("unpacked", x, N, E * E, y.shape[-1]))  # (N, E, E*Ev)

@@ -681,6 +681,8 @@ bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
 }  // namespace
 
+void register_linear_helpers(pybind11::module& m);  // linear_cpu.cpp: the linear form's feature helpers
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &ea_forward, "fused expressive attention forward -> (out, z)",
         py::call_guard<py::gil_scoped_release>());
@@ -691,4 +693,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "force the decode key splits / backward query splits (0: automatic) and the decode row limit (tests)");
   m.def("set_force_aten_gemm", &set_force_aten_gemm, "use the ATen gemm fallback (for tests)");
   m.def("has_blas", &has_blas, "True when the BLAS gemm from libtorch is used for block products");
+  register_linear_helpers(m);
 }
