@@ -176,3 +176,28 @@ def test_phi_builder_in_split_workers(one_thread, E, by_rows):
     linear_sweeps.over_heads(lambda h: seen.append(linear_sweeps._phi_builder(E).by_rows), 4, 2, torch.zeros(1))
     assert seen == [by_rows, by_rows]
     assert linear_sweeps._phi_builder(E).by_rows is None
+
+
+def test_small_calls_are_not_split(monkeypatch):
+    """By default the heads are split only when each has enough state work to pay for the split."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert linear_sweeps.head_workers(8) == 2
+        assert linear_sweeps.head_workers(8, linear_sweeps.SPLIT_MIN_WORK) == 2
+        assert linear_sweeps.head_workers(8, linear_sweeps.SPLIT_MIN_WORK - 1) == 1
+        assert linear_sweeps.head_workers(1, 10**12) == 1  # never more workers than heads
+        calls = []
+        real = linear_sweeps.over_heads
+        monkeypatch.setattr(linear_sweeps, "over_heads", lambda run_, N, workers, *t: calls.append(workers) or real(run_, N, workers, *t))
+        q, k, v = make_qkv(2, 2, 2, 40, 40, 4, 4, requires_grad=False)
+        p = normalise(q, k, v, None, 0.0, True, None, False, "squared", 1e-6)
+        linear_attention(p)  # (2 * 40 rows) * 10 features * 4 values per head: far below the threshold
+        monkeypatch.setattr(linear_sweeps, "SPLIT_MIN_WORK", 0)
+        linear_attention(p)
+        assert calls == [1, 2]
+        state = new_state(4, 4, 4, torch.float64)
+        causal_forward(q.reshape(4, 1, 40, 4), k.reshape(4, 40, 4), v.reshape(4, 40, 4), state, 1e-6, 16, 0.5)
+        assert calls[-1] == 2  # the recurrent cache's prefill takes the same rule
+    finally:
+        torch.set_num_threads(before)

@@ -1,8 +1,9 @@
 """The fused CPU kernel (csrc/ea_cpu.cpp): loader, torch custom op with autograd, and backend.
 
 The extension also carries the linear form's feature helpers (csrc/linear_cpu.cpp, registered by the
-kernel's module; used by ops/linear_features.py when it is loaded). The C++ sources are compiled on first use with `torch.utils.cpp_extension.load` (one time, about a
-minute; ``ea info --build`` does it ahead of time) and cached in
+kernel's module; used by ops/linear_features.py when it is loaded). The C++ sources are compiled on
+first use with `torch.utils.cpp_extension.load` (one time, about a minute; ``ea info --build`` does it
+ahead of time) and cached in
 ``$TORCH_EXTENSIONS_DIR/expressive_attention`` or ``~/.cache/expressive_attention``, in a folder keyed
 by a hash of everything the build depends on (`build_key`): the sources, the compiler and its flags,
 the torch version and install path, the Python version, interpreter and environment, and the CPU (the build

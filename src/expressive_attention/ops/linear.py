@@ -35,7 +35,7 @@ from .backend import Backend
 from .problem import Problem
 from .mask_patterns import key_padding_of
 from . import linear_sweeps
-from .linear_features import PackedFeatures, SplitState, add_to_state, new_state, read_num, with_ones
+from .linear_features import PackedFeatures, SplitState, add_to_state, n_features, new_state, read_num, with_ones
 from .reference import compute_dtype, repeat_kv
 
 __all__ = ["BACKEND", "add_to_state", "causal_forward", "default_chunk", "linear_attention", "linear_pays_off",
@@ -121,7 +121,9 @@ def causal_forward(q: Tensor, k: Tensor, v: Tensor, state: Tensor, eps: float, c
     Returns out (N, G, n, Ev), z (N, G, n, 1).
     """
     st = SplitState.from_packed(state, q.shape[-1])
-    workers = linear_sweeps.head_workers(q.shape[0]) if workers is None else workers
+    if workers is None:
+        N, G, n, E = q.shape
+        workers = linear_sweeps.head_workers(N, (G + 1) * n * n_features(E) * v.shape[-1])
     out, z = linear_sweeps.causal_forward(q, k, v, st, eps, chunk, scale, workers)
     st.write_packed(state)
     return out, z
@@ -201,7 +203,8 @@ class _LinearBackward(torch.autograd.Function):
 def linear_attention(p: Problem, chunk: int | None = None, workers: int | None = None) -> Tensor:
     """Backend entry point: a checked 4-D `Problem` (see `supports`) -> output (B, H, L, Ev).
     chunk: rows per chunk (None: `default_chunk(E)`); workers: threads the B * Hkv heads are split over,
-    forward and backward (None: torch's thread count, at most B * Hkv; `linear_sweeps.over_heads`)."""
+    forward and backward (None: `linear_sweeps.head_workers`: torch's thread count, at most B * Hkv, and 1 for
+    calls with too little work per head to gain; `linear_sweeps.over_heads`)."""
     reason = BACKEND.unsupported(p)
     if reason is not None:
         raise ValueError(f"backend='linear' cannot run this call: {reason}")
@@ -214,7 +217,10 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
     chunk = default_chunk(q.shape[-1]) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    workers = linear_sweeps.head_workers(k.shape[0] * k.shape[1]) if workers is None else int(workers)
+    if workers is None:
+        (B, H, L, E), (Hkv, S, Ev) = q.shape, (k.shape[1], k.shape[2], v.shape[-1])
+        workers = linear_sweeps.head_workers(B * Hkv, (H // Hkv * L + S) * n_features(E) * Ev)
+    workers = int(workers)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if q.is_cpu and plain_eager(q) and fused_cpu.worth_building(p):
@@ -232,8 +238,10 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
 # split over the threads; quiet machine, 29 Nov 2026 21:30-21:57 UTC, medians of 5 rounds at L = 1024,
 # 2048 (E=16), 2048, 3072 (E=32), 4096, 6144 (E=64). Before the helpers: one thread 1280 / 2304 / 6656
 # (training), 1536 / 2304 / 6912 (forward only); two threads 1792 / 2816 / 8192 and 2048 / 3072 / 7936.
-CROSSOVER_TRAIN = {1: {16: 1024, 32: 1792, 64: 5632}, 2: {16: 1792, 32: 2048, 64: 5888}}
-CROSSOVER_INFER = {1: {16: 1024, 32: 1792, 64: 5632}, 2: {16: 2560, 32: 2560, 64: 5888}}
+# Two threads, E=16: re-measured (22:13-22:16 UTC) after small calls stopped splitting the heads
+# (linear_sweeps.SPLIT_MIN_WORK): ~1104 / ~1438, they were ~1689 / ~2580 with the split.
+CROSSOVER_TRAIN = {1: {16: 1024, 32: 1792, 64: 5632}, 2: {16: 1024, 32: 2048, 64: 5888}}
+CROSSOVER_INFER = {1: {16: 1024, 32: 1792, 64: 5632}, 2: {16: 1536, 32: 2560, 64: 5888}}
 
 
 def crossover_length(E: int, train: bool, threads: int | None = None) -> float:
