@@ -46,7 +46,8 @@ def backend_lines() -> list[str]:
         reason = b.unsupported(_probe("cpu" if name == "fused_cpu" else device, variant))
         status = "available" if reason is None else f"unavailable: {reason}"
         if name == "linear" and reason is None:
-            status += " (variant='squared' only)"
+            helpers = "built" if fused_cpu.is_built() else "not built yet: torch ops until then"
+            status += f" (variant='squared' only; C++ feature helpers, in the fused kernel's build: {helpers})"
         lines.append(f"  {name:<10} {status}   [{b.description}]")
     return lines
 

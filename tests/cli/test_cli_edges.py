@@ -211,6 +211,7 @@ def test_info_lists_versions_backends_and_build_folder(capsys):
     assert re.search(r"^  triton +unavailable: .*CUDA", out, re.M)  # says why not (no GPU here)
     assert f"build folder: {fused_cpu.build_dir()} (built)" in out
     assert "fused CPU kernel ready in" in out
+    assert "C++ feature helpers, in the fused kernel's build: built" in out  # the linear form's
     assert re.search(r"^  \[cli\] ", out, re.M)
 
 
@@ -222,4 +223,5 @@ def test_info_says_how_to_build_when_not_built(tmp_path, monkeypatch, capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "fused_cpu  not built yet" in out and "ea info --build" in out
+    assert "C++ feature helpers, in the fused kernel's build: not built yet" in out
     assert fused_cpu._STATE["module"] is None  # `ea info` alone builds nothing

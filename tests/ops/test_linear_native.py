@@ -156,3 +156,22 @@ def test_a_big_enough_call_loads_the_kernel(kernel, monkeypatch):
     monkeypatch.setattr(fused_cpu, "MIN_WORK_TO_BUILD", 0)
     expressive_attention(q, k, v, is_causal=True, variant="squared", backend="linear")
     assert fused_cpu._STATE["module"] is not None
+
+
+def test_recurrent_prefill_and_steps_match_the_reference(native):
+    """The recurrent cache's path: prefill (`causal_forward` on the packed state), then one token at a time
+    (`add_to_state`, `read_state`), each row against the reference's causal output, float64."""
+    from expressive_attention.ops.linear import causal_forward, read_state
+    from expressive_attention.ops.linear_features import add_to_state, new_state, with_ones
+
+    N, L, E, Ev, prompt = 3, 40, 6, 5, 25
+    q, k, v = (t.detach() for t in make_qkv(1, N, N, L, L, E, Ev, seed=5))
+    ref = expressive_attention(q, k, v, is_causal=True, variant="squared", backend="reference")[0]  # (N, L, Ev)
+    q3, k3, v3, scale = q[0], k[0], v[0], E**-0.5
+    state = new_state(N, E, Ev, torch.float64)
+    out, _ = causal_forward(q3[:, None, :prompt], k3[:, :prompt], v3[:, :prompt], state, 1e-6, 16, scale)
+    torch.testing.assert_close(out[:, 0], ref[:, :prompt], atol=1e-10, rtol=1e-8)
+    for t in range(prompt, L):
+        add_to_state(state, k3[:, t : t + 1], with_ones(v3[:, t : t + 1]))
+        step = read_state(state, q3[:, t : t + 1] * scale, 1e-6)
+        torch.testing.assert_close(step[:, 0], ref[:, t], atol=1e-10, rtol=1e-8)
