@@ -75,7 +75,8 @@ def _normalise_into(num: Tensor, den: Tensor, eps: float, out: Tensor, zs: Tenso
 # every op of the sweep, the GIL they share) outweigh the work. Measured with the native helpers (2 threads,
 # B=4, H=4, fwd+bwd, median of 7, split / unsplit): quiet machine E=16 L=1024 (4.5M) 38.9 / 24.3 ms,
 # L=2048 61.9 / 45.2, L=4096 (17.8M) 112 / 88, E=32 L=2048 (69M) 135 / 124, L=4096 256 / 254, E=64 L=4096
-# 1272 / 1299; with one other busy process E=16 L=1024 66.0 / 69.6, L=4096 188 / 219, E=32 L=4096 445 / 859.
+# 1272 / 1299; with one other busy process E=16 L=1024 66.0 / 69.6, L=4096 188 / 219, E=32 L=4096 445 / 859
+# (a second loaded run, E=16: L=1024 40.1 / 42.7, L=2048 80.8 / 82.9, L=4096 156.5 / 165.5).
 SPLIT_MIN_WORK = 2**24
 
 
