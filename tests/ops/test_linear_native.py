@@ -175,3 +175,20 @@ def test_recurrent_prefill_and_steps_match_the_reference(native):
         add_to_state(state, k3[:, t : t + 1], with_ones(v3[:, t : t + 1]))
         step = read_state(state, q3[:, t : t + 1] * scale, 1e-6)
         torch.testing.assert_close(step[:, 0], ref[:, t], atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("use_native", [False, True])
+def test_the_chunk_follows_the_feature_path(kernel, monkeypatch, use_native):
+    """With the helpers the chunk is 64 rows from E = 48 on (128 with torch ops); below 48 the same."""
+    from expressive_attention.ops import linear
+
+    assert linear.default_chunk(64, native=True) == linear.default_chunk(48, native=True) == 64
+    assert linear.default_chunk(64) == 128 and linear.default_chunk(32, native=True) == linear.default_chunk(32) == 128
+    monkeypatch.setattr(linear_features, "USE_NATIVE", use_native)
+    chunks = []
+    real = linear_sweeps.causal_forward
+    monkeypatch.setattr(linear_sweeps, "causal_forward", lambda *a: chunks.append(a[5]) or real(*a))
+    for dtype in (torch.float32, torch.bfloat16):  # bf16 is computed in float32: the helpers take it
+        q, k, v = make_qkv(1, 1, 1, 8, 8, 64, 4, dtype=dtype, requires_grad=False)
+        expressive_attention(q, k, v, is_causal=True, variant="squared", backend="linear")
+    assert chunks == [64, 64] if use_native else [128, 128]

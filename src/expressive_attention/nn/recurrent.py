@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..ops.linear import add_to_state, causal_forward, default_chunk, new_state, read_state, with_ones
+from ..ops.linear_features import native_helpers
 from ..ops.linear_features import n_features
 from ..ops.reference import compute_dtype
 from .cache import register_cache_kind
@@ -70,7 +71,8 @@ class RecurrentEAState:
             add_to_state(self.state, k3, with_ones(v3))
             out = read_state(self.state, q3.view(N, H // Hkv, E) * self.scale, self.eps)  # (N, G, Ev)
         else:  # a prompt or several tokens: the chunked causal form from the current state
-            out, _ = causal_forward(q3, k3, v3, self.state, self.eps, default_chunk(E), self.scale)
+            chunk = default_chunk(E, native_helpers(q3) is not None)
+            out, _ = causal_forward(q3, k3, v3, self.state, self.eps, chunk, self.scale)
         self.length += T
         return out.view(B, H, T, Ev).to(q.dtype)
 

@@ -35,19 +35,27 @@ from .backend import Backend
 from .problem import Problem
 from .mask_patterns import key_padding_of
 from . import linear_sweeps
-from .linear_features import PackedFeatures, SplitState, add_to_state, n_features, new_state, read_num, with_ones
+from .linear_features import (PackedFeatures, SplitState, add_to_state, n_features, native_helpers, new_state, read_num,
+                              with_ones)
 from .reference import compute_dtype, repeat_kv
 
 __all__ = ["BACKEND", "add_to_state", "causal_forward", "default_chunk", "linear_attention", "linear_pays_off",
            "new_state", "read_state", "supports", "with_ones"]
 
 
-def default_chunk(E: int) -> int:
-    """Chunk rows: E^2 / 2 clamped to [64, 128]. The state costs ~14 F Ev flops per row (fwd+bwd)
-    whatever the chunk; the chunk adds ~14 C E per row inside it, buffers of C F floats (phi) and
-    per-chunk Python overhead. Re-measured with the split state and reused buffers (one thread,
-    fwd+bwd, B=4, H=4, L=4096, 3 interleaved repeats, load ~4.5): C = 64 / 128 / 256 took
-    1089 / 986 / 1025 ms at E=32 and 4506 / 4296 / 4269 ms at E=64: 128 kept (256: 2x the buffers)."""
+def default_chunk(E: int, native: bool = False) -> int:
+    """Chunk rows: E^2 / 2 clamped to [64, 128]; with the native feature helpers (`native`) 64 from
+    E = 48 on. The state costs ~14 F Ev flops per row (fwd+bwd) whatever the chunk; the chunk adds
+    ~14 C E per row inside it, buffers of C F floats (phi) and per-chunk Python overhead. With torch-op
+    features (one thread, fwd+bwd, B=4, H=4, L=4096, 3 interleaved repeats, load ~4.5): C = 64 / 128 / 256
+    took 1089 / 986 / 1025 ms at E=32 and 4506 / 4296 / 4269 ms at E=64. With the native helpers (29 Nov
+    2026, quiet machine, median of 4, fwd+bwd / forward only, C = 32 / 64 / 128): E=64, L=4096, one
+    thread 2129 / 2209 / 2249 and 559 / 565 / 634 ms, two threads 1110 / 1072 / 1143 and 307 / 299 / 311
+    ms (the F x 64 feature block stays in cache: the state update ran at 90 GFLOP/s with 64 rows, 78 with
+    128); E=32 mixed (one thread 412 / 370 / 404, two 356 / 255 / 232): 128 kept below E=48. C = 64 also
+    halves the phi buffers (E=64, forward only: the fixed ~25 MB over SDPA's at B=4, H=4)."""
+    if native and E >= 48:
+        return 64
     return int(min(128, max(64, E * E // 2)))
 
 
@@ -202,7 +210,7 @@ class _LinearBackward(torch.autograd.Function):
 
 def linear_attention(p: Problem, chunk: int | None = None, workers: int | None = None) -> Tensor:
     """Backend entry point: a checked 4-D `Problem` (see `supports`) -> output (B, H, L, Ev).
-    chunk: rows per chunk (None: `default_chunk(E)`); workers: threads the B * Hkv heads are split over,
+    chunk: rows per chunk (None: `default_chunk`); workers: threads the B * Hkv heads are split over,
     forward and backward (None: `linear_sweeps.head_workers`: torch's thread count, at most B * Hkv, and 1 for
     calls with too little work per head to gain; `linear_sweeps.over_heads`)."""
     reason = BACKEND.unsupported(p)
@@ -214,7 +222,10 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
         if keep.shape[1] != 1 and p.groups > 1:  # per-query-head padding: one state per query head
             k, v = repeat_kv(k, p.groups), repeat_kv(v, p.groups)
         k = k * keep[..., None].to(k.dtype)  # a masked key scores (q.0)^2 = 0: exactly removed
-    chunk = default_chunk(q.shape[-1]) if chunk is None else int(chunk)
+    if q.is_cpu and plain_eager(q) and fused_cpu.worth_building(p):
+        fused_cpu.load_extension()  # its C++ feature helpers (linear_features.native_helpers); None: torch ops
+    native = native_helpers(q, compute_dtype(q.dtype)) is not None
+    chunk = default_chunk(q.shape[-1], native) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if workers is None:
@@ -223,8 +234,6 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
     workers = int(workers)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if q.is_cpu and plain_eager(q) and fused_cpu.worth_building(p):
-        fused_cpu.load_extension()  # its C++ feature helpers (linear_features.native_helpers); None: torch ops
     return _LinearEA.apply(q, k, v, is_causal, p.scale, p.eps, chunk, workers)[0]
 
 

@@ -42,11 +42,13 @@ USE_NATIVE = True
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
-def native_helpers(x: Tensor):
-    """The loaded extension whose C++ helpers build the features for `x`, or None (not loaded, turned
-    off, or a tensor they do not take: not CPU, not float32/float64, or not plain eager). Never builds."""
+def native_helpers(x: Tensor, dtype: torch.dtype | None = None):
+    """The loaded extension whose C++ helpers build the features for `x` (computed in `dtype`, default
+    x's), or None (not loaded, turned off, or a tensor they do not take: not CPU, not float32/float64, or
+    not plain eager). Never builds."""
     mod = fused_cpu.loaded_module()
-    if mod is None or not USE_NATIVE or x.dtype not in _NATIVE_DTYPES or not x.is_cpu or not plain_eager(x):
+    if (mod is None or not USE_NATIVE or (x.dtype if dtype is None else dtype) not in _NATIVE_DTYPES or not x.is_cpu
+            or not plain_eager(x)):
         return None
     return mod
 
