@@ -248,9 +248,11 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
 # 2048 (E=16), 2048, 3072 (E=32), 4096, 6144 (E=64). Before the helpers: one thread 1280 / 2304 / 6656
 # (training), 1536 / 2304 / 6912 (forward only); two threads 1792 / 2816 / 8192 and 2048 / 3072 / 7936.
 # Two threads, E=16: re-measured (22:13-22:16 UTC) after small calls stopped splitting the heads
-# (linear_sweeps.SPLIT_MIN_WORK): ~1104 / ~1438, they were ~1689 / ~2580 with the split.
-CROSSOVER_TRAIN = {1: {16: 1024, 32: 1792, 64: 5632}, 2: {16: 1024, 32: 2048, 64: 5888}}
-CROSSOVER_INFER = {1: {16: 1024, 32: 1792, 64: 5632}, 2: {16: 1536, 32: 2560, 64: 5888}}
+# (linear_sweeps.SPLIT_MIN_WORK): ~1104 / ~1438, they were ~1689 / ~2580 with the split. E=64: re-measured
+# (22:26-22:39 UTC) with the 64-row chunk (`default_chunk`): one thread ~5085 / ~5119, two ~5599 / ~5494;
+# with 128 rows they were ~5522 / ~5684 and ~5938 / ~5810.
+CROSSOVER_TRAIN = {1: {16: 1024, 32: 1792, 64: 5120}, 2: {16: 1024, 32: 2048, 64: 5632}}
+CROSSOVER_INFER = {1: {16: 1024, 32: 1792, 64: 5120}, 2: {16: 1536, 32: 2560, 64: 5376}}
 
 
 def crossover_length(E: int, train: bool, threads: int | None = None) -> float:
