@@ -9,10 +9,18 @@ import torch
 from attention_inputs import MASK_KINDS, assert_matches, make_qkv, mask_kwargs
 
 from expressive_attention import expressive_attention
-from expressive_attention.ops import BACKENDS, VARIANTS  # every variant (power at its default degree)
+from expressive_attention.ops import BACKENDS, VARIANTS, fused_cpu  # every variant (power at its default degree)
 from expressive_attention.ops.problem import normalise
 
 ALL = [*BACKENDS, "auto"]  # every registered backend, and the policy
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_loaded():
+    """The fused CPU kernel loaded from the start (built if need be), so that every case here runs what a
+    user gets: fused_cpu itself, and the linear form with its C++ feature helpers (the torch-op features
+    are checked in test_linear_packed.py, both paths in test_linear_native.py)."""
+    fused_cpu.load_extension()
 
 
 def refusal(backend, q, k, v, variant, kw) -> "str | None":

@@ -1,18 +1,25 @@
 """The packed degree-2 features of the linear form: (q.k)^2 = <phi(q), phi(k)> with E(E+1)/2 features,
 both ways of building them, the packed state against the unpacked x (x) x one, and the linear backend
-with odd and small head dims (values and gradients against the reference)."""
+with odd and small head dims (values and gradients against the reference). All with the torch-op
+features (the C++ helpers, which a loaded kernel would otherwise supply: test_linear_native.py)."""
 import pytest
 import torch
 from attention_inputs import assert_matches, make_qkv
 
 from expressive_attention import expressive_attention
-from expressive_attention.ops import linear_sweeps
+from expressive_attention.ops import linear_features, linear_sweeps
 from expressive_attention.ops.linear import linear_attention
 from expressive_attention.ops.linear_features import (PackedFeatures, PhiGrad, SplitState, add_to_state, feature_pairs,
                                                       n_features, new_state, read_num, unpack_state)
 from expressive_attention.ops.problem import normalise
 
 E_VALUES = [1, 2, 3, 5, 8, 16, 33]
+
+
+@pytest.fixture(autouse=True)
+def torch_ops(monkeypatch):
+    """The torch-op features and gradient, whether or not this process has loaded the kernel."""
+    monkeypatch.setattr(linear_features, "USE_NATIVE", False)
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
