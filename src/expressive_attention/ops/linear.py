@@ -210,7 +210,7 @@ class _LinearBackward(torch.autograd.Function):
 
 # ---- the same forward and backward as torch custom ops, for torch.compile: the compiler sees one opaque op
 # instead of tracing the chunk loop (measured before, E=32, B=2, H=2, fwd+bwd, aot_eager: first call
-# ~16 s at L=1k-4k, then 1.3-1.8x eager's time, the features built by torch ops); inside, the ops run
+# ~16 s at L=1k-4k, then 1.2-1.8x eager's time, the features built by torch ops); inside, the ops run
 # eagerly, with the C++ feature helpers. chunk = 0: `default_chunk`, decided when the op runs.
 
 @torch.library.custom_op("expressive_attention::linear_fwd", mutates_args=())
