@@ -209,9 +209,10 @@ class _LinearBackward(torch.autograd.Function):
 
 
 # ---- the same forward and backward as torch custom ops, for torch.compile: the compiler sees one opaque op
-# instead of tracing the chunk loop (measured before, E=32, B=2, H=2, fwd+bwd, aot_eager: first call
-# ~16 s at L=1k-4k, then 1.2-1.8x eager's time, the features built by torch ops); inside, the ops run
-# eagerly, with the C++ feature helpers. chunk = 0: `default_chunk`, decided when the op runs.
+# instead of tracing the chunk loop (benchmarks/bench_linear_compile.py, E=32, B=2, H=2, fwd+bwd: first
+# call 16.0 -> 1.5 s with aot_eager at L=1k, later calls 1.56x -> 1.02x eager's time; see docs/linear.md);
+# inside, the ops run eagerly, with the C++ feature helpers. chunk = 0: `default_chunk`, decided when the
+# op runs.
 
 @torch.library.custom_op("expressive_attention::linear_fwd", mutates_args=())
 def linear_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, eps: float, chunk: int,
