@@ -17,8 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..ops.linear import add_to_state, causal_forward, default_chunk, new_state, read_state, with_ones
-from ..ops.linear_features import native_helpers
+from ..ops.linear import add_to_state, causal_forward, chunk_for, new_state, read_state, with_ones
 from ..ops.linear_features import n_features
 from ..ops.reference import compute_dtype
 from .cache import register_cache_kind
@@ -71,8 +70,7 @@ class RecurrentEAState:
             add_to_state(self.state, k3, with_ones(v3))
             out = read_state(self.state, q3.view(N, H // Hkv, E) * self.scale, self.eps)  # (N, G, Ev)
         else:  # a prompt or several tokens: the chunked causal form from the current state
-            chunk = default_chunk(E, native_helpers(q3) is not None)
-            out, _ = causal_forward(q3, k3, v3, self.state, self.eps, chunk, self.scale)
+            out, _ = causal_forward(q3, k3, v3, self.state, self.eps, chunk_for(q3), self.scale)
         self.length += T
         return out.view(B, H, T, Ev).to(q.dtype)
 

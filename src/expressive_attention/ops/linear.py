@@ -39,7 +39,7 @@ from .linear_features import (PackedFeatures, SplitState, add_to_state, n_featur
                               with_ones)
 from .reference import compute_dtype, repeat_kv
 
-__all__ = ["BACKEND", "add_to_state", "causal_forward", "default_chunk", "linear_attention", "linear_pays_off",
+__all__ = ["BACKEND", "add_to_state", "causal_forward", "chunk_for", "default_chunk", "linear_attention", "linear_pays_off",
            "new_state", "read_state", "supports", "with_ones"]
 
 
@@ -57,6 +57,12 @@ def default_chunk(E: int, native: bool = False) -> int:
     if native and E >= 48:
         return 64
     return int(min(128, max(64, E * E // 2)))
+
+
+def chunk_for(q: Tensor) -> int:
+    """`default_chunk` for queries q (..., E), with the native helpers if they will build its features
+    (computed in q's compute dtype)."""
+    return default_chunk(q.shape[-1], native_helpers(q, compute_dtype(q.dtype)) is not None)
 
 
 def supports(p: Problem) -> "str | None":
@@ -219,7 +225,7 @@ def linear_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, e
                workers: int) -> tuple[Tensor, Tensor]:
     """(out (N, G, L, Ev), z (N, G, L, 1)) in the compute dtype, N = B * Hkv, G = H / Hkv."""
     if chunk == 0:
-        chunk = default_chunk(q.shape[-1], native_helpers(q, compute_dtype(q.dtype)) is not None)
+        chunk = chunk_for(q)
     _, out, z = _LinearEA.forward(q, k, v, is_causal, scale, eps, chunk, workers)
     return out, z
 
@@ -236,7 +242,7 @@ def linear_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, z: Te
                scale: float, eps: float, chunk: int, workers: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) given dout (N, G, L, Ev), the gradient of the forward's `out`."""
     if chunk == 0:
-        chunk = default_chunk(q.shape[-1], native_helpers(q, compute_dtype(q.dtype)) is not None)
+        chunk = chunk_for(q)
     return _LinearBackward.forward(dout, q, k, v, out, z, is_causal, scale, eps, chunk, workers)
 
 
@@ -279,9 +285,11 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
         fused_cpu.load_extension()  # its C++ feature helpers (linear_features.native_helpers); None: torch ops
     compiling = torch.compiler.is_compiling()
     if chunk is None:  # (under a compiler: decided inside the op, where the helpers are known)
-        chunk = 0 if compiling else default_chunk(q.shape[-1], native_helpers(q, compute_dtype(q.dtype)) is not None)
-    elif int(chunk) < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+        chunk = 0 if compiling else chunk_for(q)
+    else:
+        chunk = int(chunk)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
     if workers is None:
         (B, H, L, E), (Hkv, S, Ev) = q.shape, (k.shape[1], k.shape[2], v.shape[-1])
         workers = linear_sweeps.head_workers(B * Hkv, (H // Hkv * L + S) * n_features(E) * Ev)
@@ -289,10 +297,10 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if compiling:
-        out, _ = linear_fwd(q, k, v, is_causal, p.scale, p.eps, int(chunk), workers)
+        out, _ = linear_fwd(q, k, v, is_causal, p.scale, p.eps, chunk, workers)
         B, H, L, _ = q.shape
         return out.view(B, H, L, -1).to(q.dtype)
-    return _LinearEA.apply(q, k, v, is_causal, p.scale, p.eps, int(chunk), workers)[0]
+    return _LinearEA.apply(q, k, v, is_causal, p.scale, p.eps, chunk, workers)[0]
 
 
 # Sequence length above which backend="auto" runs the linear form on CPU, by torch's thread count
