@@ -42,3 +42,42 @@ def test_readme_links_work_on_an_index_page():
 def test_ruff_is_configured():
     assert PYPROJECT["tool"]["ruff"]["lint"]["select"]
     assert "ruff check" in (ROOT / ".ci" / "run").read_text()
+
+
+def _pins() -> dict[str, str]:
+    """constraints.txt as {normalised name: version}."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_constraints_pin_every_dependency_inside_its_range():
+    """`make test` (and CI) installs from constraints.txt: every requirement of the package and of its
+    extras is pinned there, to a version its range in pyproject.toml admits."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pins = _pins()
+    project = PYPROJECT["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    reqs += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    for req in reqs:
+        if req.name == "expressive-attention":  # the dev extra names the others
+            continue
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in pins, f"{req.name} is not pinned in constraints.txt"
+        assert Version(pins[name]) in req.specifier, f"constraints.txt pins {req.name}=={pins[name]}, outside {req}"
+    assert pins["torch"] == "2.13.0"  # the CPU build the Makefile installs first
+
+
+def test_make_test_installs_the_pins_and_test_latest_the_ranges():
+    make = (ROOT / "Makefile").read_text()
+    install = make[make.index("$(STAMP):"):make.index("install: $(STAMP)")]
+    assert install.count("$(PIN)") == 3 and "PIN     := -c constraints.txt" in make
+    latest = make[make.index("test-latest:"):make.index("## After a green")]
+    assert "constraints" not in latest and "--upgrade" in latest

@@ -177,7 +177,7 @@ def test_duplicate_keys_are_never_written(tmp_path):
 
 def test_ctrl_c_ends_with_one_line_saying_how_to_resume(tmp_path):
     out = tmp_path / "out"
-    pf = _preset_file(tmp_path, steps=20, delay=0.05)
+    pf = _preset_file(tmp_path, steps=20, hang=True)  # rung 1 finishes, the later runs block until the signal
     log = open(tmp_path / "log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "expressive_attention.cli", *_ladder_args(pf, out, "--workers", "2")],
                             env=ENV, stdout=log, stderr=log, start_new_session=True)

@@ -32,8 +32,8 @@ How the pieces fit (transformers 5.x):
   one config object per model.
 - Arguments EA cannot honour (``softcap``, attention sinks ``s_aux``/``sinks``, an additive
   ``position_bias`` or additive float mask) raise ``UnsupportedAttentionError``.
-- Models whose attention does not go through the interface (older architectures such as Bloom,
-  Falcon, GPT-Neo, MPT, XGLM) would keep softmax while claiming EA: ``register()`` installs a guard so that
+- Models whose attention does not go through the interface (with transformers 5.25: Bloom, GPT-Neo,
+  MPT, XGLM; Falcon too before 5.25; detected from the installed release) would keep softmax while claiming EA: ``register()`` installs a guard so that
   asking them for an EA name raises ``UnsupportedModelError``; ``count_calls()`` / ``verify()``
   prove at run time that EA really ran.
 """
