@@ -18,6 +18,27 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def versions() -> dict:
+    """The versions a record or report names: this package, torch, numpy, Python."""
+    import numpy as np
+    import torch
+
+    from . import __version__
+
+    return {"expressive_attention": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def machine() -> dict:
+    """The machine a record or report was made on: platform, processor, cores, torch threads."""
+    import os
+
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
 def _probe(device: str, variant: str):
     """A small checked problem for asking each backend whether it could run here."""
     import torch

@@ -8,6 +8,10 @@ from ..ops import KINDS
 from ..ops.problem import check_variant
 
 
+# colour and marker of a mechanism's label in the plots (others: matplotlib's next colour, a diamond)
+PLOT_STYLE = {"dpa": ("tab:blue", "o"), "ea": ("tab:red", "s"), "ea-squared": ("tab:orange", "^")}
+
+
 def kind_label(kind: str, variant: str | None) -> str:
     """"dpa", "ea" (saturating) or "ea-<variant>": the name of a run's mechanism in tables and plots."""
     if kind == "dpa":

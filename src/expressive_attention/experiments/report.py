@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from ..extras import has, install_hint
+from ..info import machine, versions
 from .presets import Preset
+from .kinds import PLOT_STYLE
 from .results import ResultsStore
-from .train import machine, versions
+from .stats import SOLVED
 
 METRICS = ("token_acc", "seq_acc", "loss")
-SOLVED = 0.999  # sequence accuracy that counts as "100%"
 
 
 def collect(preset: Preset, records: list[dict]) -> list[dict]:
@@ -64,9 +65,6 @@ def write_summary_csv(rows: list[dict], path: Path) -> None:
             w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in cols})
 
 
-_STYLE = {"dpa": ("tab:blue", "o"), "ea": ("tab:red", "s"), "ea-squared": ("tab:orange", "^")}
-
-
 def plot_ladder(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -86,7 +84,7 @@ def plot_ladder(rows: list[dict], path: Path, title: str = "") -> None:
             kr = sorted((r for r in fr if r["kind"] == kind and r["n"]), key=lambda r: r["rung"])
             if not kr:
                 continue
-            color, marker = _STYLE.get(kind, (None, "d"))
+            color, marker = PLOT_STYLE.get(kind, (None, "d"))
             x = [r["rung"] for r in kr]
             for metric, ls, name in (("token_acc", "-", "token"), ("seq_acc", "--", "sequence")):
                 ax.errorbar(x, [r[f"{metric}_mean"] for r in kr], yerr=[r[f"{metric}_std"] for r in kr],

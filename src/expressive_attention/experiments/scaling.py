@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import _STYLE, SOLVED
-from .stats import LEVEL, Interval, contrast_interval, equivalent_factor, gap_interval
+from .kinds import PLOT_STYLE
+from .stats import LEVEL, SOLVED, Interval, contrast_interval, equivalent_factor, gap_interval
 
 AXES = {"budget": ("steps", "training steps"), "size": ("params", "parameters")}
 BASE = "dpa"
@@ -50,7 +50,7 @@ def _series(rows: list[dict], family: str, rung: int, kind: str, axis: str) -> l
     return [r for r in rows if (r["family"], r["rung"], r["kind"], r["axis"]) == (family, rung, kind, axis)]
 
 
-def _who(iv: Interval | None) -> str:
+def who_leads(iv: Interval | None) -> str:
     if iv is None:
         return "?"
     return {1: "EA", -1: "DPA", 0: "tie"}[iv.sign]
@@ -115,7 +115,7 @@ def analyse(rows: list[dict]) -> dict[tuple[str, int], dict[str, dict]]:
                 factor = equivalent_factor(dpa_x, [float(np.mean(d_s[x][METRIC])) for x in dpa_x],
                                            target=ref["ea"], x_ref=ref["x"])
                 trend, word = _trend(d_s[xs[0]], e_s[xs[0]], d_s[xs[-1]], e_s[xs[-1]]) if len(xs) > 1 else (None, "?")
-                first, last = _who(points[0]["gap"]), _who(points[-1]["gap"])
+                first, last = who_leads(points[0]["gap"]), who_leads(points[-1]["gap"])
                 a = {"points": points, "factor": factor, "trend": trend, "trend_word": word,
                      "first": first, "last": last}
                 if axis == "budget":
@@ -242,7 +242,7 @@ def plot_axis(rows: list[dict], axis: str, path: str | Path, title: str = "") ->
             s = _series(rows, family, rung, kind, axis)
             if not s:
                 continue
-            color, marker = _STYLE.get(kind, (None, "d"))
+            color, marker = PLOT_STYLE.get(kind, (None, "d"))
             x = [r["x"] for r in s]
             for metric, ls in (("token_acc", "-"), ("seq_acc", "--")):
                 y = [np.mean(r[metric]) for r in s]
@@ -289,61 +289,3 @@ def scaling_section(records: list[dict], out: Path) -> tuple[list[str], dict[str
     lines += [f"![{k}]({Path(p).name})" for k, p in paths.items()] + [""]
     lines += report_lines(analyse(rows))
     return lines, paths
-
-
-def lr_rule_gaps(records: list[dict], preregistered_lr: float) -> list[dict]:
-    """The base-point gap EA - DPA under two learning-rate rules (docs/ladder.md, learning-rate check):
-    both kinds at `preregistered_lr`, and each kind at its better lr (the higher mean token accuracy
-    at the base point over the lrs present). Base-point records only (no axis `point`), any preset.
-    One row per (family, rung, EA kind): the per-lr means and both gaps with their intervals."""
-    cells: dict[tuple, list[float]] = {}
-    labels: dict[tuple, str] = {}
-    for r in records:
-        lad = r.get("ladder") or {}
-        if "family" not in lad or lad.get("point"):
-            continue
-        fam = (lad["family"], lad["rung"])
-        labels[fam] = lad["label"]
-        cells.setdefault((*fam, r["kind"], float(r["config"]["lr"])), []).append(float(r["metrics"][METRIC]))
-    rows = []
-    for fam, label in labels.items():
-        by_kind: dict[str, dict[float, list[float]]] = {}
-        for (f, rung, kind, lr), vals in cells.items():
-            if (f, rung) == fam:
-                by_kind.setdefault(kind, {})[lr] = vals
-        if BASE not in by_kind:
-            continue
-
-        def best(kind: str) -> float:  # ties go to the pre-registered lr, then to the smaller one
-            lrs = by_kind[kind]
-            return max(lrs, key=lambda lr: (np.mean(lrs[lr]), lr == preregistered_lr, -lr))
-
-        for kind in sorted(k for k in by_kind if k != BASE):
-            d, e = by_kind[BASE], by_kind[kind]
-            same = _gap_if_seeds(e.get(preregistered_lr), d.get(preregistered_lr))
-            bd, be = best(BASE), best(kind)
-            rows.append({"family": fam[0], "rung": fam[1], "label": label, "kind": kind,
-                         "means": {k: {lr: float(np.mean(v)) for lr, v in sorted(by_kind[k].items())}
-                                   for k in (BASE, kind)},
-                         "same_lr": same, "best_lr": {BASE: bd, kind: be},
-                         "best": _gap_if_seeds(e[be], d[bd])})
-    return rows
-
-
-def _gap_if_seeds(ea: list[float] | None, dpa: list[float] | None) -> Interval | None:
-    """The gap's interval, or None while a group has fewer than 2 seeds (no spread to judge by)."""
-    return gap_interval(ea, dpa) if ea and dpa and min(len(ea), len(dpa)) >= 2 else None
-
-
-def lr_rule_lines(rows: list[dict]) -> list[str]:
-    """A markdown table of `lr_rule_gaps`: the means per lr, and the gap (who leads) under both rules."""
-    lines = [f"| family, rung | EA kind | DPA mean token acc. by lr | EA mean by lr | EA - DPA, same lr | "
-             f"EA - DPA, each at its better lr ({int(LEVEL * 100)}% interval) |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        means = {k: ", ".join(f"{lr:g}: {m:.3f}" for lr, m in v.items()) for k, v in r["means"].items()}
-        same = "n/a" if r["same_lr"] is None else f"{r['same_lr'].fmt()} ({_who(r['same_lr'])})"
-        best = "n/a" if r["best"] is None else (f"{r['best'].fmt()} ({_who(r['best'])}; DPA at {r['best_lr'][BASE]:g}, "
-                f"{r['kind']} at {r['best_lr'][r['kind']]:g})")
-        lines.append(f"| {r['family']} {r['label']} | {r['kind']} | {means[BASE]} | {means[r['kind']]} | "
-                     f"{same} | {best} |")
-    return lines

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 LEVEL = 0.95  # two-sided confidence level of every interval in the ladder reports
+SOLVED = 0.999  # sequence accuracy that counts as "100%"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
+from ..info import machine, versions
 from ..deprecation import rename_keys, renamed_fields
 from ..nn import DecoderLM, LMConfig
 from ..ops import KINDS
@@ -127,17 +126,6 @@ class RunConfig:
 
     def key(self) -> str:
         return config_key(rename_keys(self.to_dict(), _KEY_NAMES))
-
-
-def versions() -> dict:
-    return {"expressive_attention": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
-
-
-def machine() -> dict:
-    import os
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def build(cfg: RunConfig):
