@@ -70,6 +70,12 @@ def score_fn(s: Tensor, variant: str, power: float | None = None) -> Tensor:
     return s2.exp()
 
 
+def f_at_zero(variant: str, power: float | None = None) -> float:
+    """f(0) of ``variant``: 0 for the polynomial ones, 1 for "exp_squared". With E = 0 every score is
+    0, so the rows attend to nothing when f(0) = 0 and average v over the allowed keys otherwise."""
+    return float(score_fn(torch.zeros((), dtype=torch.float64), variant, power))
+
+
 def row_scaled_f(s: Tensor, keep: Tensor | None, variant: str, power: float | None):
     """(g, log_r) with f(s) = exp(log_r) * g for "power" / "exp_squared", so that g <= 1 on the
     keys ``keep`` (bool, shape of s) allows and g = 0 on the others; log_r (..., L, 1) is detached
