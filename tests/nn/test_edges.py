@@ -84,3 +84,35 @@ def test_generate_kv_cache_equals_uncached_when_it_fits():
     m = model(pos="learned")
     prompt = torch.randint(0, 23, (2, 4))
     assert torch.equal(m.generate(prompt, 12, cache="kv"), m.generate(prompt, 12, cache=None))
+
+
+@pytest.mark.parametrize("args,words", [
+    ((12, 0), "n_heads must be an integer >= 1, got 0"),  # was ZeroDivisionError (issue #24, defect 5)
+    ((12, -3), "n_heads must be an integer >= 1"),
+    ((12, 2.0), "n_heads must be an integer >= 1, got 2.0"),
+    ((0, 1), "d_model must be an integer >= 1"),
+    ((12.5, 1), "d_model must be an integer >= 1"),
+    ((12, 4, 0), "n_kv_heads must be an integer >= 1, got 0"),
+    ((12, 4, True), "n_kv_heads must be an integer >= 1"),
+])
+def test_multihead_attention_bad_sizes_are_named(args, words):
+    with pytest.raises(ValueError, match=words):
+        MultiheadAttention(*args)
+
+
+def test_multihead_attention_wrong_input_width_names_d_model():
+    mha = MultiheadAttention(12, 3)
+    with pytest.raises(ValueError, match=r"x must be \(B, T, d_model=12\), got shape \(2, 5, 8\)"):
+        mha(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match=r"context must be \(B, T, d_model=12\)"):
+        mha(torch.randn(2, 5, 12), context=torch.randn(2, 4, 13))
+    with pytest.raises(ValueError, match=r"x must be \(B, T, d_model=12\), got shape \(5, 12\)"):
+        mha(torch.randn(5, 12))
+    assert mha(torch.randn(2, 5, 12)).shape == (2, 5, 12)
+
+
+@pytest.mark.parametrize("field,value", [("vocab_size", 11.5), ("vocab_size", 11.0), ("d_model", "64"),
+                                         ("n_layers", True), ("context_length", 0), ("n_kv_heads", 1.5)])
+def test_lm_config_rejects_non_integer_sizes(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be an integer >= 1"):
+        LMConfig(**{"vocab_size": 11, field: value})

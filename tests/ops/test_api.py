@@ -25,6 +25,10 @@ def test_kind_dpa_is_exactly_sdpa(mask_kind):
     got = attention(q, k, v, enable_gqa=True, kind="dpa", **kw)
     want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
     assert torch.equal(got, want)
+    # the EA-only arguments at their defaults, passed explicitly, are accepted
+    explicit = attention(q, k, v, enable_gqa=True, kind="dpa", variant="saturating", eps=1e-6, backend="auto",
+                         power=None, **kw)
+    assert torch.equal(explicit, want)
 
 
 def test_kind_ea_is_expressive_attention():
@@ -89,6 +93,11 @@ def test_auto_backend_choice():
         (lambda q, k, v: expressive_attention(q, k, v, dropout_p=0.1, backend="blocked"), ValueError, "dropout"),
         (lambda q, k, v: attention(q, k, v, kind="softmax"), ValueError, "kind"),
         (lambda q, k, v: attention(q, k, v, kind="dpa", backend="blocked"), ValueError, "kind='ea' only"),
+        (lambda q, k, v: attention(q, k, v, kind="dpa", variant="cubic"), ValueError, "variant='cubic' applies to kind='ea'"),
+        (lambda q, k, v: attention(q, k, v, kind="dpa", variant="squared"), ValueError, "variant='squared' applies"),
+        (lambda q, k, v: attention(q, k, v, kind="dpa", eps=5.0), ValueError, "eps=5.0 applies to kind='ea'"),
+        (lambda q, k, v: attention(q, k, v, kind="dpa", eps=0), ValueError, "eps=0 applies to kind='ea'"),
+        (lambda q, k, v: attention(q, k, v, kind="dpa", power=2.0), ValueError, "power=2.0 applies to kind='ea'"),
     ],
 )
 def test_bad_input_names_the_argument(call, exc, words):

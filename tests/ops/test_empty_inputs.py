@@ -1,7 +1,9 @@
 """Empty inputs (a 0-sized B, H, L, S, E or Ev; 3-D and 4-D) behave as SDPA does on every backend:
 an empty output for L, Ev, B or H = 0, zeros for S = 0 (no key to attend to), zero gradients of the
 inputs' shapes. E = 0 follows EA's definition: every score is 0 and f(0) = 0, so the output is zeros
-(SDPA's softmax of zeros averages v instead). Regression: reshape errors, a division by zero for E = 0."""
+(SDPA's softmax of zeros averages v instead), except for "exp_squared", where f(0) = 1 and the output
+averages v as SDPA's does. Regression: reshape errors, a division by zero for E = 0, zeros for
+exp_squared at E = 0 (issue #24, defect 3)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,3 +91,33 @@ def test_large_but_safe_scale_is_finite_and_matches_reference():
             assert torch.isfinite(out).all()
             ref = expressive_attention(q, k, v, scale=1e6, variant=variant, backend="reference")
             torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "blocked", "fused_cpu"])
+@pytest.mark.parametrize("masked", ["none", "causal", "mask"])
+def test_e0_exp_squared_averages_v_like_sdpa(backend, masked):
+    # f(0) = exp(0) = 1: every allowed key weighs the same, so (eps = 0) the output is SDPA's mean of v
+    q, k, v = _leaves(((2, 3, 4, 0), (2, 3, 5, 0), (2, 3, 5, 6)))
+    kw = {"is_causal": True} if masked == "causal" else {}
+    if masked == "mask":
+        m = torch.rand(4, 5, generator=torch.Generator().manual_seed(3)) > 0.5
+        m[:, 0] = True  # (a row with no key: SDPA gives NaN, EA zeros)
+        kw["attn_mask"] = m
+    out = expressive_attention(q, k, v, variant="exp_squared", eps=0.0, backend=backend, **kw)
+    want = F.scaled_dot_product_attention(q, k, v, **kw)
+    torch.testing.assert_close(out, want)
+    assert out.abs().sum() > 0
+    do = torch.randn_like(out)
+    (dv,) = torch.autograd.grad(out, v, do)
+    torch.testing.assert_close(dv, torch.autograd.grad(want, v, do)[0])
+    # eps > 0 weighs each of the n allowed keys 1 / (eps + n)
+    out_eps = expressive_attention(q, k, v, variant="exp_squared", eps=0.5, backend=backend, **kw)
+    n = (kw["attn_mask"] if masked == "mask" else torch.ones(4, 5, dtype=torch.bool).tril(
+        ) if masked == "causal" else torch.ones(4, 5, dtype=torch.bool)).sum(-1, keepdim=True)
+    torch.testing.assert_close(out_eps, want * n / (0.5 + n))
+
+
+@pytest.mark.parametrize("variant", ["saturating", "squared", "power"])
+def test_e0_polynomial_variants_stay_zero(variant):
+    q, k, v = _leaves(((1, 2, 3, 0), (1, 2, 4, 0), (1, 2, 4, 5)))
+    assert (expressive_attention(q, k, v, variant=variant) == 0).all()

@@ -120,3 +120,18 @@ def test_dropout_zeroes_and_rescales_weights():
     torch.testing.assert_close(d[~dropped], a[~dropped] / 0.5)
     torch.manual_seed(3)
     assert torch.equal(d, expressive_attention(q, k, eye, dropout_p=0.5))  # auto routes to the reference
+
+
+@pytest.mark.parametrize("variant", ["saturating", "squared", "power", "exp_squared"])
+@pytest.mark.parametrize("masking", ["causal", "bool"])
+def test_masked_inf_key_does_not_poison_rows_that_never_see_it(variant, masking):
+    # issue #24, defect 2: f(inf) * keep = inf * 0 = NaN made every row NaN; a masked key is selected away.
+    q, k, v = torch.randn(3, 1, 1, 4, 3, generator=torch.Generator().manual_seed(0))
+    k[0, 0, 2, 0] = float("inf")
+    keep = torch.ones(4, 4, dtype=torch.bool).tril()  # rows 0 and 1 never see key 2
+    kw = {"is_causal": True} if masking == "causal" else {"attn_mask": keep}
+    out = expressive_attention(q, k, v, variant=variant, backend="reference", **kw)
+    assert torch.isfinite(out[0, 0, :2]).all(), out
+    clean = expressive_attention(q[..., :2, :], k[..., :2, :], v[..., :2, :], variant=variant,
+                                 backend="reference", is_causal=True)
+    torch.testing.assert_close(out[..., :2, :], clean)

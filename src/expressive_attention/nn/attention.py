@@ -1,6 +1,8 @@
 """Multi-head attention with one switch between expressive attention and dot-product attention."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -8,6 +10,12 @@ from torch import Tensor
 from ..deprecation import deprecated_alias, reject_unknown, renamed_kwarg, warn_renamed
 from ..ops import KINDS, VARIANTS, BACKENDS, attention
 from ..ops.reference import resolve_power
+
+
+def check_positive_int(name: str, n) -> None:
+    """`n` is an integer >= 1 (not a bool, not a float such as 11.5 or 12.0), else a ValueError naming it."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
 
 
 class RotaryEmbedding(nn.Module):
@@ -63,6 +71,8 @@ class MultiheadAttention(nn.Module):
         kind = renamed_kwarg(deprecated, "attention", "kind", kind, "ea", "MultiheadAttention")
         reject_unknown(deprecated, "MultiheadAttention")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        for name, n in (("d_model", d_model), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+            check_positive_int(name, n)
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         if n_kv_heads < 1 or n_heads % n_kv_heads:
@@ -76,7 +86,7 @@ class MultiheadAttention(nn.Module):
         power = resolve_power(variant, power) if kind == "ea" else None
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
+        self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, d_model // n_heads
         self.kind, self.variant, self.eps, self.backend = kind, variant, eps, backend
         self.power = power
         self.dropout = dropout
@@ -108,6 +118,9 @@ class MultiheadAttention(nn.Module):
         """Projections into heads, RoPE applied: q (B, H, T, E), k and v (B, Hkv, S, E); keys and
         values from `context` (B, S, C) when given, else from x (B, T, C). For analysis (e.g. a
         forward pre-hook that wants the layer's q and k) and for `forward`."""
+        for name, t in (("x", x), ("context", context)):
+            if t is not None and (t.dim() != 3 or t.shape[-1] != self.d_model):
+                raise ValueError(f"{name} must be (B, T, d_model={self.d_model}), got shape {tuple(t.shape)}")
         B, T, C = x.shape
         src = x if context is None else context
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
@@ -134,8 +147,8 @@ class MultiheadAttention(nn.Module):
         cache=None,
         positions: Tensor | None = None,
     ) -> Tensor:
+        q, k, v = self.qkv(x, context, positions)  # (checks x and context first)
         B, T, C = x.shape
-        q, k, v = self.qkv(x, context, positions)
         if cache is not None:
             if attn_mask is not None or context is not None:
                 raise ValueError("a decoding cache supports causal self-attention only (no attn_mask/context)")

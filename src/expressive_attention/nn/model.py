@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..deprecation import rename_keys, renamed_fields
-from .attention import MultiheadAttention, RotaryEmbedding
+from .attention import MultiheadAttention, RotaryEmbedding, check_positive_int
 from .cache import CACHE_KINDS, KVCache
 
 POSITIONS = ("learned", "rope")
@@ -43,8 +43,9 @@ class LMConfig:
         if self.pos not in POSITIONS:
             raise ValueError(f"pos must be one of {POSITIONS}, got {self.pos!r}")
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "mlp_ratio"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+            check_positive_int(name, getattr(self, name))
+        if self.n_kv_heads is not None:
+            check_positive_int("n_kv_heads", self.n_kv_heads)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 

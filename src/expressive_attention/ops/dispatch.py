@@ -80,9 +80,10 @@ def try_shortcut(*args) -> Tensor | None:
 
 
 class _EmptyEA(torch.autograd.Function):
-    """The output of a problem with an empty dim (`Problem.is_empty`): zeros (B, H, L, Ev), as SDPA
-    gives for S = 0; with E = 0 every score is 0 and f(0) = 0, so the rows attend to nothing (SDPA,
-    whose softmax of zeros is uniform, averages v instead). Every gradient is zero as well."""
+    """The output of an empty problem (`Problem.is_empty`): zeros (B, H, L, Ev), as SDPA gives for
+    S = 0; with E = 0 every score is 0, and for a variant with f(0) = 0 the rows attend to nothing
+    (SDPA, whose softmax of zeros is uniform, averages v instead, as "exp_squared" does: f(0) = 1, so
+    `is_empty` is False there and the backend runs). Every gradient is zero as well."""
 
     generate_vmap_rule = True
 
@@ -100,11 +101,21 @@ class _EmptyEA(torch.autograd.Function):
         return tuple(dout.new_zeros(s) for s in ctx.shapes)
 
 
+def _run_degenerate(p: Problem) -> Tensor | None:
+    """The output of a call with a 0-sized dim, or None for every other call: zeros for an empty
+    problem; with E = 0 and f(0) != 0 ("exp_squared"), where every score is 0 and the rows average v
+    over their allowed keys, the reference (so that kernels never see a 0-sized dim)."""
+    if p.is_empty:
+        return _EmptyEA.apply(p.q, p.k, p.v)
+    if p.q.shape[-1] == 0:
+        return reference.BACKEND.run(p)
+    return None
+
+
 def run_backend(name: str, p: Problem) -> Tensor:
     if name == "auto":
-        if p.is_empty:
-            return _EmptyEA.apply(p.q, p.k, p.v)
-        return choose_backend(p).run(p)
+        out = _run_degenerate(p)
+        return choose_backend(p).run(p) if out is None else out
     if name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
     backend = BACKENDS[name]
@@ -114,6 +125,5 @@ def run_backend(name: str, p: Problem) -> Tensor:
         reason = f"it does not support torch.func transforms (grad, vmap, ...); backends that do: {ok}"
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run this call: {reason}")
-    if p.is_empty:  # every backend agrees (and kernels never see a 0-sized dim)
-        return _EmptyEA.apply(p.q, p.k, p.v)
-    return backend.run(p)
+    out = _run_degenerate(p)  # every backend agrees (and kernels never see a 0-sized dim)
+    return backend.run(p) if out is None else out

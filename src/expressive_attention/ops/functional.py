@@ -73,7 +73,7 @@ def attention(
 ) -> Tensor:
     """One switch between mechanisms: ``kind="ea"`` is `expressive_attention`, ``kind="dpa"`` is
     exactly `torch.nn.functional.scaled_dot_product_attention` (``variant``/``eps``/``backend``/
-    ``power`` then do not apply and must stay at their defaults)."""
+    ``power`` then do not apply and must stay at their defaults: any other value raises ValueError)."""
     if kind == "ea":
         return expressive_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
@@ -84,6 +84,10 @@ def attention(
             raise ValueError(f"backend={backend!r} applies to kind='ea' only; kind='dpa' runs SDPA")
         if power is not None:
             raise ValueError(f"power={power!r} applies to kind='ea' (variant='power') only")
+        if variant != "saturating":
+            raise ValueError(f"variant={variant!r} applies to kind='ea' only; kind='dpa' runs SDPA")
+        if type(eps) is not float or eps != 1e-6:  # (1e-6 is the default: a call that passes it is fine)
+            raise ValueError(f"eps={eps!r} applies to kind='ea' only; kind='dpa' runs SDPA")
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,

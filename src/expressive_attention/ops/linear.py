@@ -143,30 +143,72 @@ def causal_forward(q: Tensor, k: Tensor, v: Tensor, state: Tensor, eps: float, c
     return out, z
 
 
+# Accuracy (docs/linear.md, "Accuracy"; measured by benchmarks/linear_error_bound.py). The feature form
+# sums terms of size up to |q|^2 |k|^2 into s^2, so the part of row i that goes through the state has a
+# rounding error, relative to max |v|, of at most c u R_i with
+#     R_i = scale^2 |q_i|^2 sum_{j in the state of row i} |k_j|^2 / z_i,   z_i = eps + sum_{j seen} s_ij^2
+# (for one key R = (|q||k|/|s|)^2), c <= 2.1 measured, u = 2^-24 in float32; the keys of a causal row's own
+# chunk go through the quadratic form (s computed first), as accurate as the reference. A float32 call
+# whose largest R_i exceeds this is recomputed in float64 (forward and backward): its error stays below
+# c u FP64_RETRY_ABOVE ~ 6e-5 of max |v| (in float64 the same bound holds up to R ~ 2.6e11).
+FP64_RETRY_ABOVE = 512.0
+
+
+def cancellation_ratio(q3: Tensor, k3: Tensor, z: Tensor, is_causal: bool, scale: float, chunk: int) -> Tensor:
+    """R_i (N, G, L) of the rows of q3 (N, G, L, E) against keys k3 (N, S, E) (masked keys zeroed) with
+    normalisers z (N, G, L, 1), for the sweeps of `chunk` rows (see FP64_RETRY_ABOVE). A row whose
+    eps + den was <= 0 (z set to 1, as for a row that sees no key) but whose state holds a nonzero key
+    counts as infinitely ill-conditioned."""
+    kn = k3.square().sum(-1)  # (N, S)
+    if is_causal:  # the state of row i: the keys before its chunk
+        starts = torch.arange(q3.shape[2], device=kn.device) // chunk * chunk
+        seen = torch.cat([kn.new_zeros(kn.shape[0], 1), kn.cumsum(-1)], -1)[:, starts]
+    else:
+        seen = kn.sum(-1, keepdim=True)
+    b = (scale * scale) * q3.square().sum(-1) * seen[:, None, :]
+    z = z.squeeze(-1)
+    return b / torch.where(z == 1, 0.0, z)  # (b = 0: 0 / 0 = NaN, not above the bound)
+
+
+def needs_float64(q3: Tensor, k3: Tensor, z: Tensor, is_causal: bool, scale: float, chunk: int) -> bool:
+    """Whether a float32 result (normalisers z) may be wrong by more than the bound: any R_i > FP64_RETRY_ABOVE."""
+    if z.dtype != torch.float32 or z.numel() == 0:
+        return False
+    return bool((cancellation_ratio(q3, k3, z, is_causal, scale, chunk) > FP64_RETRY_ABOVE).any())
+
+
 class _LinearEA(torch.autograd.Function):
     """q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) -> (B, H, L, Ev); saves only inputs,
     output and normaliser."""
 
     @staticmethod
-    def _prepare(q, k, v):
-        """Compute-dtype views (copies only for a cast or a strided input): q3 (N, G, L, E), k3 (N, S, E),
-        v3 (N, S, Ev) with N = B * Hkv. (Scaling and the ones column are applied chunk by chunk.)"""
+    def _prepare(q, k, v, ct=None):
+        """Views in `ct` (default: the compute dtype; copies only for a cast or a strided input):
+        q3 (N, G, L, E), k3 (N, S, E), v3 (N, S, Ev) with N = B * Hkv. (Scaling and the ones column are
+        applied chunk by chunk.)"""
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
-        N, ct = B * Hkv, compute_dtype(q.dtype)
+        N, ct = B * Hkv, ct or compute_dtype(q.dtype)
         return q.to(ct).reshape(N, H // Hkv, L, E), k.to(ct).reshape(N, S, E), v.to(ct).reshape(N, S, Ev)
+
+    @staticmethod
+    def _sweep(q, k, v, is_causal, scale, eps, chunk, workers, ct=None):
+        """(out (N, G, L, Ev), z (N, G, L, 1)) computed in `ct`."""
+        q3, k3, v3 = _LinearEA._prepare(q, k, v, ct)
+        if is_causal:
+            state = SplitState.zeros(q3.shape[0], q3.shape[-1], v3.shape[-1], k3.dtype, k3.device)
+            out, z = linear_sweeps.causal_forward(q3, k3, v3, state, eps, chunk, scale, workers)
+        else:
+            out, z = linear_sweeps.full_forward(q3, k3, v3, eps, chunk, scale, workers)
+        if needs_float64(q3, k3, z, is_causal, scale, chunk):  # cancellation: again in float64, stored in float32
+            out, z = (t.float() for t in _LinearEA._sweep(q, k, v, is_causal, scale, eps, chunk, workers, torch.float64))
+        return out, z
 
     @staticmethod
     def forward(q, k, v, is_causal, scale, eps, chunk, workers):
         B, H, L, E = q.shape
-        N, Ev = B * k.shape[1], v.shape[-1]
-        q3, k3, v3 = _LinearEA._prepare(q, k, v)
-        if is_causal:
-            state = SplitState.zeros(N, E, Ev, k3.dtype, k3.device)
-            out, z = linear_sweeps.causal_forward(q3, k3, v3, state, eps, chunk, scale, workers)
-        else:
-            out, z = linear_sweeps.full_forward(q3, k3, v3, eps, chunk, scale, workers)
-        return out.view(B, H, L, Ev).to(q.dtype), out, z  # the compute-dtype out and z: for backward
+        out, z = _LinearEA._sweep(q, k, v, is_causal, scale, eps, chunk, workers)
+        return out.view(B, H, L, -1).to(q.dtype), out, z  # the compute-dtype out and z: for backward
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -195,6 +237,9 @@ class _LinearBackward(torch.autograd.Function):
         B, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
         q3, k3, v3 = _LinearEA._prepare(q, k, v)
+        if needs_float64(q3, k3, z, is_causal, scale, chunk):  # (z is accurate here: R_i as it truly is)
+            q3, k3, v3 = _LinearEA._prepare(q, k, v, torch.float64)
+            out, z = out.double(), z.double()
         do = dout.to(q3.dtype).reshape(B * Hkv, H // Hkv, L, Ev)
         dqs, dk, dv = linear_sweeps.backward(q3, k3, v3, out, z, do, chunk, is_causal, scale, workers)
         dq = dqs.mul_(scale).view(B, H, L, E).to(q.dtype)

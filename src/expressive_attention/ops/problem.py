@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .reference import VARIANTS, repeat_kv, resolve_power
+from .reference import VARIANTS, f_at_zero, repeat_kv, resolve_power
 
 __all__ = ["Problem", "VARIANTS", "check_mask", "check_options", "check_qkv", "check_tensor", "check_variant",
            "mask_to_4d", "normalise", "repeat_kv", "to_4d"]
@@ -47,9 +47,12 @@ class Problem:
 
     @property
     def is_empty(self) -> bool:
-        """True when some dim is 0: the output is then empty or all zeros (nothing to attend to, or
-        E = 0 where every score is 0 and f(0) = 0), and so are the gradients."""
-        return 0 in self.q.shape or 0 in self.k.shape or self.v.shape[-1] == 0
+        """True when the output is empty or all zeros, and so are the gradients: some dim of B, H, L,
+        S, Ev is 0, or E = 0 (every score is 0) with a variant whose f(0) = 0. (With f(0) != 0, as for
+        "exp_squared", E = 0 gives every allowed key the same weight: the output averages v.)"""
+        if 0 in self.q.shape[:-1] or 0 in self.k.shape[:-1] or self.v.shape[-1] == 0:
+            return True
+        return self.q.shape[-1] == 0 and f_at_zero(self.variant, self.power) == 0.0
 
     @property
     def requires_grad(self) -> bool:
@@ -217,7 +220,7 @@ def mask_to_4d(attn_mask: Tensor | None, query: Tensor, S: int) -> Tensor | None
 
 
 def _resolved_scale(scale, E: int) -> float:
-    # E == 0: every score is 0 whatever the scale (f(0) = 0: the output is zeros); 1.0 avoids 0**-0.5
+    # E == 0: every score is 0 whatever the scale (see Problem.is_empty); 1.0 avoids 0**-0.5
     return float((E**-0.5 if E > 0 else 1.0) if scale is None else scale)
 
 

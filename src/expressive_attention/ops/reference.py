@@ -16,8 +16,9 @@ row's largest allowed f), and eps by the same constant, which leaves a_ij exactl
 keeps |s| in the hundreds (bf16 range) finite. The scale of s matters for "saturating" and
 "exp_squared" (pass ``scale`` to sharpen or soften them); "power" is scale-invariant up to eps.
 
-Masked keys are *removed* from the sum (multiplied by zero after f), never pushed to a large
-negative score: squaring a large negative score would make the masked key the strongest one.
+Masked keys are *removed* from the sum (their f is replaced by zero, selected rather than multiplied
+so that an inf score of a masked key cannot turn into inf * 0 = NaN), never pushed to a large negative
+score: squaring a large negative score would make the masked key the strongest one.
 A row with nothing to attend to gives zeros. Scores are computed in float32 (or float64) so that
 bf16/fp16 inputs with |s| in the hundreds do not overflow when squared.
 
@@ -67,6 +68,12 @@ def score_fn(s: Tensor, variant: str, power: float | None = None) -> Tensor:
     if variant == "power":
         return s.abs().pow(p)
     return s2.exp()
+
+
+def f_at_zero(variant: str, power: float | None = None) -> float:
+    """f(0) of ``variant``: 0 for the polynomial ones, 1 for "exp_squared". With E = 0 every score is
+    0, so the rows attend to nothing when f(0) = 0 and average v over the allowed keys otherwise."""
+    return float(score_fn(torch.zeros((), dtype=torch.float64), variant, power))
 
 
 def row_scaled_f(s: Tensor, keep: Tensor | None, variant: str, power: float | None):
@@ -132,13 +139,13 @@ def score_weights(
     p = resolve_power(variant, power)
     if variant in ("saturating", "squared"):  # today's code path, unchanged
         f = score_fn(s, variant)
-        if keep is not None:
-            f = f * keep
+        if keep is not None:  # select, never multiply: f * 0 is NaN where a masked key's f is inf
+            f = torch.where(keep, f, f.new_zeros(()))
         z = eps + f.sum(-1, keepdim=True)  # (..., L, 1)
     else:
         keep_b = None if keep is None else keep.expand(s.shape)
         g, log_r = row_scaled_f(s, keep_b, variant, p)
-        f = g if keep is None else g * keep
+        f = g if keep is None else torch.where(keep, g, g.new_zeros(()))
         z = eps * (-log_r).exp() + f.sum(-1, keepdim=True)  # f / r and eps / r
     # eps > 0 keeps z positive; with eps == 0 an empty row would be 0/0: make it 0/1.
     z = torch.where(z > 0, z, torch.ones_like(z))
