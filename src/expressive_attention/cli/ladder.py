@@ -19,8 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "workers; append each finished run to OUT/results.jsonl (a rerun resumes), then write "
                     "OUT/summary.csv, OUT/ladder.png, OUT/report.md and OUT/geometry.png.")
     p.add_argument("--preset", default="quick",
-                   help="quick (CPU, <= 15 min on 2 cores), verify (budget and size axes, 3 seeds: ~1 h on 2 idle "
-                        "cores), paper (full size), or a preset .json file")
+                   help="quick (CPU-sized), verify (budget and size axes, 3 seeds), paper (full size), or a "
+                        "preset .json file; --dry-run prints a preset's run count and time estimate")
     p.add_argument("--tasks", type=csv_of(), default=None, help="comma-separated task families (default: all in preset)")
     p.add_argument("--kinds", type=csv_of(), default=None, help="attention kinds, e.g. dpa,ea (default: the preset's)")
     p.add_argument("--variants", type=csv_of(), default=None,
@@ -51,6 +51,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="ray: GPUs per run, e.g. 0.25 (default 0)")
     add_import_option(p, " (in every worker)")
     p.add_argument("--list", action="store_true", help="print the grid and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the number of runs (total, per family, kind, model and budget; those already in "
+                        "OUT/results.jsonl) and the estimated CPU and wall time with --workers, then exit")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.jsonl only")
     p.set_defaults(func=run_ladder_cmd)
 
@@ -68,7 +71,7 @@ def run_ladder_cmd(args) -> int:
                                    variants=args.variants, seeds=args.seeds, steps=args.steps)
     except (ValueError, TypeError, KeyError, ImportError) as e:  # a bad preset, task, kind, parameter
         raise UserError(str(e).strip("'\"")) from None
-    if not args.list:  # before any work; the plots are skipped without matplotlib
+    if not (args.list or args.dry_run):  # before any work; the plots are skipped without matplotlib
         needs = (() if args.report_only else ("tqdm",)) + (("scipy",) if preset.axes else ())  # axes: t-intervals
         if needs:
             require("cli", "ea ladder", needs)
@@ -81,6 +84,11 @@ def run_ladder_cmd(args) -> int:
         for p in grid:
             print(f"{p.config.key()}  {run_label(p)}  steps={p.config.steps}")
         print(f"{len(grid)} runs")
+        return 0
+    if args.dry_run:
+        from ..experiments.cost import dry_run_summary
+        from ..experiments.results import ResultsStore
+        print(dry_run_summary(preset, grid, workers, done=ResultsStore(out).keys() if out.is_dir() else set()))
         return 0
     if args.report_only:
         from ..experiments.report import write_report

@@ -221,9 +221,8 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
         description="CPU-sized: 2-layer d_model-64 models (about 0.1 M parameters), 450 AdamW steps of 32 "
-                    "sequences of length 64 per run, 4 families x 5 rungs x {DPA, EA} x 2 seeds = 80 runs; "
-                    "15 minutes measured on a shared 2-core CPU with --workers 2 (about 10 CPU-minutes per worker; "
-                    "no GPU needed).",
+                    "sequences of length 64 per run, 4 families x 5 rungs x {DPA, EA} x 2 seeds = 80 runs; no GPU "
+                    "needed (`ea ladder --preset quick --dry-run` prints the runs and the estimated time).",
         base=dict(_QUICK_BASE),
         seeds=2,
         families=_families("quick"),
@@ -233,8 +232,8 @@ PRESETS: dict[str, Preset] = {
         description="Does EA learn faster, or can it do more? The quick preset's model at one rung per family "
                     "(pointer T=16, lagged_digits N=5, recall K=2), along a budget axis (450, 1350, 4050 steps "
                     "at d_model 64) and a size axis (d_model 32, 64, 128 at 450 steps), DPA vs EA saturating "
-                    "and squared, 3 seeds: 3 families x 5 points x 3 kinds x 3 seeds = 135 runs, about 67 min "
-                    "on an idle 2-core CPU with --workers 2 (the runs' CPU times add up to 134 min; docs/ladder.md).",
+                    "and squared, 3 seeds: 3 families x 5 points x 3 kinds x 3 seeds = 135 runs (`ea ladder --preset "
+                    "verify --dry-run` prints the runs and the estimated time; docs/ladder.md has the measured ones).",
         base=dict(_QUICK_BASE),
         seeds=3,
         variants=("saturating", "squared"),
@@ -247,7 +246,8 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset(
         name="paper",
         description="Full size for a bigger machine: 4-layer d_model-128 models, 3000 steps per run, 6 rungs, "
-                    "3 seeds, both EA variants (4 x 6 x 3 x 3 = 216 runs; not calibrated on this project's CPU).",
+                    "3 seeds, both EA variants (4 families x 6 rungs x 3 kinds x 3 seeds = 216 runs; not calibrated on "
+                    "this project's CPU: `--dry-run` extrapolates its time).",
         base={"d_model": 128, "n_layers": 4, "n_heads": 4, "pos": "learned", **_OPT, "steps": 3000, "warmup": 200,
               "eval_sequences": 2048},
         seeds=3,
