@@ -135,6 +135,10 @@ def test_docs_preset_table_counts_the_runs_of_each_grid():
     ("docs/ladder.md", r"(\d+) runs add up to \*\*\d+ CPU-minutes", lambda: _runs("verify")),
     ("docs/ladder.md", r"\d+ runs add up to \*\*(\d+) CPU-minutes", lambda: round(_cpu_minutes(VERIFY_RECORDS))),
     ("docs/ladder.md", r"CPU times, one thread per run, add up to (\d+) min", lambda: round(_cpu_minutes(VERIFY_RECORDS))),
+    ("docs/scale.md", r"(\d+) runs \(4 families x 6 rungs", lambda: _runs("paper")),
+    ("docs/scale.md", r"pointer: 5 rungs x \{DPA, EA\} x 2 seeds = (\d+) runs", lambda: _runs("quick", families=["pointer"])),
+    ("docs/real-text.md", r"ea-exp_squared as the EA kind against DPA, 3 seeds \((\d+) runs",
+     lambda: _runs("quick", kinds=["dpa", "ea"], variants=["exp_squared"], seeds=3)),
 ])
 def test_prose_numbers_match_the_grid_and_the_records(path, pattern, expected):
     hits = re.findall(pattern, (ROOT / path).read_text())
