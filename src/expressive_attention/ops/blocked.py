@@ -274,9 +274,9 @@ def _gated_block(q, k, v, c_rows, c_keys, keep, scale, variant, eps, power):
 
 
 def _gated_blocked_attention(p: "Problem") -> Tensor:
-    """The forget-gated problem (``p.log_fgate``), one block of query rows at a time. Each block runs
-    under activation checkpointing when a gradient is needed, so backward recomputes its (block, S)
-    tile instead of keeping every block's: memory stays O(block x S) beyond q, k, v (GQA: k and v
+    """The forget-gated problem (``p.log_fgate``), one block of query rows at a time. With more than
+    one block, each runs under activation checkpointing when a gradient is needed, so backward
+    recomputes its (block, S) tile instead of keeping every block's: memory stays O(block x S) beyond q, k, v (GQA: k and v
     are repeated per query head). Gradients (log_fgate's included) come from autograd."""
     from torch.utils.checkpoint import checkpoint
 
@@ -285,9 +285,10 @@ def _gated_blocked_attention(p: "Problem") -> Tensor:
     ct = compute_dtype(p.q.dtype)
     q, k, v = p.q.to(ct), repeat_kv(p.k, p.groups).to(ct), repeat_kv(p.v, p.groups).to(ct)
     c = p.log_fgate.to(ct).cumsum(-1)  # (B, H, L): log D_ij = c_i - c_j
-    grad = p.requires_grad
+    blocks = list(_row_blocks(B * H, L, S, p.is_causal))
+    grad = p.requires_grad and len(blocks) > 1  # one block: its tile is all there is to keep anyway
     outs = []  # with L == S every block has keys to see, so the blocks cover every row
-    for i0, i1, send, diag in _row_blocks(B * H, L, S, p.is_causal):
+    for i0, i1, send, diag in blocks:
         keep = None
         if diag is not None:
             keep = torch.arange(send, device=q.device) <= torch.arange(i0, i1, device=q.device)[:, None]
