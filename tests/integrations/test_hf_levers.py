@@ -50,7 +50,7 @@ def test_gated_function_equals_the_op(impl, kind):
     module = modules(model)[0]
     q, k, v = qkv()
     lf = F.logsigmoid(torch.randn(2, 4, 6))
-    setattr(module, eah._FGATE_STATE, lf)
+    setattr(module, eah._FGATE_STATE, lf)  # what the pre-hook stores
     out, _ = AttentionInterface()[impl](module, q, k, v, None, scaling=8**-0.5)
     want = attention(q, k, v, is_causal=True, scale=8**-0.5, enable_gqa=True, kind=kind, log_fgate=lf)
     assert torch.equal(out, want.transpose(1, 2))
@@ -65,7 +65,7 @@ def test_the_pre_hook_computes_the_gate_from_the_layer_input():
 
     def after(mod, args, kwargs):  # registered after add_forget_gate's hook: sees its result
         h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        seen["h"], seen["lf"] = h.detach(), getattr(mod, eah._FGATE_STATE).detach()
+        seen["h"], seen["lf"] = h.detach(), eah.stored_log_fgate(mod).detach()
 
     module.register_forward_pre_hook(after, with_kwargs=True)
     ids = torch.randint(3, 50, (2, 7))

@@ -54,12 +54,12 @@ def _weights_of_call(module, s: Tensor, keep: Tensor, mechanism, spec, hkv: int)
     call: with its forget gate and, for a hybrid one, this layer's kind and head split."""
     if spec is None or not (spec.forget_gate or spec.hybrid):
         return weights_of(s, keep, mechanism)
-    from ..integrations.transformers import _FGATE_STATE, _split_of
+    from ..integrations.transformers import layer_split, stored_log_fgate
 
     log_d = None
     if spec.forget_gate:
-        log_d = log_decay(getattr(module, _FGATE_STATE).to(s.dtype))
-    kind, m = _split_of(module, spec, s.shape[1], hkv)
+        log_d = log_decay(stored_log_fgate(module).to(s.dtype))
+    kind, m = layer_split(module, spec, s.shape[1], hkv)
     if kind == "dpa":
         return weights_of(s, keep, None, log_d)
     if m is None:

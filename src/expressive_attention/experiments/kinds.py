@@ -47,7 +47,7 @@ def parse_variant(spec: str) -> tuple[str, float | None]:
             return "power", _reference.resolve_power("power", degree)
     variants = _reference.VARIANTS  # read at call time: any variant the op knows passes through
     if spec not in variants:
-        raise ValueError(f"variants must be among {variants} or power<p> (e.g. power8), got {spec!r}")
+        raise ValueError(f"variant must be one of {variants} or power<p> (e.g. power8), got {spec!r}")
     return spec, (_reference.DEFAULT_POWER if spec == "power" else None)
 
 

@@ -187,9 +187,7 @@ class TextLMConfig:
                 for k, v, p in mechs:
                     for h in heads if k == "ea" else [None]:
                         for lk in layers if k == "ea" else [None]:
-                            m = Mechanism(k, v, p, learn, g, h, lk, gate)
-                            if m not in out:
-                                out.append(m)
+                            out.append(Mechanism(k, v, p, learn, g, h, lk, gate))
         return out
 
     def check(self) -> None:

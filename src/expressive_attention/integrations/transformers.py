@@ -201,7 +201,7 @@ def _make_forward(name: str, spec: Spec):
             query = query * _score_gain(module, name, query.shape[1]).to(query.dtype)[:, None, None]
         if spec.forget_gate or spec.hybrid:
             log_fgate = _log_fgate(module, name, query, key) if spec.forget_gate else None
-            kind, m = _split_of(module, spec, query.shape[1], key.shape[1])
+            kind, m = layer_split(module, spec, query.shape[1], key.shape[1])
             out = _attend_split(query, key, value, mask, float(dropout), causal, scaling, spec, kind, m, log_fgate)
             weights = None
             if kwargs.get("output_attentions"):
@@ -231,7 +231,7 @@ def _make_forward(name: str, spec: Spec):
     return expressive_attention_forward
 
 
-def _split_of(module: torch.nn.Module, spec: Spec, hq: int, hkv: int) -> tuple[str, int | None]:
+def layer_split(module: torch.nn.Module, spec: Spec, hq: int, hkv: int) -> tuple[str, int | None]:
     """(this layer's kind, its number of EA query heads or None for all) for ``spec``: a hybrid spec
     reads ``config.ea_layer_kinds`` and ``config.n_ea_heads``; otherwise (spec.kind, None)."""
     if not spec.hybrid:
@@ -280,8 +280,14 @@ def _attend_split(query, key, value, mask, dropout, causal, scaling, spec: Spec,
     return torch.cat([ea, dpa], dim=1)
 
 
+def stored_log_fgate(module: torch.nn.Module) -> Tensor | None:
+    """The log forget gates (B, H, L) add_forget_gate's pre-hook stored for ``module``'s call in
+    progress (None before the first call or without a gate)."""
+    return getattr(module, _FGATE_STATE, None)
+
+
 def _log_fgate(module: torch.nn.Module, name: str, query: Tensor, key: Tensor) -> Tensor:
-    g = getattr(module, _FGATE_STATE, None)
+    g = stored_log_fgate(module)
     if getattr(module, FGATE_MODULE, None) is None or g is None:
         raise UnsupportedAttentionError(
             f"attn_implementation={name!r} uses a forget gate: call add_forget_gate(model) first")
