@@ -231,3 +231,19 @@ def test_bf16_runs():
     for kind in ("ea", "dpa"):
         out = attention(q, k, v, is_causal=True, enable_gqa=True, kind=kind, log_fgate=lf.float())
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("variant,power", VARIANTS)
+def test_the_generic_form_for_other_variants_agrees(variant, power):
+    """Variants without a dedicated gated form (e.g. ones added to the op later) take
+    `gated_row_scaled_f`: it gives the same weights as the dedicated forms."""
+    from expressive_attention.ops.reference import gated_row_scaled_f, gated_score_weights, log_decay
+
+    q, k, v, lf = inputs(B=1, H=2, Hkv=2)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    keep = torch.ones(7, 7, dtype=torch.bool).tril()
+    log_d = log_decay(lf)
+    f, log_r = gated_row_scaled_f(s, keep.expand(s.shape), log_d, variant, power)
+    generic = f / (1e-6 * (-log_r).exp() + f.sum(-1, keepdim=True))
+    torch.testing.assert_close(generic, gated_score_weights(s, keep, log_d, variant=variant, power=power),
+                               atol=1e-14, rtol=1e-12)

@@ -214,7 +214,9 @@ def gated_score_weights(
     p = resolve_power(variant, power)
     log_d = log_d.expand(s.shape)
     keep_b = None if keep is None else keep.expand(s.shape)
-    if variant in ("saturating", "squared"):
+    if variant not in ("saturating", "squared", "power", "exp_squared"):
+        f, log_r = gated_row_scaled_f(s, keep_b, log_d, variant, p)
+    elif variant in ("saturating", "squared"):
         x = log_d if keep_b is None else log_d.masked_fill(~keep_b, float("-inf"))
         log_r = x.amax(-1, keepdim=True).detach().clamp_min(0.0)  # an empty row: -inf -> 0
         f = score_fn(s, variant) * (x - log_r).exp()
@@ -233,6 +235,19 @@ def gated_score_weights(
     z = eps * (-log_r).exp() + f.sum(-1, keepdim=True)
     z = torch.where(z > 0, z, torch.ones_like(z))
     return f / z
+
+
+def gated_row_scaled_f(s: Tensor, keep: Tensor | None, log_d: Tensor, variant: str, power: float | None):
+    """(f D / r, log r) for any variant: its row-rescaled f (`row_scaled_f`) times D rescaled by
+    exp(-m_i), m_i = max(0, the row's largest allowed log D); log r (..., L, 1) detached. Exact; the
+    generic form `gated_score_weights` uses for variants it has no dedicated form for."""
+    g, log_r = row_scaled_f(s, keep, variant, power)
+    x = log_d if keep is None else log_d.masked_fill(~keep, float("-inf"))
+    m = x.amax(-1, keepdim=True).detach().clamp_min(0.0)
+    f = g * (x - m).exp()
+    if keep is not None:
+        f = f * keep
+    return f, (m if log_r is None else log_r + m)
 
 
 def gated_reference_attention(p: "Problem") -> Tensor:
