@@ -247,3 +247,16 @@ def test_the_generic_form_for_other_variants_agrees(variant, power):
     generic = f / (1e-6 * (-log_r).exp() + f.sum(-1, keepdim=True))
     torch.testing.assert_close(generic, gated_score_weights(s, keep, log_d, variant=variant, power=power),
                                atol=1e-14, rtol=1e-12)
+
+
+def test_a_third_party_backend_refuses_the_gate_unless_it_says_so():
+    from expressive_attention.ops import Backend
+    from expressive_attention.ops.problem import normalise, with_log_fgate
+
+    q, k, v, lf = inputs(dtype=torch.float32)
+    p = with_log_fgate(normalise(q, k, v, None, 0.0, True, None, True, "saturating", 1e-6), lf, q, k)
+    assert p.log_fgate.shape == (2, 4, 7)
+    mine = Backend("mine", run=lambda p: None, supports=lambda p: None)
+    assert "forget gate" in mine.unsupported(p)
+    assert Backend("gated", run=lambda p: None, supports=lambda p: None, forget_gate=True).unsupported(p) is None
+    assert mine.unsupported(normalise(q, k, v, None, 0.0, True, None, True, "saturating", 1e-6)) is None
