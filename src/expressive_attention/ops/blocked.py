@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ._functorch import fold_vmap
 from .backend import Backend
-from .reference import compute_dtype, gated_score_weights, repeat_kv, row_scaled_f
+from .reference import compute_dtype, row_scaled_f
 from .tile_compile import run_tile, use_compiled
 
 if TYPE_CHECKING:
@@ -264,47 +264,12 @@ def _backward(dout, q, k, v, out, z, mask, is_causal, scale, variant, groups, po
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _gated_block(q, k, v, c_rows, c_keys, keep, scale, variant, eps, power):
-    """One block of query rows with a forget gate: q (B, H, r, E), k/v (B, H, S', *), c_rows (B, H, r) and
-    c_keys (B, H, S') the cumulative log gates, keep (bool, broadcastable to (B, H, r, S')) or None."""
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    log_d = c_rows[..., :, None] - c_keys[..., None, :]
-    a = gated_score_weights(s, keep, log_d, variant=variant, eps=eps, power=power)
-    return torch.matmul(a, v)
-
-
-def _gated_blocked_attention(p: "Problem") -> Tensor:
-    """The forget-gated problem (``p.log_fgate``), one block of query rows at a time. With more than
-    one block, each runs under activation checkpointing when a gradient is needed, so backward
-    recomputes its (block, S) tile instead of keeping every block's: memory stays O(block x S) beyond q, k, v (GQA: k and v
-    are repeated per query head). Gradients (log_fgate's included) come from autograd."""
-    from torch.utils.checkpoint import checkpoint
-
-    B, H, L, _ = p.q.shape
-    S = p.k.shape[2]
-    ct = compute_dtype(p.q.dtype)
-    q, k, v = p.q.to(ct), repeat_kv(p.k, p.groups).to(ct), repeat_kv(p.v, p.groups).to(ct)
-    c = p.log_fgate.to(ct).cumsum(-1)  # (B, H, L): log D_ij = c_i - c_j
-    blocks = list(_row_blocks(B * H, L, S, p.is_causal))
-    grad = p.requires_grad and len(blocks) > 1  # one block: its tile is all there is to keep anyway
-    outs = []  # with L == S every block has keys to see, so the blocks cover every row
-    for i0, i1, send, diag in blocks:
-        keep = None
-        if diag is not None:
-            keep = torch.arange(send, device=q.device) <= torch.arange(i0, i1, device=q.device)[:, None]
-        if p.mask is not None:
-            m = p.mask[..., :send] if p.mask.shape[-2] == 1 else p.mask[..., i0:i1, :send]
-            keep = m if keep is None else keep & m
-        args = (q[..., i0:i1, :], k[..., :send, :], v[..., :send, :], c[..., i0:i1], c[..., :send], keep,
-                p.scale, p.variant, p.eps, p.power)
-        outs.append(checkpoint(_gated_block, *args, use_reentrant=False) if grad else _gated_block(*args))
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)).to(p.q.dtype)
-
-
 def blocked_attention(p: "Problem") -> Tensor:
     """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
-    if p.log_fgate is not None:
-        return _gated_blocked_attention(p)
+    if p.log_fgate is not None:  # the forget gate: blocked_gate.py
+        from .blocked_gate import gated_blocked_attention
+
+        return gated_blocked_attention(p)
     B, H, L, _ = p.q.shape
     compiled = p.variant in COMPILED_VARIANTS and use_compiled(B * H * L * p.k.shape[-2], p.q, p.k, p.v)
     return _BlockedEA.apply(p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant, p.eps, p.groups, p.power,
