@@ -260,3 +260,22 @@ def test_a_third_party_backend_refuses_the_gate_unless_it_says_so():
     assert "forget gate" in mine.unsupported(p)
     assert Backend("gated", run=lambda p: None, supports=lambda p: None, forget_gate=True).unsupported(p) is None
     assert mine.unsupported(normalise(q, k, v, None, 0.0, True, None, True, "saturating", 1e-6)) is None
+
+
+def test_torch_func_grad_takes_the_autograd_path():
+    q, k, v, lf = inputs(B=1, H=2, Hkv=1, L=5, E=3)
+    for backend in ("reference", "blocked"):
+        def loss(g):
+            return expressive_attention(q, k, v, is_causal=True, enable_gqa=True, backend=backend, log_fgate=g).sum()
+
+        g = lf.clone().requires_grad_()
+        want = torch.autograd.grad(loss(g), g)[0]
+        torch.testing.assert_close(torch.func.grad(loss)(lf), want, atol=1e-12, rtol=1e-10)
+
+
+def test_blocked_has_no_double_backward():
+    q, k, v, lf = (t.clone().requires_grad_() for t in inputs(B=1, H=2, Hkv=1, L=5, E=3))
+    out = expressive_attention(q, k, v, is_causal=True, enable_gqa=True, backend="blocked", log_fgate=lf)
+    (g,) = torch.autograd.grad(out.sum(), lf, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
