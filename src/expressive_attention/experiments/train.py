@@ -51,10 +51,6 @@ class RunConfig:
     power: float | None = None  # degree of variant="power" (None: 4)
     qk_norm: bool = False  # RMSNorm of each head's q and k (EA and DPA)
     learn_scale: bool = False  # learned per-head score gain (EA and DPA)
-    gain_init: float = 0.0  # initial log gain of learn_scale (e.g. -1.1513: exp_squared's beta = 0.1)
-    n_ea_heads: int | None = None  # EA on the first n_ea_heads heads of each EA layer, softmax on the rest
-    layer_kinds: str | None = None  # per-layer kinds: "ends", "first", "last" or e.g. "dpa-ea" (kinds.py)
-    forget_gate: bool = False  # data-dependent forget gate (FoX) in every layer (EA and DPA)
     # model
     d_model: int = 64
     n_layers: int = 2
@@ -73,6 +69,11 @@ class RunConfig:
     # evaluation on held-out sequences (the same stream for every run: eval_seed)
     eval_sequences: int = 1024
     eval_seed: int = 0
+    # issue #21's levers (EA and DPA alike unless noted; off: left out of to_dict(), keys unchanged)
+    gain_init: float = 0.0  # initial log gain of learn_scale (e.g. -1.1513: exp_squared's beta = 0.1)
+    n_ea_heads: int | None = None  # EA on the first n_ea_heads heads of each EA layer, softmax on the rest
+    layer_kinds: str | None = None  # per-layer kinds: "ends", "first", "last" or e.g. "dpa-ea" (kinds.py)
+    forget_gate: bool = False  # data-dependent forget gate (FoX) in every layer (EA and DPA)
 
     def __post_init__(self):
         if self.kind not in KINDS:
