@@ -5,7 +5,9 @@ The model is built from a config (no downloaded weights); one run per mechanism 
 ``variants`` x ``scales`` (as in the ladder: "dpa", "ea", "ea-squared", "ea-power4",
 "ea-exp_squared", "+gain" for a learned per-head score gain), switched with transformers'
 ``attn_implementation`` ("sdpa", "expressive", "expressive_squared", ...; see `hf_implementation`),
-so only the attention rule differs between runs. The text is any local files, or one of two
+so only the attention rule differs between runs. Issue #21's levers multiply the runs the same way
+(``gates``, ``ea_heads``, ``layer_kinds``, ``scales`` with "learned@G"; labels such as "ea+gate",
+"ea[h2]", "ea[first]", "ea-exp_squared+gain@-1.1513"; see kinds.py and docs/real-text.md). The text is any local files, or one of two
 corpora every Python install has offline (``corpus``): "code", the standard library's own source
 files, and "prose", the English help texts of ``pydoc_data/topics.py`` (the pages
 `help("topic")` shows, ~0.47 MB). Tokens are bytes (vocab 256) or characters (vocab from the
