@@ -62,3 +62,46 @@ def add_import_option(parser: argparse.ArgumentParser, where: str = "") -> None:
     register the user's own tasks; `where` says where else they are imported (e.g. " (in every worker)")."""
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help=f"import MODULE first{where}, e.g. one that registers your own tasks")
+
+
+def add_lever_options(parser: argparse.ArgumentParser) -> None:
+    """The options of issue #21, shared by `ea lm` and `ea ladder`: comma-separated lists, every value
+    its own run (crossed with each other and with --kinds/--variants; see experiments/kinds.py)."""
+    parser.add_argument("--scales", type=csv_of(), default=None,
+                        help="score scale, each its own run: fixed (1/sqrt(E)), learned (times a learned per-head "
+                             "gain exp(g_h), g_h = 0 at init), learned@G (g_h = G at init; with exp_squared, "
+                             "exp(beta s^2) with beta = exp(2 g_h): learned@-1.1513 starts at beta = 0.1) "
+                             "(default: fixed)")
+    parser.add_argument("--gate", type=csv_of(choices=("off", "on")), default=None,
+                        help="forget gate (Forgetting Transformer) in every layer, for dpa and ea alike: off, on, "
+                             "or off,on for both (default: off)")
+    parser.add_argument("--ea-heads", type=csv_of(), default=None,
+                        help="EA runs only: all (every head EA) or M (EA on the first M query heads of each EA "
+                             "layer, softmax on the rest; a multiple of heads / kv heads), e.g. all,2 "
+                             "(default: all)")
+    parser.add_argument("--layer-kinds", type=csv_of(), default=None,
+                        help="EA runs only: all (every layer EA), ends (softmax in the first and the last layer), "
+                             "first / last (softmax in that layer), or one of ea/dpa per layer joined by '-', "
+                             "e.g. dpa-ea-ea-dpa (default: all)")
+
+
+def lever_options(args) -> dict[str, list[dict]]:
+    """The lever flags as RunConfig overrides per lever ({} = off), for presets' `levers`; only the
+    flags given. Raises argparse-friendly ValueError on a bad value."""
+    from ..experiments.kinds import parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale
+
+    def scale(s):
+        learn, g = parse_scale(s)
+        return {} if not learn else ({"learn_scale": True} | ({"gain_init": g} if g else {}))
+
+    out: dict[str, list[dict]] = {}
+    if args.scales is not None:
+        out["scale"] = [scale(s) for s in args.scales]
+    if args.gate is not None:
+        out["gate"] = [{"forget_gate": True} if parse_gate(g) else {} for g in args.gate]
+    if args.ea_heads is not None:
+        out["ea_heads"] = [{} if (m := parse_ea_heads(h)) is None else {"n_ea_heads": m} for h in args.ea_heads]
+    if args.layer_kinds is not None:
+        out["layer_kinds"] = [{} if (k := parse_layer_kinds(s)) is None else {"layer_kinds": k}
+                              for s in args.layer_kinds]
+    return out

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from .args import add_import_option, csv_of, nonnegative_float, positive_float, positive_int
+from .args import add_import_option, add_lever_options, csv_of, lever_options, nonnegative_float, positive_float, positive_int
 
 RAY_FLAGS = ("address", "cpus_per_run", "gpus_per_run")
 
@@ -26,6 +26,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--variants", type=csv_of(), default=None,
                    help="EA variants, e.g. saturating,squared (each is its own kind)")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per point (default: the preset's)")
+    add_lever_options(p)
+    p.add_argument("--axes", type=csv_of(), default=None,
+                   help="keep only these axes of the preset (e.g. budget), or none: the base point only (the "
+                        "verify preset's 1x budget at d_model 64) (default: the preset's)")
+    p.add_argument("--layers", type=positive_int, default=None, help="override n_layers of every run")
     p.add_argument("--steps", type=positive_int, default=None, help="override the training steps of every run")
     p.add_argument("--out", default=None, help="output directory (default: runs/ladder-PRESET)")
     p.add_argument("--workers", type=positive_int, default=None,
@@ -67,8 +72,10 @@ def run_ladder_cmd(args) -> int:
     from ..extras import require
 
     try:
+        axes = None if args.axes is None else [a for a in args.axes if a != "none"]
         preset, grid = ladder_grid(args.preset, imports=args.imports, families=args.tasks, kinds=args.kinds,
-                                   variants=args.variants, seeds=args.seeds, steps=args.steps)
+                                   variants=args.variants, seeds=args.seeds, steps=args.steps,
+                                   levers=lever_options(args), axes=axes, layers=args.layers)
     except (ValueError, TypeError, KeyError, ImportError) as e:  # a bad preset, task, kind, parameter
         raise UserError(str(e).strip("'\"")) from None
     if not (args.list or args.dry_run):  # before any work; the plots are skipped without matplotlib

@@ -6,11 +6,11 @@ import argparse
 import time
 
 from ..ops import KINDS
-from .args import csv_of, deprecated, positive_float, positive_int
+from .args import add_lever_options, csv_of, deprecated, positive_float, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..experiments.text_lm import ARCHS, CORPORA, IMPLEMENTATIONS, SCALES, TextLMConfig
+    from ..experiments.text_lm import ARCHS, CORPORA, IMPLEMENTATIONS, TextLMConfig
 
     d = TextLMConfig()
     p = subparsers.add_parser(
@@ -34,10 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="mechanisms to train, comma-separated (default: dpa,ea)")
     p.add_argument("--variants", type=csv_of(), default=list(d.variants),
                    help="EA variants, each its own run: saturating (the paper's EA), squared, power (|s|^4), "
-                        "power<p> (e.g. power8), exp_squared (default: saturating)")
-    p.add_argument("--scales", type=csv_of(choices=SCALES), default=list(d.scales),
-                   help="score scale, each its own run: fixed (1/sqrt(E)), learned (times a learned per-head "
-                        "gain; for dpa and ea alike) (default: fixed)")
+                        "power<p> (e.g. power8), exp_squared, or any other variant the op knows "
+                        "(default: saturating)")
+    add_lever_options(p)  # --scales, --gate, --ea-heads, --layer-kinds (cli/args.py)
     p.add_argument("--impls", type=csv_of(choices=IMPLEMENTATIONS), default=None,
                    help="deprecated: attn implementations (sdpa,expressive,expressive_squared); "
                         "use --kinds and --variants")
@@ -73,12 +72,15 @@ def run_lm_cmd(args) -> int:
     if args.impls is not None:
         deprecated("`ea lm --impls` is deprecated; use --kinds and --variants")
         kinds, variants = kinds_from_impls(args.impls)
+    levers = {name: tuple(v) for name, v in (("scales", args.scales), ("gates", args.gate),
+                                              ("ea_heads", args.ea_heads), ("layer_kinds", args.layer_kinds))
+              if v is not None}  # issue #21's flags, when given (else TextLMConfig's defaults)
     cfg = TextLMConfig(paths=list(args.paths), corpus=args.corpus, glob=args.glob, max_bytes=int(args.max_mb * 1e6),
                        tokenizer=args.tokenizer, kinds=tuple(kinds), variants=tuple(variants),
-                       scales=tuple(args.scales), arch=args.arch, d_model=args.d_model, layers=args.layers,
+                       arch=args.arch, d_model=args.d_model, layers=args.layers,
                        context=args.context, batch_size=args.batch_size, steps=args.steps, lrs=tuple(args.lrs),
                        eval_every=args.eval_every, seeds=tuple(args.seeds), diagnose=args.diagnose,
-                       threads=args.threads, out=args.out)
+                       threads=args.threads, out=args.out, **levers)
     try:
         cfg.check()
     except ValueError as e:

@@ -29,30 +29,57 @@ import math
 import torch
 from torch import Tensor
 
-from ..ops.reference import score_weights
+from ..ops.reference import gated_score_weights, log_decay, score_weights
 
 # the weight functions compared on the same scores: name -> (variant, power) or None for softmax
 COUNTERFACTUALS = {"softmax": None, "saturating": ("saturating", None), "squared": ("squared", None),
                    "power4": ("power", 4.0), "exp_squared": ("exp_squared", None)}
 
 
-def weights_of(s: Tensor, keep: Tensor, mechanism) -> Tensor:
-    """Weights (..., L, S) of scores s under ``mechanism`` (None = softmax, else (variant, power))."""
+def weights_of(s: Tensor, keep: Tensor, mechanism, log_d: Tensor | None = None) -> Tensor:
+    """Weights (..., L, S) of scores s under ``mechanism`` (None = softmax, else (variant, power));
+    ``log_d`` (broadcastable to s): a forget gate's log decay, or None."""
     if mechanism is None:
-        a = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+        x = s if log_d is None else s + log_d
+        a = torch.softmax(x.masked_fill(~keep, float("-inf")), dim=-1)
         return torch.nan_to_num(a, nan=0.0)  # rows with no key
     variant, power = mechanism
+    if log_d is not None:
+        return gated_score_weights(s, keep, log_d, variant=variant, power=power)
     return score_weights(s, keep, variant=variant, power=power)
 
 
+def _weights_of_call(module, s: Tensor, keep: Tensor, mechanism, spec, hkv: int) -> Tensor:
+    """The weights a registered implementation (``spec``; None for "sdpa") gives scores s in this
+    call: with its forget gate and, for a hybrid one, this layer's kind and head split."""
+    if spec is None or not (spec.forget_gate or spec.hybrid):
+        return weights_of(s, keep, mechanism)
+    from ..integrations.transformers import layer_split, stored_log_fgate
+
+    log_d = None
+    if spec.forget_gate:
+        log_d = log_decay(stored_log_fgate(module).to(s.dtype))
+    kind, m = layer_split(module, spec, s.shape[1], hkv)
+    if kind == "dpa":
+        return weights_of(s, keep, None, log_d)
+    if m is None:
+        return weights_of(s, keep, mechanism, log_d)
+    ld_ea = ld_dpa = None
+    if log_d is not None:
+        ld_ea, ld_dpa = log_d[:, :m], log_d[:, m:]
+    return torch.cat([weights_of(s[:, :m], keep[:, :m], mechanism, ld_ea),
+                      weights_of(s[:, m:], keep[:, m:], None, ld_dpa)], dim=1)
+
+
 def _mechanism_of(name: str):
-    """(weight function for `weights_of`, learns a score gain?) of an attention implementation name."""
+    """(weight function for `weights_of`, learns a score gain?, the registered Spec or None) of an
+    attention implementation name."""
     if name == "sdpa":
-        return None, False
+        return None, False, None
     from ..integrations.transformers import registered
 
     spec = registered()[name]
-    return (None if spec.kind == "dpa" else (spec.variant, spec.power)), spec.learn_scale
+    return (None if spec.kind == "dpa" else (spec.variant, spec.power)), spec.learn_scale, spec
 
 
 @contextlib.contextmanager
@@ -62,7 +89,7 @@ def probe_attention(name: str, max_calls: int = 10_000):
     unchanged (the wrapped function still computes it)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    mechanism, gained = _mechanism_of(name)
+    mechanism, gained, spec = _mechanism_of(name)
     table = ALL_ATTENTION_FUNCTIONS
     had_local = name in table._local_mapping
     original = table[name]
@@ -89,7 +116,7 @@ def probe_attention(name: str, max_calls: int = 10_000):
                 else:
                     keep = (attention_mask[..., :S] == 0).expand_as(s)
                 calls.append(dict(layer=getattr(module, "layer_idx", len(calls)), s=s, keep=keep,
-                                  a=weights_of(s, keep, mechanism), gain=gain))
+                                  a=_weights_of_call(module, s, keep, mechanism, spec, key.shape[1]), gain=gain))
         return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         is_causal=is_causal, **kw)
 

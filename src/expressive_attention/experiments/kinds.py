@@ -2,10 +2,12 @@
 variant is its own run, labelled "ea" (saturating, the default) or "ea-<variant>"."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from ..ops import KINDS
 from ..ops.problem import check_variant
+from ..ops import reference as _reference
 
 
 # colour and marker of a mechanism's label in the plots (others: matplotlib's next colour, a diamond)
@@ -35,3 +37,121 @@ def kind_specs(kinds: Iterable[str], variants: Iterable[str]) -> list[tuple[str,
     if not out:
         raise ValueError(f"kinds must name at least one of {KINDS}")
     return out
+
+
+def parse_variant(spec: str) -> tuple[str, float | None]:
+    """An EA variant as written on the command line -> (variant, power): "saturating", "squared",
+    "exp_squared", "power" (degree 4) or "power<p>" (e.g. "power8")."""
+    if spec.startswith("power") and spec != "power":
+        try:
+            degree = float(spec[len("power"):])
+        except ValueError:
+            degree = None
+        if degree is not None:
+            return "power", _reference.resolve_power("power", degree)
+    variants = _reference.VARIANTS  # read at call time: any variant the op knows passes through
+    if spec not in variants:
+        raise ValueError(f"variant must be one of {variants} or power<p> (e.g. power8), got {spec!r}")
+    return spec, (_reference.DEFAULT_POWER if spec == "power" else None)
+
+
+# ---------------------------------------------------------------- the levers of issue #21
+# Each option is a list on the command line (`ea lm` and `ea ladder`), every value its own run:
+#   --scales fixed,learned,learned@G   the score scale: 1/sqrt(E), times a learned per-head gain exp(g_h)
+#                                      (g_h = 0 at init), or with g_h = G at init (learned sharpness:
+#                                      G = 0.5 ln(beta_0) for exp(beta s^2); beta_0 = 0.1: G = -1.1513)
+#   --gate off,on                      a data-dependent forget gate (FoX) in every layer
+#   --ea-heads all,M                   EA on the first M query heads of each EA layer, softmax on the rest
+#   --layer-kinds all,ends,first,last,dpa-ea-ea-dpa
+#                                      per-layer mechanism: ends = softmax in the first and the last layer,
+#                                      first / last = softmax in that layer only, EA elsewhere; or one
+#                                      ea/dpa per layer joined by "-"
+LAYER_PATTERNS = ("ends", "first", "last")
+GATES = ("off", "on")
+
+
+def parse_scale(spec: str) -> tuple[bool, float]:
+    """A --scales value -> (learn_scale, gain_init): "fixed", "learned" or "learned@G" (G the initial
+    log gain g_h, a float)."""
+    if spec == "fixed":
+        return False, 0.0
+    if spec == "learned":
+        return True, 0.0
+    if spec.startswith("learned@"):
+        try:
+            g = float(spec[len("learned@"):])
+        except ValueError:
+            g = float("nan")
+        if math.isfinite(g):
+            return True, g
+    raise ValueError(f"scales must be fixed, learned or learned@G (G the initial log gain, e.g. learned@-1.1513), "
+                     f"got {spec!r}")
+
+
+def parse_gate(spec: str) -> bool:
+    if spec not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {spec!r}")
+    return spec == "on"
+
+
+def parse_ea_heads(spec: str) -> int | None:
+    """An --ea-heads value -> n_ea_heads: "all" (None: every head of an EA layer) or an int >= 0."""
+    if spec == "all":
+        return None
+    try:
+        m = int(spec)
+    except ValueError:
+        m = -1
+    if m < 0:
+        raise ValueError(f"ea-heads must be 'all' or a number of heads >= 0, got {spec!r}")
+    return m
+
+
+def parse_layer_kinds(spec: str) -> str | None:
+    """A --layer-kinds value -> the pattern as stored in configs: None for "all" (every layer the
+    run's kind), a named pattern (LAYER_PATTERNS), or "ea"/"dpa" per layer joined by "-"."""
+    if spec == "all":
+        return None
+    if spec in LAYER_PATTERNS:
+        return spec
+    parts = spec.split("-")
+    if not parts or any(p not in KINDS for p in parts):
+        raise ValueError(f"layer-kinds must be all, one of {LAYER_PATTERNS}, or one of {KINDS} per layer joined "
+                         f"by '-' (e.g. dpa-ea-ea-dpa), got {spec!r}")
+    return spec
+
+
+def resolve_layer_kinds(pattern: str | None, n_layers: int) -> tuple[str, ...] | None:
+    """A layer-kinds pattern (see parse_layer_kinds) -> one kind per layer, or None for "all"."""
+    if pattern is None:
+        return None
+    if pattern == "ends":
+        if n_layers < 3:
+            raise ValueError(f"layer-kinds 'ends' (softmax in the first and last layer) needs >= 3 layers, "
+                             f"got {n_layers}; use first or last")
+        return ("dpa",) + ("ea",) * (n_layers - 2) + ("dpa",)
+    if pattern == "first":
+        return ("dpa",) + ("ea",) * (n_layers - 1)
+    if pattern == "last":
+        return ("ea",) * (n_layers - 1) + ("dpa",)
+    kinds = tuple(parse_layer_kinds(pattern).split("-"))
+    if len(kinds) != n_layers:
+        raise ValueError(f"layer-kinds {pattern!r} gives {len(kinds)} kinds for {n_layers} layers")
+    return kinds
+
+
+def lever_label(base: str, *, n_ea_heads: int | None = None, layer_kinds: str | None = None,
+                qk_norm: bool = False, learn_scale: bool = False, gain_init: float = 0.0,
+                forget_gate: bool = False) -> str:
+    """A run's label from its mechanism's (e.g. "ea-exp_squared") and its options:
+    "ea[h2]" (EA on 2 heads), "ea[ends]" / "ea[dpa-ea-ea-dpa]" (per-layer kinds), "+qknorm",
+    "+gain" / "+gain@-1.15" (learned gain, its initial log gain when not 0), "+gate"."""
+    label = base
+    if n_ea_heads is not None:
+        label += f"[h{n_ea_heads}]"
+    if layer_kinds is not None:
+        label += f"[{layer_kinds}]"
+    label += "+qknorm" if qk_norm else ""
+    if learn_scale:
+        label += "+gain" + (f"@{gain_init:g}" if gain_init else "")
+    return label + ("+gate" if forget_gate else "")

@@ -17,6 +17,14 @@ A preset is plain data, so users can write their own as JSON (`ea ladder --prese
 Each entry is a set of RunConfig overrides (one point of the axis). Points of different axes that
 give the same config (here d_model 64 at 450 steps, the base) are one run, on both axes. Without
 axes a preset has one point per rung: the base.
+
+`levers` (optional; issue #21) multiplies the mechanisms instead: each entry is a list of RunConfig
+overrides, and every combination of one entry per lever is its own run, for every kind (the EA-only
+options n_ea_heads / layer_kinds are dropped for dpa, whose runs then merge):
+
+    "levers": {"gate": [{}, {"forget_gate": true}], "ea_heads": [{}, {"n_ea_heads": 2}]}
+
+`ea ladder --scales/--gate/--ea-heads/--layer-kinds` fill it from the command line.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ from pathlib import Path
 
 from ..tasks import import_task_modules
 from ..tasks.ladders import DENSE_RECALL, ladder_rungs
-from .kinds import kind_specs
+from .kinds import kind_specs, parse_variant
 from .train import RunConfig
 
 
@@ -53,6 +61,7 @@ class Preset:
     variants: tuple[str, ...] = ("saturating",)  # EA variants (each is its own kind)
     description: str = ""
     axes: dict[str, list[dict]] = field(default_factory=dict)  # axis name -> points (RunConfig overrides)
+    levers: dict[str, list[dict]] = field(default_factory=dict)  # lever -> options, crossed with every kind
 
     def __post_init__(self):
         self.families = {k: v if isinstance(v, Family) else Family(**v) for k, v in self.families.items()}
@@ -67,11 +76,16 @@ class Preset:
             if not pts or not all(pts):
                 raise ValueError(f"axis {a!r} needs at least one point, each a non-empty dict of RunConfig "
                                  f"overrides, got {pts!r}")
+        self.levers = {str(a): [dict(o) for o in opts] for a, opts in dict(self.levers).items()}
+        for a, opts in self.levers.items():
+            if not opts:
+                raise ValueError(f"lever {a!r} needs at least one option (a dict of RunConfig overrides, {{}} = off)")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "seeds": self.seeds,
                 "kinds": list(self.kinds), "variants": list(self.variants), "base": dict(self.base),
                 "axes": {a: [dict(pt) for pt in pts] for a, pts in self.axes.items()},
+                **({"levers": {a: [dict(o) for o in opts] for a, opts in self.levers.items()}} if self.levers else {}),
                 "families": {k: {"task": f.task, "rungs": f.rungs, "base": f.base, "labels": f.labels}
                              for k, f in self.families.items()}}
 
@@ -80,9 +94,19 @@ class Preset:
         d = dict(d)
         return cls(**d)
 
-    def replace(self, *, families=None, kinds=None, variants=None, seeds=None, base=None) -> "Preset":
-        """A copy with a subset of families / other kinds, variants, seeds, or extra base fields."""
+    def replace(self, *, families=None, kinds=None, variants=None, seeds=None, base=None, levers=None,
+                axes=None) -> "Preset":
+        """A copy with a subset of families / other kinds, variants, seeds, or extra base fields;
+        ``levers`` (lever -> options) replaces those levers; ``axes`` (names) keeps only those axes
+        (an empty list: none, i.e. the base point only)."""
         p = copy.deepcopy(self)
+        if levers:
+            p.levers = {**p.levers, **{str(a): [dict(o) for o in opts] for a, opts in levers.items()}}
+        if axes is not None:
+            unknown = [a for a in axes if a not in p.axes]
+            if unknown:
+                raise ValueError(f"unknown axes {unknown}; preset {p.name!r} has {sorted(p.axes) or 'none'}")
+            p.axes = {a: p.axes[a] for a in axes}
         if families is not None:
             unknown = [f for f in families if f not in p.families]
             if unknown:
@@ -108,8 +132,29 @@ class Preset:
         return p
 
     def kind_specs(self) -> list[tuple[str, str | None]]:
-        """(kind, variant) pairs: dpa, then one EA run per variant."""
+        """(kind, variant) pairs: dpa, then one EA run per variant (plain variant names; see mechanisms())."""
         return kind_specs(self.kinds, self.variants)
+
+    def mechanisms(self) -> list[tuple[str, str | None, dict]]:
+        """(kind, variant, RunConfig overrides) of every mechanism: each (kind, variant) crossed with
+        every combination of the levers' options (EA-only options dropped for dpa; duplicates merged).
+        Without levers: kind_specs() with no overrides. A variant "power<p>" (e.g. "power6") is
+        variant "power" with degree p."""
+        combos = [{}]
+        for opts in self.levers.values():
+            combos = [{**c, **o} for c in combos for o in opts]
+        specs = [parse_variant(v) for v in self.variants]  # "power6": variant "power", degree 6
+        powers = iter(p for v, p in specs)
+        out: list[tuple[str, str | None, dict]] = []
+        for kind, variant in kind_specs(self.kinds, [v for v, _ in specs]):
+            power = None if kind == "dpa" else next(powers)
+            for c in combos:
+                c = {k: v for k, v in c.items() if kind == "ea" or k not in EA_ONLY_FIELDS}
+                if power is not None and variant == "power" and "power" not in c:
+                    c = {"power": power, **c}
+                if (kind, variant, c) not in out:
+                    out.append((kind, variant, c))
+        return out
 
     def axis_points(self, fam: Family) -> list[tuple[dict, tuple[str, ...]]]:
         """(RunConfig fields, the axes the point lies on) for one family: the base when there are no
@@ -140,9 +185,9 @@ class Preset:
                 labels = fam.labels or rung_labels(fam.rungs)
                 for r, params in enumerate(fam.rungs):
                     for fields, axes in self.axis_points(fam):
-                        for kind, variant in self.kind_specs():
+                        for kind, variant, lever in self.mechanisms():
                             cfg = RunConfig(task=fam.task, task_params=dict(params), kind=kind,
-                                            variant=variant, seed=seed, **fields)
+                                            variant=variant, seed=seed, **{**fields, **lever})
                             points.append(GridPoint(fam_name, r, labels[r], cfg, axes,
                                                     _differences(fields, {**self.base, **fam.base})))
         return points
@@ -189,6 +234,8 @@ def _short(v) -> str:
         return "{" + ",".join(f"{k}:{_short(x)}" for k, x in v.items()) + "}"
     return str(v)
 
+
+EA_ONLY_FIELDS = ("n_ea_heads", "layer_kinds")  # levers that mix EA into a model: not for dpa runs
 
 # Model and optimiser shared by both presets (calibration: docs/ladder.md).
 _OPT = {"batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "betas": (0.9, 0.95), "grad_clip": 1.0}
@@ -296,21 +343,26 @@ def check_grid(grid: list[GridPoint]) -> None:
             if tkey not in tasks:
                 tasks[tkey] = make_task(c.task, **c.task_params)
             task = tasks[tkey]
-            mkey = (task.vocab_size, task.seq_len, c.d_model, c.n_heads, c.pos, c.kind, c.variant)
+            mkey = (task.vocab_size, task.seq_len, c.d_model, c.n_heads, c.pos, c.kind, c.variant, c.n_ea_heads,
+                    c.layer_kinds, c.forget_gate, c.learn_scale, c.gain_init)
             if mkey not in models:
                 models.add(mkey)
-                build_model(dataclasses.replace(c, n_layers=1), task)
+                build_model(c if c.layer_kinds is not None else dataclasses.replace(c, n_layers=1), task)
         except Exception as e:
             msg = str(e).strip("'\"") or type(e).__name__
             raise ValueError(f"family {p.family!r}, rung {p.label} ({c.label}): {msg}") from None
 
 
 def ladder_grid(preset: str, *, imports=(), families=None, kinds=None, variants=None, seeds=None,
-                steps=None) -> tuple[Preset, list[GridPoint]]:
-    """The preset (name or .json file) with the command line's overrides, and its checked grid."""
+                steps=None, levers=None, axes=None, layers=None) -> tuple[Preset, list[GridPoint]]:
+    """The preset (name or .json file) with the command line's overrides, and its checked grid
+    (``levers``: lever -> options, see Preset; ``axes``: the axes to keep; ``layers``: n_layers)."""
     import_task_modules(imports)  # modules that register the user's own tasks
+    base = {"steps": steps, "tokens": None} if steps else {}
+    if layers:
+        base["n_layers"] = layers
     p = get_preset(preset).replace(families=families, kinds=kinds, variants=variants, seeds=seeds,
-                                   base={"steps": steps, "tokens": None} if steps else None)
+                                   base=base or None, levers=levers, axes=axes)
     grid = p.grid()
     check_grid(grid)
     return p, grid

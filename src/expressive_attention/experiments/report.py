@@ -298,7 +298,7 @@ def write_report(preset: Preset, out: str | os.PathLike, *, command: str | None 
         preset.description, "",
         f"Report written by: `{command}`", "",
         f"Runs: {len(mine)} of {len(grid)} in the grid ({len(preset.families)} families x rungs x "
-        f"{len(preset.kind_specs())} kinds x {preset.seeds} seeds). Model: d_model {c.d_model}, {c.n_layers} "
+        f"{len(preset.mechanisms())} kinds x {preset.seeds} seeds). Model: d_model {c.d_model}, {c.n_layers} "
         f"layers, {c.n_heads} heads, {c.pos} positions, {mine[0]['params'] if mine else '?'} parameters. "
         f"Training: {'/'.join(map(str, steps))} steps of batch {c.batch_size}, AdamW lr {c.lr} betas "
         f"{tuple(c.betas)} weight decay {c.weight_decay}, {c.warmup} warm-up steps then cosine to 0, grad clip "

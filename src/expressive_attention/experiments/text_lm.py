@@ -5,7 +5,9 @@ The model is built from a config (no downloaded weights); one run per mechanism 
 ``variants`` x ``scales`` (as in the ladder: "dpa", "ea", "ea-squared", "ea-power4",
 "ea-exp_squared", "+gain" for a learned per-head score gain), switched with transformers'
 ``attn_implementation`` ("sdpa", "expressive", "expressive_squared", ...; see `hf_implementation`),
-so only the attention rule differs between runs. The text is any local files, or one of two
+so only the attention rule differs between runs. Issue #21's levers multiply the runs the same way
+(``gates``, ``ea_heads``, ``layer_kinds``, ``scales`` with "learned@G"; labels such as "ea+gate",
+"ea[h2]", "ea[first]", "ea-exp_squared+gain@-1.1513"; see kinds.py and docs/real-text.md). The text is any local files, or one of two
 corpora every Python install has offline (``corpus``): "code", the standard library's own source
 files, and "prose", the English help texts of ``pydoc_data/topics.py`` (the pages
 `help("topic")` shows, ~0.47 MB). Tokens are bytes (vocab 256) or characters (vocab from the
@@ -34,8 +36,10 @@ from pathlib import Path
 import torch
 
 from ..deprecation import warn_renamed
-from ..ops.reference import DEFAULT_POWER, VARIANTS, resolve_power
-from .kinds import kind_label, kind_specs
+from .kinds import (  # noqa: F401  (parse_variant: also imported from here)
+    kind_label, kind_specs, lever_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant,
+    resolve_layer_kinds,
+)
 from .results import RESULTS_FILE, ResultsStore, config_key, serialised
 
 # the old `impls` names (attn_implementation names) -> (kind, variant)
@@ -43,7 +47,7 @@ IMPLEMENTATIONS = {"sdpa": ("dpa", None), "expressive": ("ea", "saturating"),
                    "expressive_squared": ("ea", "squared")}
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 CORPORA = ("code", "prose")
-SCALES = ("fixed", "learned")  # the score scale: 1/sqrt(E), or times a learned per-head gain
+SCALES = ("fixed", "learned")  # the score scale: 1/sqrt(E), or times a learned per-head gain (also learned@G)
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
 
 
@@ -57,35 +61,43 @@ def kinds_from_impls(impls) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return kinds, tuple(dict.fromkeys(v for _, v in specs if v is not None)) or ("saturating",)
 
 
-def parse_variant(spec: str) -> tuple[str, float | None]:
-    """An EA variant as written on the command line -> (variant, power): "saturating", "squared",
-    "exp_squared", "power" (degree 4) or "power<p>" (e.g. "power8")."""
-    if spec.startswith("power") and spec != "power":
-        try:
-            degree = float(spec[len("power"):])
-        except ValueError:
-            degree = None
-        if degree is not None:
-            return "power", resolve_power("power", degree)
-    if spec not in VARIANTS:
-        raise ValueError(f"variants must be among {VARIANTS} or power<p> (e.g. power8), got {spec!r}")
-    return spec, (DEFAULT_POWER if spec == "power" else None)
-
-
 @dataclass(frozen=True)
 class Mechanism:
-    """One run's attention: kind, EA variant (and degree), learned score gain or not."""
+    """One run's attention: kind, EA variant (and degree), learned score gain or not; issue #21's
+    levers: the gain's initial log value, EA heads of a hybrid layer, per-layer kinds (a pattern,
+    see kinds.parse_layer_kinds), forget gate."""
 
     kind: str
     variant: str | None
     power: float | None = None
     learn_scale: bool = False
+    gain_init: float = 0.0
+    n_ea_heads: int | None = None
+    layer_kinds: str | None = None
+    forget_gate: bool = False
 
     @property
     def label(self) -> str:
-        """"dpa", "ea", "ea-squared", "ea-power4", "ea-exp_squared"; "+gain" with a learned gain."""
+        """"dpa", "ea", "ea-squared", "ea-power4", "ea-exp_squared"; "+gain" with a learned gain;
+        the levers as in kinds.lever_label ("ea[h2]", "ea[first]", "+gain@-1.1513", "+gate")."""
         base = f"ea-power{self.power:g}" if self.variant == "power" else kind_label(self.kind, self.variant)
-        return base + ("+gain" if self.learn_scale else "")
+        return lever_label(base, n_ea_heads=self.n_ea_heads, layer_kinds=self.layer_kinds,
+                           learn_scale=self.learn_scale, gain_init=self.gain_init, forget_gate=self.forget_gate)
+
+    @property
+    def hybrid(self) -> bool:
+        return self.n_ea_heads is not None or self.layer_kinds is not None
+
+    def levers(self) -> dict:
+        """The levers not visible in the attn_implementation name (for the results key; {} when off)."""
+        out = {}
+        if self.gain_init:
+            out["gain_init"] = self.gain_init
+        if self.n_ea_heads is not None:
+            out["n_ea_heads"] = self.n_ea_heads
+        if self.layer_kinds is not None:
+            out["layer_kinds"] = self.layer_kinds
+        return out
 
 
 def hf_implementation(m: Mechanism) -> str:
@@ -95,14 +107,20 @@ def hf_implementation(m: Mechanism) -> str:
     from ..integrations import transformers as ea_hf
 
     if m.kind == "dpa":
-        if not m.learn_scale:
+        if not m.learn_scale and not m.forget_gate:
             return "sdpa"
-        return ea_hf.register("softmax_gain", kind="dpa", learn_scale=True)
+        name = "softmax" + ("_gain" if m.learn_scale else "") + ("_gate" if m.forget_gate else "")
+        return ea_hf.register(name, kind="dpa", learn_scale=m.learn_scale, forget_gate=m.forget_gate)
     defaults = {spec: name for name, spec in ea_hf.DEFAULT_NAMES.items()}
     name = defaults.get((m.variant, m.power)) or f"expressive_{m.variant}" + (f"{m.power:g}" if m.power else "")
+    if m.hybrid:
+        name += "_hybrid"
     if m.learn_scale:
         name += "_gain"
-    return ea_hf.register(name, variant=m.variant, power=m.power, learn_scale=m.learn_scale)
+    if m.forget_gate:
+        name += "_gate"
+    return ea_hf.register(name, variant=m.variant, power=m.power, learn_scale=m.learn_scale,
+                          forget_gate=m.forget_gate, hybrid=m.hybrid)
 
 
 def label_of_impl(impl: str) -> str:
@@ -142,31 +160,53 @@ class TextLMConfig:
     eval_windows: int = 128
     kinds: tuple[str, ...] = ("dpa", "ea")
     variants: tuple[str, ...] = ("saturating",)  # EA variants, each its own run (see parse_variant)
-    scales: tuple[str, ...] = ("fixed",)  # "fixed" and/or "learned" (per-head gain), each its own run
+    scales: tuple[str, ...] = ("fixed",)  # "fixed", "learned" (per-head gain), "learned@G" (initial log gain G)
+    gates: tuple[str, ...] = ("off",)  # forget gate "off" / "on", each its own run
+    ea_heads: tuple[str, ...] = ("all",)  # EA runs: "all" or M (EA on the first M heads, softmax on the rest)
+    layer_kinds: tuple[str, ...] = ("all",)  # EA runs: "all", "ends", "first", "last" or e.g. "dpa-ea-ea-ea"
     seeds: tuple[int, ...] = (0,)
     diagnose: bool = True  # per-layer attention statistics at init and at the end (attention_stats)
     threads: int | None = None  # torch threads; None: 1 on a busy machine, else torch's default
     out: str = "runs/lm"
 
     def runs(self) -> list[Mechanism]:
-        """The mechanism of every run, in order: kinds x variants (dpa once), then each scale."""
+        """The mechanism of every run, in order: kinds x variants (dpa once), for each scale and gate;
+        EA runs also for each ea_heads x layer_kinds value (see kinds.py for the values)."""
         specs = {s: parse_variant(s) for s in self.variants}
-        bad = [s for s in self.scales if s not in SCALES]
-        if bad or not self.scales:
-            raise ValueError(f"scales must be a non-empty subset of {SCALES}, got {list(self.scales)}")
+        for name in ("scales", "gates", "ea_heads", "layer_kinds"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        scales = [parse_scale(s) for s in self.scales]
+        gates = [parse_gate(g) for g in self.gates]
+        heads = [parse_ea_heads(h) for h in self.ea_heads]
+        layers = [parse_layer_kinds(x) for x in self.layer_kinds]
         base = kind_specs(self.kinds, [v for v, _ in specs.values()])
         powers = iter(p for _, p in specs.values())
         mechs = [(k, v, None if k == "dpa" else next(powers)) for k, v in base]
-        return [Mechanism(k, v, p, scale == "learned") for scale in self.scales for k, v, p in mechs]
+        out: list[Mechanism] = []
+        for learn, g in scales:
+            for gate in gates:
+                for k, v, p in mechs:
+                    for h in heads if k == "ea" else [None]:
+                        for lk in layers if k == "ea" else [None]:
+                            out.append(Mechanism(k, v, p, learn, g, h, lk, gate))
+        return out
 
     def check(self) -> None:
         if self.tokenizer not in ("byte", "char"):
             raise ValueError(f"tokenizer must be 'byte' or 'char', got {self.tokenizer!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        labels = [m.label for m in self.runs()]  # kinds, variants, scales
+        runs = self.runs()  # kinds, variants, scales, levers
+        labels = [m.label for m in runs]
         if len(set(labels)) != len(labels):
             raise ValueError(f"the runs repeat a mechanism: {labels}")
+        group = self.heads // self.kv_heads if self.kv_heads and self.heads % self.kv_heads == 0 else 1
+        for m in runs:
+            if m.n_ea_heads is not None and not (m.n_ea_heads <= self.heads and m.n_ea_heads % group == 0):
+                raise ValueError(f"ea-heads {m.n_ea_heads}: must be at most heads ({self.heads}) and a multiple of "
+                                 f"heads / kv_heads ({group})")
+            resolve_layer_kinds(m.layer_kinds, self.layers)
         if self.corpus not in CORPORA:
             raise ValueError(f"corpus must be one of {CORPORA}, got {self.corpus!r}")
         if self.paths and self.corpus != "code":
@@ -327,19 +367,28 @@ def model_config(cfg: TextLMConfig, vocab: int):
                tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=None)
 
 
-def build_model(cfg: TextLMConfig, vocab: int, impl: str, seed: int, learn_scale: bool = False):
+def build_model(cfg: TextLMConfig, vocab: int, impl: str, seed: int, learn_scale: bool = False,
+                mech: Mechanism | None = None):
     """The same initial weights for every ``impl`` (an attn_implementation name, seeded); with
-    ``learn_scale`` the per-head score gains (zeros: the same initial function) are added."""
+    ``learn_scale`` the per-head score gains (zeros: the same initial function) are added. ``mech``
+    (the run's Mechanism) adds its levers: the gain's initial value, the forget gate (its weights
+    drawn after the model's, so the model's own weights stay the same), the hybrid split (written
+    into the config: ``ea_layer_kinds``, ``n_ea_heads``)."""
     from transformers import AutoModelForCausalLM
 
     from ..integrations import transformers as ea_hf
 
     ea_hf.register()
     torch.manual_seed(seed)
-    # a fresh config per model: from_config writes attn_implementation into the object it gets
-    model = AutoModelForCausalLM.from_config(copy.deepcopy(model_config(cfg, vocab)), attn_implementation=impl)
+    config = copy.deepcopy(model_config(cfg, vocab))  # a fresh config per model: from_config writes into it
+    if mech is not None and mech.hybrid:
+        config.ea_layer_kinds = resolve_layer_kinds(mech.layer_kinds, cfg.layers)
+        config.n_ea_heads = mech.n_ea_heads
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl)
     if learn_scale:
-        ea_hf.add_score_gain(model)
+        ea_hf.add_score_gain(model, init=mech.gain_init if mech is not None else 0.0)
+    if mech is not None and mech.forget_gate:
+        ea_hf.add_forget_gate(model)
     if impl != "sdpa":
         ea_hf.verify(model)  # EA (or the gained softmax) really runs in every layer
     return model
@@ -396,7 +445,7 @@ def train_one(cfg: TextLMConfig, mech: Mechanism, impl: str, lr: float, seed: in
     from .attention_stats import attention_stats
 
     label = mech.label
-    model = build_model(cfg, vocab, impl, seed, mech.learn_scale).train()
+    model = build_model(cfg, vocab, impl, seed, mech.learn_scale, mech).train()
     diagnosis = {}
     if cfg.diagnose:
         diagnosis["init"] = attention_stats(model, impl, val_windows[:DIAGNOSIS_WINDOWS])
@@ -454,9 +503,12 @@ def setting(cfg: TextLMConfig) -> dict:
     return d
 
 
-def run_key(cfg: TextLMConfig, impl: str, lr: float, seed: int) -> str:
-    """The results-file key of one run (its attn_implementation name stands for the mechanism)."""
-    return config_key({**setting(cfg), "impl": impl, "lr": float(lr), "seed": int(seed)})
+def run_key(cfg: TextLMConfig, impl: str, lr: float, seed: int, levers: dict | None = None) -> str:
+    """The results-file key of one run (its attn_implementation name stands for the mechanism, with
+    ``levers``, Mechanism.levers(), the options the name does not show; left out when empty, so
+    earlier keys stay as they were)."""
+    return config_key({**setting(cfg), "impl": impl, "lr": float(lr), "seed": int(seed),
+                       **({"levers": levers} if levers else {})})
 
 
 def run(cfg: TextLMConfig, progress: bool = True, log=print, command: str = "") -> dict:
@@ -477,13 +529,13 @@ def run(cfg: TextLMConfig, progress: bool = True, log=print, command: str = "") 
     done = store.keys()
     mechs = [(m, hf_implementation(m)) for m in cfg.runs()]
     todo = [(seed, lr, m, impl) for seed in cfg.seeds for lr in cfg.lrs for m, impl in mechs]
-    skipped = sum(run_key(cfg, impl, lr, seed) in done for seed, lr, _, impl in todo)
+    skipped = sum(run_key(cfg, impl, lr, seed, m.levers()) in done for seed, lr, m, impl in todo)
     if skipped:
         log(f"{skipped} of {len(todo)} runs already in {store.path}: skipped")
     import transformers
 
     for seed, lr, mech, impl in todo:
-        key = run_key(cfg, impl, lr, seed)
+        key = run_key(cfg, impl, lr, seed, mech.levers())
         if key in done:
             continue
         rows, diagnosis = train_one(cfg, mech, impl, lr, seed, train_ids, windows, vocab, bytes_per_token, progress)
@@ -491,6 +543,7 @@ def run(cfg: TextLMConfig, progress: bool = True, log=print, command: str = "") 
         with serialised(out):
             store.append(dict(
                 key=key, setting=setting(cfg), kind=mech.label, impl=impl, lr=float(lr), seed=int(seed),
+                mechanism=asdict(mech),
                 val_loss=last["val_loss"], val_bpb=last["val_bpb"], train_seconds=last["train_seconds"],
                 wall_seconds=last["wall_seconds"], curve=rows, diagnosis=diagnosis, vocab=vocab,
                 train_bytes=len(train), val_bytes=len(val), files=n_files, threads=torch.get_num_threads(),

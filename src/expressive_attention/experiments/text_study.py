@@ -57,9 +57,14 @@ def best_per_impl(rows: list[dict], impl_order: list[str]) -> dict[str, dict]:
 SOFTMAX = ("dpa", "dpa+gain")  # the softmax side of the verdict; every other mechanism is EA-family
 
 
+def is_softmax(label: str) -> bool:
+    """A softmax mechanism: "dpa" and its options ("dpa+gain", "dpa+gate", "dpa+gain@-1+gate", ...)."""
+    return label in SOFTMAX or label.startswith("dpa+")
+
+
 def verdict(best: dict[str, dict]) -> str:
-    dpa = {k: v for k, v in best.items() if k in SOFTMAX}
-    ea = {k: v for k, v in best.items() if k not in SOFTMAX}
+    dpa = {k: v for k, v in best.items() if is_softmax(k)}
+    ea = {k: v for k, v in best.items() if not is_softmax(k)}
     if not dpa or not ea:
         return "no verdict: needs a softmax (dpa) and an EA-family mechanism"
     d_impl, d = min(dpa.items(), key=lambda kv: kv[1]["mean"])

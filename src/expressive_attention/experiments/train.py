@@ -24,7 +24,7 @@ from ..deprecation import rename_keys, renamed_fields
 from ..nn import DecoderLM, LMConfig
 from ..ops import KINDS
 from ..ops.reference import resolve_power
-from .kinds import kind_label
+from .kinds import kind_label, lever_label, parse_layer_kinds, resolve_layer_kinds
 from .results import config_key
 
 if TYPE_CHECKING:
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 # written: a renamed field keeps its old name in the hash, so existing results.jsonl files resume.
 _KEY_NAMES = {"kind": "attention"}
 _OPTIONAL_FIELDS = ("power", "qk_norm", "learn_scale")  # left out of to_dict() when off
+# issue #21's options: left out of to_dict() at these (off) values, so earlier configs keep their keys
+_LEVER_DEFAULTS = {"gain_init": 0.0, "n_ea_heads": None, "layer_kinds": None, "forget_gate": False}
 
 
 @renamed_fields(attention="kind")
@@ -66,6 +68,11 @@ class RunConfig:
     # evaluation on held-out sequences (the same stream for every run: eval_seed)
     eval_sequences: int = 1024
     eval_seed: int = 0
+    # issue #21's levers (EA and DPA alike unless noted; off: left out of to_dict(), keys unchanged)
+    gain_init: float = 0.0  # initial log gain of learn_scale (e.g. -1.1513: exp_squared's beta = 0.1)
+    n_ea_heads: int | None = None  # EA on the first n_ea_heads heads of each EA layer, softmax on the rest
+    layer_kinds: str | None = None  # per-layer kinds: "ends", "first", "last" or e.g. "dpa-ea" (kinds.py)
+    forget_gate: bool = False  # data-dependent forget gate (FoX) in every layer (EA and DPA)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -78,6 +85,14 @@ class RunConfig:
             raise ValueError(f"power={self.power!r} applies to kind='ea' (variant='power') only")
         if self.kind == "ea":
             self.power = resolve_power(self.variant, self.power)
+        if self.kind == "dpa" and (self.n_ea_heads is not None or self.layer_kinds is not None):
+            raise ValueError("n_ea_heads and layer_kinds mix EA into a model: they apply to kind='ea' only")
+        if self.layer_kinds is not None:
+            self.layer_kinds = parse_layer_kinds(self.layer_kinds)
+            resolve_layer_kinds(self.layer_kinds, int(self.n_layers))
+        if self.gain_init and not self.learn_scale:
+            raise ValueError(f"gain_init={self.gain_init!r} is the initial log gain of learn_scale=True")
+        self.gain_init = float(self.gain_init)
         if self.steps is not None and self.tokens is not None:
             raise ValueError("give steps or tokens, not both")
         if self.steps is None and self.tokens is None:
@@ -100,9 +115,11 @@ class RunConfig:
     def label(self) -> str:
         """The run's mechanism as one label: "dpa", "ea" (saturating) or "ea-<variant>" (stored as
         "kind" in results records and summary.csv, as before the rename); "ea-power<p>" for the
-        power variant, "+qknorm" / "+gain" when those options are on."""
+        power variant, "+qknorm" / "+gain" when those options are on; issue #21's options as in
+        kinds.lever_label, e.g. "ea[h2]", "ea[ends]", "ea-exp_squared+gain@-1.1513", "dpa+gate"."""
         label = f"ea-power{self.power:g}" if self.variant == "power" else kind_label(self.kind, self.variant)
-        return label + ("+qknorm" if self.qk_norm else "") + ("+gain" if self.learn_scale else "")
+        return lever_label(label, n_ea_heads=self.n_ea_heads, layer_kinds=self.layer_kinds, qk_norm=self.qk_norm,
+                           learn_scale=self.learn_scale, gain_init=self.gain_init, forget_gate=self.forget_gate)
 
     def to_dict(self) -> dict:
         """The config as a dict; the options added for the real-text study (power, qk_norm,
@@ -111,6 +128,9 @@ class RunConfig:
         d["betas"] = list(d["betas"])
         for name in _OPTIONAL_FIELDS:
             if d[name] is None or d[name] is False:
+                del d[name]
+        for name, off in _LEVER_DEFAULTS.items():
+            if d[name] == off and type(d[name]) is type(off):
                 del d[name]
         return d
 
@@ -141,7 +161,8 @@ def build_model(cfg: RunConfig, task) -> DecoderLM:
     lm = LMConfig(vocab_size=task.vocab_size, context_length=task.seq_len, d_model=cfg.d_model,
                   n_layers=cfg.n_layers, n_heads=cfg.n_heads, pos=cfg.pos, kind=cfg.kind,
                   variant=cfg.variant or "saturating", power=cfg.power, qk_norm=cfg.qk_norm,
-                  learn_scale=cfg.learn_scale)
+                  learn_scale=cfg.learn_scale, gain_init=cfg.gain_init, n_ea_heads=cfg.n_ea_heads,
+                  layer_kinds=resolve_layer_kinds(cfg.layer_kinds, cfg.n_layers), forget_gate=cfg.forget_gate)
     return DecoderLM(lm)
 
 

@@ -17,6 +17,19 @@ softmax alike: ``register("ea_exp2_gain", variant="exp_squared", learn_scale=Tru
 ``register("softmax_gain", kind="dpa", learn_scale=True)``, then ``add_score_gain(model)`` once
 before building the optimizer (it adds a ``score_log_gain`` parameter to each attention module).
 
+Levers of issue #21 (for EA and softmax alike; see docs/real-text.md):
+- a learned sharpness starting elsewhere than gain 1: ``add_score_gain(model, init=g)`` (g the
+  initial log gain; e.g. exp_squared with g = 0.5 ln 0.1 is exp(0.1 s^2) at init);
+- a forget gate (Forgetting Transformer): ``register("ea_gate", forget_gate=True)`` (or
+  ``kind="dpa"`` for softmax), then ``add_forget_gate(model)`` once before building the optimizer
+  (it adds an ``fgate_proj`` Linear(hidden, heads) to each attention module and a forward pre-hook
+  that computes log_fgate = logsigmoid(fgate_proj(hidden_states)); training / full forwards only:
+  ``use_cache=False``);
+- hybrid models: ``register("ea_hybrid", hybrid=True)`` (``"expressive_hybrid"`` is registered by
+  ``register()``) reads ``config.ea_layer_kinds`` (one "ea"/"dpa" per layer, or None: every
+  layer EA) and ``config.n_ea_heads`` (None: every head of an EA layer uses EA; else the first
+  n_ea_heads query heads use EA and the rest softmax, a multiple of the GQA group size).
+
 How the pieces fit (transformers 5.x):
 - An attention *function* is registered under the name; it receives q (B, Hq, Lq, E) and k/v
   (B, Hkv, S, E) with RoPE applied and the cache concatenated, and returns (B, Lq, Hq, E).
@@ -47,7 +60,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..ops import expressive_attention, expressive_weights
+from ..ops import attention, expressive_attention, expressive_weights
 from ..ops.problem import check_variant, repeat_kv
 from ..ops.reference import resolve_power
 
@@ -65,6 +78,7 @@ SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 # name -> (variant, power)
 DEFAULT_NAMES = {"expressive": ("saturating", None), "expressive_squared": ("squared", None),
                  "expressive_power4": ("power", 4.0), "expressive_exp_squared": ("exp_squared", None)}
+HYBRID_NAME = "expressive_hybrid"  # register(): saturating EA, the layer/head split read from the config
 _FORBIDDEN = ("flash", "sdpa", "flex", "eager", "paged", "/", ":", "@")
 # kwargs some models pass that have no meaning once softmax is replaced
 _UNSUPPORTED = {
@@ -76,6 +90,8 @@ _UNSUPPORTED = {
 
 
 GAIN_PARAMETER = "score_log_gain"
+FGATE_MODULE = "fgate_proj"  # add_forget_gate: the gate's Linear on each attention module
+_FGATE_STATE = "_ea_log_fgate"  # the pre-hook's log_fgate (B, H, L) for the call in progress
 _ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
@@ -95,6 +111,8 @@ class Spec:
     power: float | None = None  # the degree of variant="power"
     kind: str = "ea"  # "dpa": softmax (SDPA), for a like-for-like learned gain
     learn_scale: bool = False  # scores times exp(module.score_log_gain[h]) (see add_score_gain)
+    forget_gate: bool = False  # weights times the forget gate's decay (see add_forget_gate)
+    hybrid: bool = False  # per-layer kinds / EA heads from config.ea_layer_kinds / config.n_ea_heads
 
 
 _REGISTRY: dict[str, Spec] = {}
@@ -181,6 +199,14 @@ def _make_forward(name: str, spec: Spec):
                 key, value = key[:, :, :Lq], value[:, :, :Lq]
         if spec.learn_scale:
             query = query * _score_gain(module, name, query.shape[1]).to(query.dtype)[:, None, None]
+        if spec.forget_gate or spec.hybrid:
+            log_fgate = _log_fgate(module, name, query, key) if spec.forget_gate else None
+            kind, m = layer_split(module, spec, query.shape[1], key.shape[1])
+            out = _attend_split(query, key, value, mask, float(dropout), causal, scaling, spec, kind, m, log_fgate)
+            weights = None
+            if kwargs.get("output_attentions"):
+                raise UnsupportedAttentionError(f"output_attentions is not supported by {name!r} (gate / hybrid)")
+            return out.transpose(1, 2).contiguous(), weights
         if spec.kind == "dpa":
             out = torch.nn.functional.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal, scale=scaling,
@@ -205,6 +231,109 @@ def _make_forward(name: str, spec: Spec):
     return expressive_attention_forward
 
 
+def layer_split(module: torch.nn.Module, spec: Spec, hq: int, hkv: int) -> tuple[str, int | None]:
+    """(this layer's kind, its number of EA query heads or None for all) for ``spec``: a hybrid spec
+    reads ``config.ea_layer_kinds`` and ``config.n_ea_heads``; otherwise (spec.kind, None)."""
+    if not spec.hybrid:
+        return spec.kind, None
+    config = getattr(module, "config", None)
+    kinds = getattr(config, "ea_layer_kinds", None)
+    kind = "ea"
+    if kinds is not None:
+        idx = getattr(module, "layer_idx", None)
+        if idx is None or not 0 <= idx < len(kinds):
+            raise UnsupportedAttentionError(
+                f"config.ea_layer_kinds has {len(kinds)} entries; attention module layer_idx={idx!r} is not among them")
+        kind = kinds[idx]
+        if kind not in ("ea", "dpa"):
+            raise UnsupportedAttentionError(f"config.ea_layer_kinds must hold 'ea' or 'dpa', got {kind!r}")
+    m = getattr(config, "n_ea_heads", None)
+    if kind == "dpa" or m is None or m == hq:
+        return kind, None
+    if not (isinstance(m, int) and 0 <= m <= hq and m % (hq // hkv) == 0):
+        raise UnsupportedAttentionError(
+            f"config.n_ea_heads={m!r} must be an int in [0, {hq}] and a multiple of the GQA group size {hq // hkv}")
+    return kind, m
+
+
+def _attend_split(query, key, value, mask, dropout, causal, scaling, spec: Spec, kind: str, m, log_fgate):
+    """The layer's attention (B, Hq, L, Ev): ``kind`` for every head when ``m`` is None, else EA on
+    the first ``m`` query heads (and their key/value heads) and softmax on the rest."""
+    def run(q, k, v, kind, g):
+        extra = {} if kind == "dpa" else dict(variant=spec.variant, eps=spec.eps, backend=spec.backend,
+                                              power=spec.power)
+        if g is not None:
+            extra["log_fgate"] = g
+        return attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling,
+                         enable_gqa=q.shape[1] != k.shape[1], kind=kind, **extra)
+
+    if m is None:
+        return run(query, key, value, kind, log_fgate)
+    if m == 0:
+        return run(query, key, value, "dpa", log_fgate)
+    mk = m // (query.shape[1] // key.shape[1])
+    g_ea = g_dpa = None
+    if log_fgate is not None:
+        g_ea, g_dpa = log_fgate[:, :m], log_fgate[:, m:]
+    ea = run(query[:, :m], key[:, :mk], value[:, :mk], "ea", g_ea)
+    dpa = run(query[:, m:], key[:, mk:], value[:, mk:], "dpa", g_dpa)
+    return torch.cat([ea, dpa], dim=1)
+
+
+def stored_log_fgate(module: torch.nn.Module) -> Tensor | None:
+    """The log forget gates (B, H, L) add_forget_gate's pre-hook stored for ``module``'s call in
+    progress (None before the first call or without a gate)."""
+    return getattr(module, _FGATE_STATE, None)
+
+
+def _log_fgate(module: torch.nn.Module, name: str, query: Tensor, key: Tensor) -> Tensor:
+    g = stored_log_fgate(module)
+    if getattr(module, FGATE_MODULE, None) is None or g is None:
+        raise UnsupportedAttentionError(
+            f"attn_implementation={name!r} uses a forget gate: call add_forget_gate(model) first")
+    if query.shape[2] != key.shape[2] or g.shape[-1] != query.shape[2]:
+        raise UnsupportedAttentionError(
+            f"attn_implementation={name!r} (forget gate) needs a full forward without a KV cache (use_cache=False): "
+            f"got {query.shape[2]} queries against {key.shape[2]} keys")
+    return g
+
+
+def add_forget_gate(model: PreTrainedModel) -> int:
+    """Add a forget gate (Forgetting Transformer) to every attention module of ``model``
+    (idempotent); returns how many modules have one. Each gets ``fgate_proj`` = Linear(hidden_size,
+    num_attention_heads) with bias (weights normal(0, config.initializer_range), bias 0, as FoX's
+    reference code initialises it) and a forward pre-hook that stores
+    log_fgate = logsigmoid(fgate_proj(hidden_states)) (float32, (B, H, L)) for the attention call;
+    names registered with ``forget_gate=True`` use it. Call it before building the optimizer."""
+    heads, hidden = model.config.num_attention_heads, model.config.hidden_size
+    std = getattr(model.config, "initializer_range", 0.02)
+    p = next(model.parameters())
+    mods = _attention_modules(model)
+    for m in mods:
+        if getattr(m, FGATE_MODULE, None) is None:
+            proj = torch.nn.Linear(hidden, heads, bias=True, device=p.device)
+            torch.nn.init.normal_(proj.weight, 0.0, std)
+            torch.nn.init.zeros_(proj.bias)
+            m.add_module(FGATE_MODULE, proj)
+            m.register_forward_pre_hook(_store_log_fgate, with_kwargs=True)
+    return len(mods)
+
+
+def _store_log_fgate(module, args, kwargs):
+    h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    logits = getattr(module, FGATE_MODULE)(h)
+    ct = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    setattr(module, _FGATE_STATE, torch.nn.functional.logsigmoid(logits.to(ct)).transpose(1, 2))
+
+
+def _attention_modules(model: PreTrainedModel) -> list:
+    mods = [m for m in model.modules()
+            if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "head_dim")]
+    if not mods:
+        raise UnsupportedModelError(f"{type(model).__name__}: no attention modules with layer_idx/head_dim found")
+    return mods
+
+
 def _score_gain(module: torch.nn.Module, name: str, heads: int) -> Tensor:
     gain = getattr(module, GAIN_PARAMETER, None)
     if gain is None:
@@ -215,19 +344,22 @@ def _score_gain(module: torch.nn.Module, name: str, heads: int) -> Tensor:
     return gain.exp()
 
 
-def add_score_gain(model: PreTrainedModel) -> int:
-    """Add a learned per-head log gain ``score_log_gain`` (num_attention_heads,), zeros, to every
-    attention module of ``model`` (idempotent); returns how many modules have one. Used by names
-    registered with ``learn_scale=True``; call it before building the optimizer."""
+def add_score_gain(model: PreTrainedModel, init: float = 0.0) -> int:
+    """Add a learned per-head log gain ``score_log_gain`` (num_attention_heads,), all ``init``
+    (default 0: gain 1), to every attention module of ``model`` (idempotent); returns how many
+    modules have one. Used by names registered with ``learn_scale=True``; call it before building
+    the optimizer. E.g. ``init = 0.5 * math.log(0.1)`` with variant="exp_squared": exp(beta_h s^2)
+    with a learned sharpness beta_h = exp(2 g_h) starting at 0.1."""
+    import math
+
+    if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+        raise ValueError(f"init must be a finite float (the initial log gain), got {init!r}")
     heads = model.config.num_attention_heads
-    mods = [m for m in model.modules()
-            if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "head_dim")]
-    if not mods:
-        raise UnsupportedModelError(f"{type(model).__name__}: no attention modules with layer_idx/head_dim found")
+    mods = _attention_modules(model)
     p = next(model.parameters())
     for m in mods:
         if getattr(m, GAIN_PARAMETER, None) is None:
-            m.register_parameter(GAIN_PARAMETER, torch.nn.Parameter(torch.zeros(heads, device=p.device)))
+            m.register_parameter(GAIN_PARAMETER, torch.nn.Parameter(torch.full((heads,), float(init), device=p.device)))
     return len(mods)
 
 
@@ -302,7 +434,8 @@ def _check_name(name: str) -> None:
 
 def register(
     name: str | None = None, *, variant: str = "saturating", eps: float = 1e-6, backend: str = "auto",
-    power: float | None = None, kind: str = "ea", learn_scale: bool = False,
+    power: float | None = None, kind: str = "ea", learn_scale: bool = False, forget_gate: bool = False,
+    hybrid: bool = False,
 ) -> str:
     """Register expressive attention with transformers; returns the implementation name.
 
@@ -311,13 +444,16 @@ def register(
     registers that one with the given ``variant`` (and ``power`` for variant="power"), ``eps``
     and op ``backend``; ``kind="dpa"`` registers softmax attention instead (with ``learn_scale``,
     the like-for-like baseline of a learned EA gain); ``learn_scale=True`` multiplies each head's
-    scores by a learned gain (see `add_score_gain`). Calling it
+    scores by a learned gain (see `add_score_gain`); ``forget_gate=True`` applies a forget gate
+    (see `add_forget_gate`); ``hybrid=True`` (kind="ea") reads the per-layer kinds and the EA heads
+    from the model config (``config.ea_layer_kinds``, ``config.n_ea_heads``). Calling it
     again with the same settings does nothing; the same name with other settings raises.
     """
     _check_transformers_version()
     if name is None:
         for n, (v, p) in DEFAULT_NAMES.items():
             register(n, variant=v, power=p)
+        register(HYBRID_NAME, hybrid=True)
         return "expressive"
     _check_name(name)
     check_variant(variant)
@@ -326,11 +462,13 @@ def register(
         raise ValueError(f"kind must be 'ea' or 'dpa', got {kind!r}")
     if kind == "dpa" and (variant, power, backend) != ("saturating", None, "auto"):
         raise ValueError("variant/power/backend apply to kind='ea' only")
+    if kind == "dpa" and hybrid:
+        raise ValueError("hybrid=True mixes EA with softmax: it needs kind='ea'")
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    spec = Spec(variant, float(eps), backend, power, kind, bool(learn_scale))
+    spec = Spec(variant, float(eps), backend, power, kind, bool(learn_scale), bool(forget_gate), bool(hybrid))
     if name in _REGISTRY:
         if _REGISTRY[name] != spec:
             raise ValueError(f"name={name!r} is already registered as {_REGISTRY[name]}, not {spec}")
@@ -349,7 +487,7 @@ def registered() -> dict[str, Spec]:
 
 def enable(model: PreTrainedModel, name: str = "expressive") -> PreTrainedModel:
     """Switch ``model`` (in place) to expressive attention; raises on models that would ignore it."""
-    if name in DEFAULT_NAMES:
+    if name in DEFAULT_NAMES or name == HYBRID_NAME:
         register()
     if name not in _REGISTRY:
         raise ValueError(f"{name!r} is not registered; call register({name!r}, ...) first")

@@ -1,10 +1,12 @@
 """Multi-head attention with one switch between expressive attention and dot-product attention."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..deprecation import deprecated_alias, reject_unknown, renamed_kwarg, warn_renamed
@@ -47,6 +49,20 @@ class MultiheadAttention(nn.Module):
     RoPE; ``learn_scale`` multiplies each head's scores by a learned gain exp(g_h) (g_h = 0 at init):
     a temperature for DPA, a sharpness for EA's "saturating" / "exp_squared" (the "power" variant
     is scale-invariant, so the gain does nothing there). ``power`` is the degree of variant="power".
+
+    Levers of issue #21 (off by default; off changes nothing, bit for bit):
+    ``gain_init`` the initial log gain g_h of ``learn_scale`` (default 0: the plain scale); e.g.
+    variant="exp_squared" with ``gain_init = 0.5 ln 0.1`` (about -1.1513) is exp(beta_h s^2) with a
+    learned per-head sharpness beta_h = exp(2 g_h) starting at beta = 0.1, EA's flat end.
+    ``n_ea_heads`` (kind="ea" only): a hybrid layer whose first ``n_ea_heads`` query heads use EA
+    (``variant``) and the rest softmax (SDPA); a multiple of the GQA group size n_heads // n_kv_heads,
+    so the key/value heads split with them (None: every head uses ``kind``).
+    ``forget_gate`` a data-dependent forget gate (Forgetting Transformer, arXiv 2503.02130) for EA
+    and DPA alike: log_fgate = logsigmoid(W x_t + b), one gate per head from the layer input x
+    (``fgate_proj``, a Linear(d_model, n_heads) with bias; initialised as the other Linears of a
+    model, i.e. bias 0, as in FoX's reference code); weights f(s_ij) D_ij with
+    D_ij = prod_{t=j+1..i} sigmoid(W x_t + b) (see `ops.expressive_attention`). Self-attention only;
+    not with a decoding cache (generate with cache=None).
     """
 
     def __init__(
@@ -65,6 +81,9 @@ class MultiheadAttention(nn.Module):
         power: float | None = None,
         qk_norm: bool = False,
         learn_scale: bool = False,
+        gain_init: float = 0.0,
+        n_ea_heads: int | None = None,
+        forget_gate: bool = False,
         **deprecated,
     ):
         super().__init__()
@@ -86,6 +105,7 @@ class MultiheadAttention(nn.Module):
         power = resolve_power(variant, power) if kind == "ea" else None
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+        check_levers(n_heads, n_kv_heads, kind, n_ea_heads, learn_scale, gain_init)
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, d_model // n_heads
         self.kind, self.variant, self.eps, self.backend = kind, variant, eps, backend
         self.power = power
@@ -99,20 +119,54 @@ class MultiheadAttention(nn.Module):
             self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
         if learn_scale:  # per-head log gain of the scores, 0 = the default scale
-            self.log_gain = nn.Parameter(torch.zeros(n_heads))
+            self.log_gain = nn.Parameter(torch.full((n_heads,), float(gain_init)))
         self.qk_norm, self.learn_scale = bool(qk_norm), bool(learn_scale)
+        self.gain_init = float(gain_init)
+        self.n_ea_heads = None if n_ea_heads is None else int(n_ea_heads)
+        self.forget_gate = bool(forget_gate)
+        if forget_gate:  # per-head forget gate logits from the layer input
+            self.fgate_proj = nn.Linear(d_model, n_heads, bias=True)
+            nn.init.zeros_(self.fgate_proj.bias)
         self._capture_hook = None  # the deprecated `capture` switch (use a forward pre-hook + qkv())
         self.captured: tuple[Tensor, Tensor] | None = None
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: bool = False) -> Tensor:
-        """The configured mechanism on (B, H, L, E) / (B, Hkv, S, E) tensors."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: bool = False,
+               log_fgate: Tensor | None = None) -> Tensor:
+        """The configured mechanism on (B, H, L, E) / (B, Hkv, S, E) tensors (``log_fgate`` (B, H, L):
+        the forget gate's per-step log gates, or None)."""
+        m = self.n_ea_heads
+        if m is None or self.kind != "ea":
+            return self._attend(q, k, v, attn_mask, is_causal, log_fgate, self.kind)
+        if m in (0, self.n_heads):  # one mechanism for every head
+            return self._attend(q, k, v, attn_mask, is_causal, log_fgate, "ea" if m else "dpa")
+        mk = m // (self.n_heads // self.n_kv_heads)  # key/value heads of the EA part
+        mask_ea = mask_dpa = attn_mask
+        if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] == self.n_heads:
+            mask_ea, mask_dpa = attn_mask[..., :m, :, :], attn_mask[..., m:, :, :]
+        g_ea = g_dpa = None
+        if log_fgate is not None:
+            g_ea, g_dpa = log_fgate[..., :m, :], log_fgate[..., m:, :]
+        ea = self._attend(q[:, :m], k[:, :mk], v[:, :mk], mask_ea, is_causal, g_ea, "ea")
+        dpa = self._attend(q[:, m:], k[:, mk:], v[:, mk:], mask_dpa, is_causal, g_dpa, "dpa")
+        return torch.cat([ea, dpa], dim=1)
+
+    def _attend(self, q, k, v, attn_mask, is_causal, log_fgate, kind: str) -> Tensor:
         extra = {}
-        if self.kind == "ea":
+        if kind == "ea":
             extra = dict(variant=self.variant, eps=self.eps, backend=self.backend, power=self.power)
+        if log_fgate is not None:
+            extra["log_fgate"] = log_fgate
         return attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads, kind=self.kind, **extra,
+            is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1], kind=kind, **extra,
         )
+
+    def log_fgate(self, x: Tensor) -> Tensor:
+        """The forget gate's per-step log gates (B, H, T) for the layer input x (B, T, C), in float32
+        (float64 for a float64 model)."""
+        logits = self.fgate_proj(x)
+        ct = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return F.logsigmoid(logits.to(ct)).transpose(1, 2)
 
     def qkv(self, x: Tensor, context: Tensor | None = None, positions: Tensor | None = None):
         """Projections into heads, RoPE applied: q (B, H, T, E), k and v (B, Hkv, S, E); keys and
@@ -149,12 +203,19 @@ class MultiheadAttention(nn.Module):
     ) -> Tensor:
         q, k, v = self.qkv(x, context, positions)  # (checks x and context first)
         B, T, C = x.shape
+        log_fgate = None
+        if self.forget_gate:
+            if context is not None:
+                raise ValueError("forget_gate applies to self-attention only (got a context for cross-attention)")
+            if cache is not None:
+                raise ValueError("forget_gate does not support a decoding cache; generate with cache=None")
+            log_fgate = self.log_fgate(x)
         if cache is not None:
             if attn_mask is not None or context is not None:
                 raise ValueError("a decoding cache supports causal self-attention only (no attn_mask/context)")
             y = cache.attend(q, k, v, self.attend)
         else:
-            y = self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, H, T, E)
+            y = self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal, log_fgate=log_fgate)  # (B, H, T, E)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
     attention = deprecated_alias("MultiheadAttention", "attention", "kind")
@@ -173,6 +234,28 @@ class MultiheadAttention(nn.Module):
         elif not on and self._capture_hook is not None:
             self._capture_hook.remove()
             self._capture_hook, self.captured = None, None
+
+
+def check_levers(n_heads: int, n_kv_heads: int, kind: str, n_ea_heads, learn_scale: bool, gain_init) -> None:
+    """The options of issue #21 for one layer: ``n_ea_heads`` (None, or 0..n_heads, kind="ea", a
+    multiple of the GQA group size) and ``gain_init`` (finite; not 0 only with ``learn_scale``)."""
+    if n_ea_heads is not None:
+        if isinstance(n_ea_heads, bool) or not isinstance(n_ea_heads, int):
+            raise ValueError(f"n_ea_heads must be None or an int, got {n_ea_heads!r}")
+        if kind != "ea":
+            raise ValueError(f"n_ea_heads applies to kind='ea' (the EA heads of a hybrid layer), got kind={kind!r}")
+        if not 0 <= n_ea_heads <= n_heads:
+            raise ValueError(f"n_ea_heads must be in [0, n_heads={n_heads}], got {n_ea_heads}")
+        group = n_heads // n_kv_heads
+        if n_ea_heads % group:
+            raise ValueError(
+                f"n_ea_heads ({n_ea_heads}) must be a multiple of the GQA group size n_heads // n_kv_heads = "
+                f"{group}, so that the key/value heads split between EA and softmax with their query heads")
+    if isinstance(gain_init, bool) or not isinstance(gain_init, (int, float)) or not math.isfinite(gain_init):
+        raise ValueError(f"gain_init must be a finite float, got {gain_init!r}")
+    if gain_init != 0 and not learn_scale:
+        raise ValueError(f"gain_init={gain_init!r} is the initial log gain of learn_scale=True; "
+                         "it does nothing without it")
 
 
 def qk_of_call(module: MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:

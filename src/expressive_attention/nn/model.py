@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..deprecation import rename_keys, renamed_fields
-from .attention import MultiheadAttention, RotaryEmbedding, check_positive_int
+from ..ops import KINDS
+from .attention import MultiheadAttention, RotaryEmbedding, check_levers, check_positive_int
 from .cache import CACHE_KINDS, KVCache
 
 POSITIONS = ("learned", "rope")
@@ -38,6 +39,11 @@ class LMConfig:
     bias: bool = False
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # levers of issue #21 (off by default; see MultiheadAttention)
+    gain_init: float = 0.0  # initial per-head log gain of learn_scale
+    n_ea_heads: int | None = None  # hybrid layers: the first n_ea_heads heads EA, the rest softmax
+    layer_kinds: tuple[str, ...] | None = None  # per-layer kind ("ea"/"dpa"), overriding `kind`
+    forget_gate: bool = False  # data-dependent forget gate (FoX) in every layer
 
     def __post_init__(self):
         if self.pos not in POSITIONS:
@@ -48,7 +54,28 @@ class LMConfig:
             check_positive_int("n_kv_heads", self.n_kv_heads)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.layer_kinds is not None:
+            if isinstance(self.layer_kinds, str):
+                raise ValueError(f"layer_kinds must be a sequence of kinds, one per layer, got {self.layer_kinds!r}")
+            self.layer_kinds = tuple(self.layer_kinds)
+            if len(self.layer_kinds) != self.n_layers:
+                raise ValueError(f"layer_kinds must give one kind per layer ({self.n_layers}), "
+                                 f"got {len(self.layer_kinds)}: {self.layer_kinds}")
+            bad = [k for k in self.layer_kinds if k not in KINDS]
+            if bad:
+                raise ValueError(f"layer_kinds must be among {KINDS}, got {bad}")
+        kinds = set(self.layer_kinds or (self.kind,))
+        if self.n_ea_heads is not None and "ea" not in kinds:
+            raise ValueError("n_ea_heads applies to EA layers (kind='ea' or 'ea' in layer_kinds)")
+        n_kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        if n_kv >= 1 and self.n_heads % n_kv == 0:  # else MultiheadAttention says what is wrong
+            for k in kinds:
+                check_levers(self.n_heads, n_kv, k, self.n_ea_heads if k == "ea" else None, self.learn_scale,
+                             self.gain_init)
 
+    def layer_kind(self, i: int) -> str:
+        """The mechanism of layer i: ``layer_kinds[i]``, or ``kind`` for every layer."""
+        return self.kind if self.layer_kinds is None else self.layer_kinds[i]
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -77,13 +104,21 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg: LMConfig, rope: RotaryEmbedding | None = None):
+    def __init__(self, cfg: LMConfig, rope: RotaryEmbedding | None = None, kind: str | None = None):
         super().__init__()
+        kind = cfg.kind if kind is None else kind  # this layer's mechanism (LMConfig.layer_kind)
+        levers = {}  # issue #21's options, passed only when on (a layer built without them is as before)
+        if cfg.gain_init:
+            levers["gain_init"] = cfg.gain_init
+        if cfg.n_ea_heads is not None and kind == "ea":
+            levers["n_ea_heads"] = cfg.n_ea_heads
+        if cfg.forget_gate:
+            levers["forget_gate"] = True
         self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.attn = MultiheadAttention(
-            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, kind=cfg.kind, variant=cfg.variant,
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, kind=kind, variant=cfg.variant,
             eps=cfg.eps, backend=cfg.backend, dropout=cfg.dropout, bias=cfg.bias, rope=rope,
-            power=cfg.power, qk_norm=cfg.qk_norm, learn_scale=cfg.learn_scale,
+            power=cfg.power if kind == "ea" else None, qk_norm=cfg.qk_norm, learn_scale=cfg.learn_scale, **levers,
         )
         self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg)
@@ -106,7 +141,7 @@ class DecoderLM(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.pos == "learned" else None
         rope = RotaryEmbedding(cfg.d_model // cfg.n_heads) if cfg.pos == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, rope) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, rope, cfg.layer_kind(i)) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -129,6 +164,8 @@ class DecoderLM(nn.Module):
         """One decoding cache per layer (see nn/cache.py); kind is a key of CACHE_KINDS."""
         if kind not in CACHE_KINDS:
             raise ValueError(f"cache kind must be one of {sorted(CACHE_KINDS)}, got {kind!r}")
+        if self.cfg.forget_gate:
+            raise ValueError("a model with forget_gate=True has no decoding cache; generate with cache=None")
         return [CACHE_KINDS[kind].for_layer(block.attn) for block in self.blocks]
 
     def forward(self, idx: Tensor, cache: list | None = None) -> Tensor:
@@ -166,7 +203,8 @@ class DecoderLM(nn.Module):
         """Extend idx (B, T) by max_new_tokens tokens; greedy when temperature == 0.
 
         cache: "kv" (keys/values of past tokens), another key of CACHE_KINDS, "auto" (the smallest
-        state that applies), or None (recompute the full forward pass every step).
+        state that applies; None for a model with a forget gate), or None (recompute the full forward
+        pass every step).
         With learned positions, a sequence that outgrows `context_length` is cropped to its last
         `context_length` tokens for the next step (as nanoGPT does; the cache is then dropped and each
         further step recomputes the window). The prompt must hold at least one token per row.
@@ -180,7 +218,7 @@ class DecoderLM(nn.Module):
             )
         _check_sampling(max_new_tokens, temperature, top_k)
         if cache == "auto":
-            cache = choose_cache_kind(self.cfg, idx.shape[1] + max_new_tokens)
+            cache = None if self.cfg.forget_gate else choose_cache_kind(self.cfg, idx.shape[1] + max_new_tokens)
         state = None if cache is None else self.new_cache(cache)
         window = self.cfg.context_length if self.pos_emb is not None else None  # learned positions
         out = idx

@@ -33,6 +33,9 @@ class RecurrentEAState:
                 f"kind={layer.kind!r}, variant={layer.variant!r}): "
                 "only the squared variant has an exact linear (recurrent) form; use cache='kv'"
             )
+        if getattr(layer, "n_ea_heads", None) is not None or getattr(layer, "forget_gate", False):
+            raise ValueError("the recurrent cache needs every head to use EA-squared without a forget gate "
+                             "(n_ea_heads=None, forget_gate=False); use cache='kv'")
         self.scale = layer.head_dim**-0.5  # the layer calls attention with scale=None = 1/sqrt(E)
         self.eps = float(layer.eps)
         self.state: Tensor | None = None  # (B * Hkv, F, Ev+1), float32 (float64 for float64 models)
@@ -84,6 +87,9 @@ class RecurrentEAState:
         Constant in `total_len` (E (E+1)/2 x (E+1) floats per key/value head and layer)."""
         if cfg.kind != "ea" or cfg.variant != "squared":
             return None
+        if (getattr(cfg, "n_ea_heads", None) is not None or getattr(cfg, "layer_kinds", None) is not None
+                or getattr(cfg, "forget_gate", False)):
+            return None  # hybrid or gated: not every layer/head has the linear form
         n_kv = cfg.n_kv_heads or cfg.n_heads
         E = cfg.d_model // cfg.n_heads
         return cfg.n_layers * n_kv * n_features(E) * (E + 1) * 4

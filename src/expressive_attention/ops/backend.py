@@ -8,7 +8,8 @@ key/value heads may divide the query heads (GQA: query head h uses key/value hea
 `supports(problem)` returns None when the backend can run the problem, else the reason (shown to
 users who ask for the backend by name). `backend="auto"` runs, among the backends that support a
 call and whose `prefer(problem)` holds (a crossover rule; None: always), the one of highest
-`priority`. Dropout is refused here, with one message, for every backend not marked `dropout=True`.
+`priority`. Dropout is refused here, with one message, for every backend not marked `dropout=True`,
+and a forget gate (`Problem.log_fgate`) for every backend not marked `forget_gate=True`.
 
 `shortcut` (optional) is a fast lane of "auto" for one narrow, frequent call (a decode step): it takes
 `expressive_attention`'s raw arguments and returns the output, or None for any call it does not
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .problem import Problem
 
 DROPOUT_REASON = "dropout_p > 0 is only implemented by the reference backend"
+FORGET_GATE_REASON = "a forget gate (log_fgate) is only implemented by the reference and blocked backends"
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,14 @@ class Backend:
     functorch: bool = True  # works under torch.func transforms (grad, vmap, ...)
     description: str = ""
     shortcut: Callable[..., "Tensor | None"] | None = None  # raw arguments -> output or None (see above)
+    forget_gate: bool = False  # implements `log_fgate` (Problem.log_fgate); refused for the others
 
     def unsupported(self, p: "Problem") -> "str | None":
         """Why this backend cannot run `p`, or None."""
         if p.dropout_p > 0 and not self.dropout:
             return DROPOUT_REASON
+        if p.log_fgate is not None and not self.forget_gate:
+            return FORGET_GATE_REASON
         return self.supports(p)
 
     def chosen_by_auto(self, p: "Problem") -> bool:

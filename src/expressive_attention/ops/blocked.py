@@ -266,6 +266,10 @@ def _backward(dout, q, k, v, out, z, mask, is_causal, scale, variant, groups, po
 
 def blocked_attention(p: "Problem") -> Tensor:
     """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
+    if p.log_fgate is not None:  # the forget gate: blocked_gate.py
+        from .blocked_gate import gated_blocked_attention
+
+        return gated_blocked_attention(p)
     B, H, L, _ = p.q.shape
     compiled = p.variant in COMPILED_VARIANTS and use_compiled(B * H * L * p.k.shape[-2], p.q, p.k, p.v)
     return _BlockedEA.apply(p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant, p.eps, p.groups, p.power,
@@ -278,4 +282,5 @@ def _not_tiny(p: "Problem") -> bool:
 
 
 BACKEND = Backend("blocked", blocked_attention, lambda p: None, priority=10, prefer=_not_tiny,
-                  description="query-blocked PyTorch, O(block x S) memory, recomputing backward")
+                  description="query-blocked PyTorch, O(block x S) memory, recomputing backward",
+                  forget_gate=True)

@@ -18,6 +18,7 @@ from .reference import VARIANTS, f_at_zero, repeat_kv, resolve_power
 
 __all__ = ["Problem", "VARIANTS", "check_mask", "check_options", "check_qkv", "check_tensor", "check_variant",
            "mask_to_4d", "normalise", "repeat_kv", "to_4d"]
+__all__ += ["check_log_fgate", "with_log_fgate"]
 
 
 @dataclass(slots=True)
@@ -40,6 +41,7 @@ class Problem:
     out_shape: tuple[int, ...]
     power: float | None = None  # the degree of variant="power" (resolved), else None
     memo: dict | None = None  # what a backend works out once per call (e.g. the linear form's mask check)
+    log_fgate: Tensor | None = None  # (B, H, L) per-step log forget gates (L == S), or None (see with_log_fgate)
 
     @property
     def groups(self) -> int:
@@ -56,7 +58,8 @@ class Problem:
 
     @property
     def requires_grad(self) -> bool:
-        return torch.is_grad_enabled() and (self.q.requires_grad or self.k.requires_grad or self.v.requires_grad)
+        return torch.is_grad_enabled() and (self.q.requires_grad or self.k.requires_grad or self.v.requires_grad
+                                            or (self.log_fgate is not None and self.log_fgate.requires_grad))
 
 
 def check_tensor(name: str, t) -> None:
@@ -290,3 +293,46 @@ def _normalise_4d(
     return Problem(query, key, value, attn_mask, bool(is_causal),
                    _resolved_scale(scale, E),
                    variant, float(eps), float(dropout_p), (B, H, L, Ev), power)
+
+
+def check_log_fgate(log_fgate, query: Tensor, key: Tensor) -> None:
+    """``log_fgate``: a floating-point tensor on query's device, broadcastable to query's (..., Hq, L)
+    (per-step log forget gates), for self-attention: L == S."""
+    if not isinstance(log_fgate, Tensor):
+        raise TypeError(f"log_fgate must be a torch.Tensor or None, got {type(log_fgate).__name__}")
+    if not log_fgate.is_floating_point():
+        raise TypeError(f"log_fgate must be a floating-point tensor, got dtype {log_fgate.dtype}")
+    if log_fgate.device != query.device:
+        raise ValueError("log_fgate must be on the same device as query")
+    L, S = query.shape[-2], key.shape[-2]
+    if L != S:
+        raise ValueError(f"log_fgate is for self-attention: it needs as many queries as keys, got L={L}, S={S}")
+    target = tuple(query.shape[:-1])
+    try:
+        if torch.broadcast_shapes(log_fgate.shape, target) != torch.Size(target):
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"log_fgate of shape {tuple(log_fgate.shape)} is not broadcastable to query's (..., Hq, L) = {target}"
+        ) from None
+
+
+def log_fgate_to_3d(log_fgate: Tensor, query: Tensor) -> Tensor:
+    """A checked ``log_fgate`` -> (B, H, L), B and H as `to_4d` makes them for ``query``."""
+    g = log_fgate.expand(query.shape[:-1])
+    if g.dim() == 1:
+        return g[None, None]
+    if g.dim() == 2:
+        return g[None]
+    if g.dim() == 3:
+        return g
+    return g.reshape(math.prod(g.shape[:-2]), *g.shape[-2:])
+
+
+def with_log_fgate(p: Problem, log_fgate, query: Tensor, key: Tensor) -> Problem:
+    """`p` with its forget gate (checked, 3-D); ``log_fgate`` None leaves `p` as it is."""
+    if log_fgate is None:
+        return p
+    check_log_fgate(log_fgate, query, key)
+    p.log_fgate = log_fgate_to_3d(log_fgate, query)
+    return p

@@ -179,6 +179,8 @@ def reference_attention(
 
 def reference_backend(p: "Problem") -> Tensor:
     """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
+    if p.log_fgate is not None:
+        return gated_reference_attention(p)
     return reference_attention(
         p.q, repeat_kv(p.k, p.groups), repeat_kv(p.v, p.groups), p.mask, p.dropout_p,
         p.is_causal, p.scale, variant=p.variant, eps=p.eps, power=p.power,
@@ -187,4 +189,84 @@ def reference_backend(p: "Problem") -> Tensor:
 
 # Priority 0: what "auto" runs when nothing faster applies (and for dropout, which only it implements).
 BACKEND = Backend("reference", reference_backend, lambda p: None, priority=0, dropout=True,
-                  description="materialised definition (the test oracle)")
+                  description="materialised definition (the test oracle)", forget_gate=True)
+
+
+# ---------------------------------------------------------------- the forget gate (issue #21)
+
+
+def log_decay(log_fgate: Tensor, rows: slice | None = None, keys: slice | None = None) -> Tensor:
+    """log D (..., L', S') from per-step log forget gates (..., L): log D_ij = C_i - C_j with
+    C = cumsum(log_fgate) (so D_ij = prod_{t=j+1..i} exp(log_fgate_t)); ``rows`` / ``keys`` pick
+    the query rows and keys (default: all). Computed in the dtype of ``log_fgate``."""
+    c = log_fgate.cumsum(-1)
+    cr = c if rows is None else c[..., rows]
+    ck = c if keys is None else c[..., keys]
+    return cr[..., :, None] - ck[..., None, :]
+
+
+def gated_score_weights(
+    s: Tensor, keep: Tensor | None, log_d: Tensor, *, variant: str = "saturating", eps: float = 1e-6,
+    power: float | None = None,
+) -> Tensor:
+    """a_ij = f(s_ij) D_ij / (eps + sum_keep f(s_il) D_il) from scores s (..., L, S), ``keep`` (bool,
+    broadcastable to s, or None) and ``log_d`` = log D (broadcastable to s, finite).
+
+    Computed stably: each row is divided by a constant r_i (and eps with it), which leaves the
+    weights exactly unchanged. "saturating" / "squared": D is multiplied in as exp(log D - m_i),
+    m_i = max(0, the row's largest allowed log D) (so causal rows, where log D <= 0 and the diagonal
+    has log D = 0, use D itself); "power" / "exp_squared": log D is added to the log-weights
+    (p log|s| or s^2) before the row maximum is taken. Removed keys never meet inf * 0. A row with
+    no key gets zeros."""
+    p = resolve_power(variant, power)
+    log_d = log_d.expand(s.shape)
+    keep_b = None if keep is None else keep.expand(s.shape)
+    if variant not in ("saturating", "squared", "power", "exp_squared"):
+        f, log_r = gated_row_scaled_f(s, keep_b, log_d, variant, p)
+    elif variant in ("saturating", "squared"):
+        x = log_d if keep_b is None else log_d.masked_fill(~keep_b, float("-inf"))
+        log_r = x.amax(-1, keepdim=True).detach().clamp_min(0.0)  # an empty row: -inf -> 0
+        f = score_fn(s, variant) * (x - log_r).exp()
+    else:
+        if variant == "power":  # p log|s| (s = 0 -> -inf, through a where so the gradient stays finite)
+            a = s.abs()
+            pos = a > 0 if keep_b is None else (a > 0) & keep_b
+            x = torch.where(pos, p * torch.where(pos, a, torch.ones_like(a)).log() + log_d, float("-inf"))
+        else:  # exp_squared
+            x = s * s + log_d
+            if keep_b is not None:
+                x = x.masked_fill(~keep_b, float("-inf"))
+        log_r = x.amax(-1, keepdim=True).detach()
+        log_r = torch.where(torch.isfinite(log_r), log_r, torch.zeros_like(log_r))  # an empty row
+        f = (x - log_r).exp()
+    z = eps * (-log_r).exp() + f.sum(-1, keepdim=True)
+    z = torch.where(z > 0, z, torch.ones_like(z))
+    return f / z
+
+
+def gated_row_scaled_f(s: Tensor, keep: Tensor | None, log_d: Tensor, variant: str, power: float | None):
+    """(f D / r, log r) for any variant: its row-rescaled f (`row_scaled_f`) times D rescaled by
+    exp(-m_i), m_i = max(0, the row's largest allowed log D); log r (..., L, 1) detached. Exact; the
+    generic form `gated_score_weights` uses for variants it has no dedicated form for."""
+    g, log_r = row_scaled_f(s, keep, variant, power)
+    x = log_d if keep is None else log_d.masked_fill(~keep, float("-inf"))
+    m = x.amax(-1, keepdim=True).detach().clamp_min(0.0)
+    f = g * (x - m).exp()
+    if keep is not None:
+        f = f * keep
+    return f, (m if log_r is None else log_r + m)
+
+
+def gated_reference_attention(p: "Problem") -> Tensor:
+    """The reference with a forget gate (``p.log_fgate`` (B, H, L), L == S): materialised."""
+    q, k, v = p.q, repeat_kv(p.k, p.groups), repeat_kv(p.v, p.groups)
+    L, S = q.shape[-2], k.shape[-2]
+    ct = compute_dtype(q.dtype)
+    s = p.scale * (q.to(ct) @ k.to(ct).transpose(-2, -1))
+    keep = causal_mask(L, S, q.device) if p.is_causal else None
+    if p.mask is not None:
+        keep = p.mask if keep is None else keep & p.mask
+    a = gated_score_weights(s, keep, log_decay(p.log_fgate.to(ct)), variant=p.variant, eps=p.eps, power=p.power)
+    if p.dropout_p > 0.0:
+        a = torch.nn.functional.dropout(a, p=p.dropout_p, training=True)
+    return (a @ v.to(ct)).to(q.dtype)
