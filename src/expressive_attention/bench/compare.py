@@ -24,7 +24,7 @@ def ea_backends_for(case: Case) -> list[str]:
     for name, b in BACKENDS.items():
         if name == "reference" and not case.reference_fits:
             continue
-        if b.supports(p) is None:
+        if b.unsupported(p) is None:
             names.append(name)
     return names
 

@@ -6,13 +6,14 @@ from collections.abc import Iterable
 
 from ..ops import KINDS
 from ..ops.problem import check_variant
+from ..ops.variants import DEFAULT_VARIANT
 
 
 def kind_label(kind: str, variant: str | None) -> str:
     """"dpa", "ea" (saturating) or "ea-<variant>": the name of a run's mechanism in tables and plots."""
     if kind == "dpa":
         return "dpa"
-    return "ea" if variant in (None, "saturating") else f"ea-{variant}"
+    return "ea" if variant in (None, DEFAULT_VARIANT) else f"ea-{variant}"
 
 
 def kind_specs(kinds: Iterable[str], variants: Iterable[str]) -> list[tuple[str, str | None]]:

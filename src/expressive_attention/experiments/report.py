@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ..extras import has, install_hint
+from ..ops.variants import VARIANTS
+from .kinds import kind_label
 from .presets import Preset
 from .results import ResultsStore
 from .train import machine, versions
@@ -64,7 +66,11 @@ def write_summary_csv(rows: list[dict], path: Path) -> None:
             w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in cols})
 
 
-_STYLE = {"dpa": ("tab:blue", "o"), "ea": ("tab:red", "s"), "ea-squared": ("tab:orange", "^")}
+# (colour, marker) per mechanism label: "dpa", then every EA variant of the table in its order ("ea" red, ...)
+_EA_STYLES = [("tab:red", "s"), ("tab:orange", "^"), ("tab:green", "v"), ("tab:purple", "D"), ("tab:brown", "P"),
+              ("tab:pink", "X"), ("tab:olive", "<"), ("tab:cyan", ">")]
+_STYLE = {"dpa": ("tab:blue", "o"),
+          **{kind_label("ea", v): _EA_STYLES[i % len(_EA_STYLES)] for i, v in enumerate(VARIANTS)}}
 
 
 def plot_ladder(rows: list[dict], path: Path, title: str = "") -> None:

@@ -34,13 +34,15 @@ from pathlib import Path
 import torch
 
 from ..deprecation import warn_renamed
-from ..ops.reference import DEFAULT_POWER, VARIANTS, resolve_power
+from ..ops.variants import DEFAULT_VARIANT, VARIANT_TABLE, variant_label
+from ..ops.variants import parse_variant as _parse_variant
 from .kinds import kind_label, kind_specs
 from .results import RESULTS_FILE, ResultsStore, config_key, serialised
 
-# the old `impls` names (attn_implementation names) -> (kind, variant)
-IMPLEMENTATIONS = {"sdpa": ("dpa", None), "expressive": ("ea", "saturating"),
-                   "expressive_squared": ("ea", "squared")}
+# the old `impls` names (attn_implementation names) -> (kind, variant): "sdpa", "expressive", and
+# "expressive_<variant>" for each variant of the table without parameters
+IMPLEMENTATIONS = {"sdpa": ("dpa", None), **{("expressive" if v == DEFAULT_VARIANT else f"expressive_{v}"): ("ea", v)
+                                              for v, entry in VARIANT_TABLE.items() if not entry.params}}
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 CORPORA = ("code", "prose")
 SCALES = ("fixed", "learned")  # the score scale: 1/sqrt(E), or times a learned per-head gain
@@ -58,18 +60,9 @@ def kinds_from_impls(impls) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def parse_variant(spec: str) -> tuple[str, float | None]:
-    """An EA variant as written on the command line -> (variant, power): "saturating", "squared",
-    "exp_squared", "power" (degree 4) or "power<p>" (e.g. "power8")."""
-    if spec.startswith("power") and spec != "power":
-        try:
-            degree = float(spec[len("power"):])
-        except ValueError:
-            degree = None
-        if degree is not None:
-            return "power", resolve_power("power", degree)
-    if spec not in VARIANTS:
-        raise ValueError(f"variants must be among {VARIANTS} or power<p> (e.g. power8), got {spec!r}")
-    return spec, (DEFAULT_POWER if spec == "power" else None)
+    """An EA variant as written on the command line -> (variant, power): a name of the variant table
+    (ops/variants.py; "power" at degree 4) or "power<p>" (e.g. "power8")."""
+    return _parse_variant(spec)
 
 
 @dataclass(frozen=True)
@@ -84,7 +77,10 @@ class Mechanism:
     @property
     def label(self) -> str:
         """"dpa", "ea", "ea-squared", "ea-power4", "ea-exp_squared"; "+gain" with a learned gain."""
-        base = f"ea-power{self.power:g}" if self.variant == "power" else kind_label(self.kind, self.variant)
+        if self.power is not None:
+            base = f"ea-{variant_label(self.variant, self.power)}"
+        else:
+            base = kind_label(self.kind, self.variant)
         return base + ("+gain" if self.learn_scale else "")
 
 
@@ -99,7 +95,7 @@ def hf_implementation(m: Mechanism) -> str:
             return "sdpa"
         return ea_hf.register("softmax_gain", kind="dpa", learn_scale=True)
     defaults = {spec: name for name, spec in ea_hf.DEFAULT_NAMES.items()}
-    name = defaults.get((m.variant, m.power)) or f"expressive_{m.variant}" + (f"{m.power:g}" if m.power else "")
+    name = defaults.get((m.variant, m.power)) or f"expressive_{variant_label(m.variant, m.power)}"
     if m.learn_scale:
         name += "_gain"
     return ea_hf.register(name, variant=m.variant, power=m.power, learn_scale=m.learn_scale)

@@ -113,6 +113,9 @@ def run_backend(name: str, p: Problem) -> Tensor:
         ok = sorted(n for n, b in BACKENDS.items() if b.functorch)
         reason = f"it does not support torch.func transforms (grad, vmap, ...); backends that do: {ok}"
     if reason is not None:
+        if not backend.implements(p.variant):
+            ok = sorted(n for n, b in BACKENDS.items() if b.implements(p.variant))
+            reason = f"{reason}; backends that implement it: {ok} (or 'auto')"
         raise ValueError(f"backend={name!r} cannot run this call: {reason}")
     if p.is_empty:  # every backend agrees (and kernels never see a 0-sized dim)
         return _EmptyEA.apply(p.q, p.k, p.v)
