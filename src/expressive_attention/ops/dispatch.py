@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import blocked, fused_cpu, linear, reference, triton_ea
+from . import blocked, flex, fused_cpu, linear, reference, triton_ea
 from ._functorch import under_functorch
 from .backend import Backend
 from .problem import Problem
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (reference.BACKEND, blocked.BACKEND, fused_cpu.BACKEND, triton_ea.BACKEND, linear.BACKEND)
+    b.name: b for b in (reference.BACKEND, blocked.BACKEND, fused_cpu.BACKEND, triton_ea.BACKEND, linear.BACKEND,
+                        flex.BACKEND)
 }
 
 

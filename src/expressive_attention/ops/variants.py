@@ -60,9 +60,10 @@ class Variant:
 
 
 def _safe_log(x: Tensor) -> Tensor:
-    """log x for x >= 0: -inf where x == 0, and a zero (not NaN) gradient there."""
+    """log x for x >= 0: -inf where x == 0, and a zero (not NaN) gradient there (the inner where keeps
+    log's 0/0 from reaching x)."""
     pos = x > 0
-    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).log(), float("-inf"))
+    return torch.where(pos, x, torch.ones_like(x)).log().masked_fill(~pos, float("-inf"))
 
 
 def _power_p(p):
@@ -72,7 +73,7 @@ def _power_p(p):
 VARIANT_TABLE: dict[str, Variant] = {v.name: v for v in (
     Variant(
         "saturating", f=lambda s, p: (s * s) / (1.0 + s * s),
-        log_f=lambda s, p: _safe_log(s * s) - torch.log1p(s * s),
+        log_f=lambda s, p: _safe_log((s * s) / (1.0 + s * s)),  # one log: the score_mod's cost on CPU
         description="s^2/(1+s^2): the paper's EA (default); bounded, saturating contrast"),
     Variant(
         "squared", f=lambda s, p: s * s, log_f=lambda s, p: _safe_log(s * s),
