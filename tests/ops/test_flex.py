@@ -144,3 +144,49 @@ def test_cuda_gradients_match_reference(variant, monkeypatch):
         for a, b in zip(ga, gb):
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-2)
+
+
+def _fake_cuda_problem(variant="saturating", L=2048, grad=True):
+    """What cuda_policy reads of a Problem, as if its tensors were on CUDA (no GPU here)."""
+    from types import SimpleNamespace
+
+    q = SimpleNamespace(is_cuda=True, shape=(1, 4, L, 64), device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    return SimpleNamespace(q=q, variant=variant, requires_grad=grad)
+
+
+def test_cuda_policy_table_and_self_check(monkeypatch):
+    """auto on CUDA: triton where the table says so and its self-check passes, else flex (placeholder table)."""
+    from types import SimpleNamespace
+
+    from expressive_attention.ops import cuda_policy, triton_ea
+
+    monkeypatch.setattr(triton_ea, "BACKEND", SimpleNamespace(unsupported=lambda p: None))
+    monkeypatch.setattr(cuda_policy, "_CHECKED", {})
+    monkeypatch.setattr(cuda_policy, "_run_self_check", lambda d, v, t: (True, ""))
+    assert cuda_policy.CUDA_TABLE == {} and cuda_policy.DEFAULT == "triton"  # the placeholder, until measured
+    assert cuda_policy.prefers_triton(_fake_cuda_problem())
+    monkeypatch.setattr(cuda_policy, "CUDA_TABLE", {("saturating", "fwdbwd"): ((4096, "triton"), (16384, "flex"))})
+    assert cuda_policy.prefers_triton(_fake_cuda_problem(L=4096))
+    assert not cuda_policy.prefers_triton(_fake_cuda_problem(L=8192))
+    assert cuda_policy.prefers_triton(_fake_cuda_problem(L=8192, grad=False))  # no fwd entry: the default
+    # a failing self-check: flex, with one warning naming it, and the verdict cached
+    calls = []
+    monkeypatch.setattr(cuda_policy, "_run_self_check", lambda d, v, t: calls.append(v) or (False, "dq differs"))
+    with pytest.warns(RuntimeWarning, match="self-check.*exp_squared.*dq differs.*'flex'"):
+        assert not cuda_policy.prefers_triton(_fake_cuda_problem("exp_squared"))
+    assert not cuda_policy.prefers_triton(_fake_cuda_problem("exp_squared")) and calls == ["exp_squared"]
+    # a call triton cannot run never asks the check
+    monkeypatch.setattr(triton_ea, "BACKEND", SimpleNamespace(unsupported=lambda p: "no exp_odd"))
+    assert not cuda_policy.prefers_triton(_fake_cuda_problem("exp_odd")) and calls == ["exp_squared"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto's CUDA choice needs a CUDA device (none here)")
+def test_cuda_auto_picks_triton_or_flex_and_matches_reference():
+    q, k, v = (t.detach().cuda().requires_grad_() for t in make_qkv(1, 4, 2, 300, 300, 64, 64, dtype=torch.bfloat16))
+    for variant in VARIANTS:
+        p = normalise(q, k, v, None, 0.0, True, None, True, variant, 1e-6)
+        assert choose_backend(p).name in ("triton", "flex")
+        out = expressive_attention(q, k, v, is_causal=True, variant=variant, enable_gqa=True)
+        ref = expressive_attention(q.double(), k.double(), v.double(), is_causal=True, variant=variant,
+                                   enable_gqa=True, backend="reference")
+        torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)

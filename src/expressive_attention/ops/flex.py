@@ -50,9 +50,10 @@ def compile_enabled() -> bool:
 
 @functools.cache
 def _compiled():
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
+@functools.cache
 def score_mod_for(variant: str, power: float | None):
     """The score_mod of `variant`: score -> log f(score) (scale is applied by flex before it)."""
     log_f = VARIANT_TABLE[variant].log_f
@@ -90,6 +91,7 @@ def block_mask_for(p: Problem, eps_key: bool = False):
                              device=p.q.device)
 
 
+@functools.cache
 def _eps_key_score_mod(variant: str, power: float | None, S: int, log_eps: float):
     log_f = VARIANT_TABLE[variant].log_f
 
@@ -137,8 +139,9 @@ def supports(p: Problem) -> "str | None":
     return None
 
 
-# Priority 25: below triton (30), which "auto" takes on CUDA where the measured table (cuda_policy.py) and
-# its self-check allow; flex there otherwise. Never "auto" on CPU, where it is slower than what auto runs.
+# Priority 25: below triton (30), which "auto" takes on CUDA where the measured table and the kernels'
+# self-check allow (cuda_policy.py); flex on CUDA otherwise. Never "auto" on CPU, where it is slower than
+# what auto runs there (docs/bench/flex-cpu.md).
 BACKEND = Backend(
     "flex", flex_ea, supports, priority=25, prefer=lambda p: p.q.is_cuda, functorch=False,
     variants=None,  # every entry of the variant table: its score_mod is the entry's log_f

@@ -582,9 +582,16 @@ def supports(p: Problem) -> "str | None":
     return None
 
 
-# "auto" takes it on CUDA only: Triton's CPU interpreter (TRITON_INTERPRET=1) is for tests, never "auto".
+def _prefer(p: Problem) -> bool:
+    from .cuda_policy import prefers_triton  # the measured table and the self-check (cuda_policy.py)
+
+    return prefers_triton(p)
+
+
+# "auto" takes it on CUDA only, where cuda_policy.prefers_triton holds (else flex): Triton's CPU interpreter
+# (TRITON_INTERPRET=1) is for tests, never "auto".
 BACKEND = Backend(
-    "triton", triton_attention, supports, priority=30, prefer=lambda p: p.q.is_cuda, functorch=False,
+    "triton", triton_attention, supports, priority=30, prefer=_prefer, functorch=False,
     variants=KERNEL_VARIANTS,
     description="Triton flash-style kernels (CUDA; CPU via TRITON_INTERPRET=1)",
 )
