@@ -69,7 +69,24 @@ def backend_lines() -> list[str]:
         if name == "linear" and reason is None:
             helpers = "built" if fused_cpu.is_built() else "not built yet: torch ops until then"
             status += f" (variant='squared' only; C++ feature helpers, in the fused kernel's build: {helpers})"
-        lines.append(f"  {name:<10} {status}   [{b.description}]")
+        if name == "flex" and reason is None:
+            status += (" (CUDA: forward + backward; auto picks it where triton cannot run a call)" if device == "cuda"
+                       else " (CPU: forward only, no gradients; auto never picks it on CPU)")
+        variants = "all" if b.variants is None else ",".join(b.variants)
+        lines.append(f"  {name:<10} {status}   [{b.description}; variants: {variants}]")
+    return lines
+
+
+def variant_lines() -> list[str]:
+    """One line per entry of the variant table (ops/variants.py)."""
+    from .ops.variants import VARIANT_TABLE
+
+    lines = []
+    for name, v in VARIANT_TABLE.items():
+        tags = ["exp-type" if v.exp_type else None, "control, not EA" if not v.paper else None,
+                f"params: {', '.join(v.params)}" if v.params else None, "has a linear form" if v.linear else None]
+        tags = "; ".join(t for t in tags if t)
+        lines.append(f"  {name:<12} {v.description}" + (f" ({tags})" if tags else ""))
     return lines
 
 
@@ -94,6 +111,7 @@ def report() -> str:
         status = "ok" if not gone else f"missing {', '.join(gone)}: {install_hint(extra)}"
         lines.append(f"  [{extra}] {status}" + (f" ({found})" if found and gone else f": {found}" if found else ""))
     lines += ["backends (backend=\"auto\" picks the fastest that supports a call):", *backend_lines()]
+    lines += ["variants (variant=..., the table in ops/variants.py):", *variant_lines()]
     lines.append(f"fused CPU kernel build folder: {fused_cpu.build_dir()}"
                  + (" (built)" if fused_cpu.is_built() else " (not built)"))
     return "\n".join(lines)

@@ -40,21 +40,39 @@ def test_bad_spec_is_named():
     with pytest.raises(ValueError, match="dtype"):
         gpu.GpuBench(dtype="int8").check()
     with pytest.raises(ValueError, match="variants"):
-        gpu.GpuBench(variants=["power"]).check()  # not in the Triton kernels
+        gpu.GpuBench(variants=["cubic"]).check()  # not in the variant table
+    gpu.GpuBench(variants=["power", "exp_odd"]).check()  # flex-EA runs every variant (triton: its refusal)
+    with pytest.raises(ValueError, match="modes"):
+        gpu.GpuBench(modes=["bwd"]).check()
 
 
 def test_gpu_cases_run_the_variants_in_turn_at_each_shape():
     spec = gpu.GpuBench(L=[1024, 2048], E=[64], contexts=[1024], decode_B=[1])
     assert list(spec.variants) == ["saturating", "exp_squared"]  # the paper's EA and the text recommendation
+    assert list(spec.modes) == ["fwdbwd", "fwd"]
     what = [(part, w.get("L", w.get("S")), w["variant"]) for part, _, w in gpu.cases(spec)]
-    assert what == [("fwdbwd", 1024, "saturating"), ("fwdbwd", 1024, "exp_squared"),
-                    ("fwdbwd", 2048, "saturating"), ("fwdbwd", 2048, "exp_squared"),
+    assert what == [("fwdbwd", 1024, "saturating"), ("fwd", 1024, "saturating"),
+                    ("fwdbwd", 1024, "exp_squared"), ("fwd", 1024, "exp_squared"),
+                    ("fwdbwd", 2048, "saturating"), ("fwd", 2048, "saturating"),
+                    ("fwdbwd", 2048, "exp_squared"), ("fwd", 2048, "exp_squared"),
                     ("decode", 1024, "saturating"), ("decode", 1024, "exp_squared")]
+
+
+def test_ratio_records_triton_flex_and_the_faster():
+    r = gpu._ratio({"ea": {"ms": 3.0}, "flex": {"ms": 2.0}, "sdpa": {"ms": 1.0}}, 1e9)
+    assert r["ratio"] == 3.0 and r["ratio_flex"] == 2.0 and r["faster"] == "flex" and r["flex"]["tflops"] > 0
+    r = gpu._ratio({"ea": {"error": "ValueError: variant='exp_odd' is not implemented"}, "flex": {"ms": 2.0},
+                    "sdpa": {"ms": 1.0}}, 1e9)
+    assert "ratio" not in r and r["ratio_flex"] == 2.0 and "faster" not in r
+    md = gpu.format_markdown([{"part": "fwd", "L": 1024, "E": 64, "B": 16, "variant": "exp_odd", **r}],
+                             {"device": "Fake", "torch": "t", "triton": "x", "dtype": "bfloat16", "H": 16,
+                              "repeats": 3, "command": "c"})
+    assert "## Forward, causal" in md and "| 2.000 | 2.00 | - |" in md and "not implemented" in md
 
 
 def test_run_records_budget_and_files(monkeypatch, tmp_path):
     # stand-ins for the two GPU measurements; the second training case raises (as an OOM would)
-    def training(spec, L, E, variant):
+    def training(spec, L, E, variant, mode="fwdbwd"):
         if L == 2048:
             raise RuntimeError("CUDA out of memory\nmore")
         ms = {"ms": 2.0, "repeats": 3, "tflops": 1.0}
@@ -73,7 +91,7 @@ def test_run_records_budget_and_files(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     pytest.importorskip("triton")
     spec = gpu.GpuBench(out=str(tmp_path), L=[1024, 2048], E=[64], contexts=[1024, 4096], decode_B=[1],
-                        variants=["saturating"])
+                        variants=["saturating"], modes=["fwdbwd"])
     result = gpu.run_gpu_benchmark(spec, progress=False)
     recs = result["records"]
     assert [r["part"] for r in recs] == ["fwdbwd", "fwdbwd", "decode", "decode"]

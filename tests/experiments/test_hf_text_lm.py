@@ -132,7 +132,9 @@ def test_seeds_and_lrs_study_resumes_and_reports(tmp_path, monkeypatch):
     rec = json.loads(lines[0])
     layers = rec["diagnosis"]["final"]
     assert len(layers) == 1 and 0 < layers[0]["top_weight"] <= 1 and layers[0]["abs_s_max"] > 0
-    assert set(layers[0]["top_weight_if"]) == {"softmax", "saturating", "squared", "power4", "exp_squared"}
+    from expressive_attention.experiments.attention_stats import COUNTERFACTUALS  # softmax + the variant table
+
+    assert set(layers[0]["top_weight_if"]) == set(COUNTERFACTUALS) >= {"softmax", "saturating", "power4", "exp_odd"}
     # resume: the same command trains nothing; one more seed trains only the new runs
     monkeypatch.setattr(text_lm, "train_one", lambda *a, **k: pytest.fail("a finished run was redone"))
     again = text_lm.run(cfg, progress=False, log=lambda *_: None)

@@ -130,7 +130,7 @@ def test_kernels_that_lack_a_variant_refuse_and_auto_falls_back():
         p = normalise(q, k, v, None, 0.0, True, None, False, variant, 1e-6)
         for name in names:
             if name in BACKENDS:
-                reason = BACKENDS[name].supports(p)
+                reason = BACKENDS[name].unsupported(p)
                 assert reason is not None and variant in reason
                 with pytest.raises(ValueError, match=variant):
                     expressive_attention(q, k, v, is_causal=True, variant=variant, backend=name)

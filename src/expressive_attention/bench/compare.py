@@ -18,13 +18,14 @@ def ea_backends_for(case: Case) -> list[str]:
     """Registered backends that can run `case` (checked on a tiny problem of the same kind)."""
     from ..ops import BACKENDS
 
-    x = torch.zeros(1, 1, 4, case.E, dtype=getattr(torch, case.dtype), device=case.device)
+    x = torch.zeros(1, 1, 4, case.E, dtype=getattr(torch, case.dtype), device=case.device,
+                    requires_grad=case.mode == "fwdbwd")  # forward-only backends (flex on CPU) refuse fwdbwd
     p = normalise(x, x, x, None, 0.0, case.causal, None, False, case.variant, 1e-6)
     names = []
     for name, b in BACKENDS.items():
         if name == "reference" and not case.reference_fits:
             continue
-        if b.supports(p) is None:
+        if b.unsupported(p) is None:
             names.append(name)
     return names
 

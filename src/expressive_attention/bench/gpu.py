@@ -1,8 +1,10 @@
-"""`ea bench gpu`: EA (Triton) against SDPA (flash) on one CUDA GPU, in a few minutes.
+"""`ea bench gpu`: EA (Triton, and FlexAttention: `flex`) against SDPA (flash) on one CUDA GPU, in a few minutes.
 
 Two parts, each case timed with CUDA events, EA and SDPA in turn within every repeat (median):
-1. training shape, forward+backward, causal: L in `L` at a fixed token count (B = tokens // L), H heads,
-   head dims `E`, bf16;
+1. training shape, causal, forward+backward and forward (`modes`): L in `L` at a fixed token count
+   (B = tokens // L), H heads, head dims `E`, bf16; triton-EA ("ea"), flex-EA ("flex") and SDPA in turn,
+   with which EA backend was faster (`faster`: what ops/cuda_policy.py's CUDA_TABLE is to be filled from);
+   a variant the Triton kernels lack is recorded as their refusal;
 2. decoding: one query row against a KV cache of `contexts` keys (B in `decode_B`), through the public
    `expressive_attention` call, so it runs whatever path `backend="auto"` has for it.
 Every measurement is time-boxed (`case_budget_s`: repeats stop early, at least one is kept) and the
@@ -43,6 +45,7 @@ class GpuBench:
     decode_calls: int = 50  # decode calls per timed repeat (one call is ~10 us)
     # the paper's EA and the variant the README recommends for text; each case runs them in turn
     variants: Sequence[str] = field(default_factory=lambda: ["saturating", "exp_squared"])
+    modes: Sequence[str] = ("fwdbwd", "fwd")  # training-shape modes, each its own record
 
     def check(self) -> None:
         for name in ("L", "E", "contexts", "decode_B"):
@@ -51,11 +54,13 @@ class GpuBench:
         for name in ("tokens", "H", "repeats", "decode_calls"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        from ..ops.triton_ea import KERNEL_VARIANTS
+        from ..ops.variants import VARIANTS
 
-        bad = [v for v in self.variants if v not in KERNEL_VARIANTS]
+        bad = [v for v in self.variants if v not in VARIANTS]
         if not list(self.variants) or bad:
-            raise ValueError(f"variants must be a non-empty list of {KERNEL_VARIANTS}, got {list(self.variants)}")
+            raise ValueError(f"variants must be a non-empty list of {VARIANTS}, got {list(self.variants)}")
+        if not list(self.modes) or any(m not in ("fwd", "fwdbwd") for m in self.modes):
+            raise ValueError(f"modes must be a non-empty list of fwd, fwdbwd, got {list(self.modes)}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
 
@@ -96,25 +101,36 @@ def _time_in_turn(fns: dict[str, Callable[[], None]], repeats: int, budget_s: fl
             for n, t in times.items()}
 
 
-def _training_case(spec: GpuBench, L: int, E: int, variant: str) -> dict:
+def _training_case(spec: GpuBench, L: int, E: int, variant: str, mode: str = "fwdbwd") -> dict:
+    """triton-EA ("ea"), flex-EA ("flex") and SDPA in turn on one causal training shape, `mode` "fwdbwd"
+    (forward + backward) or "fwd"."""
     from .. import expressive_attention
 
     dtype = getattr(torch, spec.dtype)
     B = max(1, spec.tokens // L)
     q, k, v, do = (torch.randn(B, spec.H, L, E, device="cuda", dtype=dtype) for _ in range(4))
+    back = mode == "fwdbwd"
     for t in (q, k, v):
-        t.requires_grad_(True)
+        t.requires_grad_(back)
 
-    def ea():
-        expressive_attention(q, k, v, is_causal=True, variant=variant, backend="triton").backward(do)
+    def step(fn):
+        def run():
+            out = fn()
+            if back:
+                out.backward(do)
+        return run
 
-    def sdpa():
+    def ea_with(backend):
+        return step(lambda: expressive_attention(q, k, v, is_causal=True, variant=variant, backend=backend))
+
+    def sdpa_call():
         with _flash():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    r = _time_in_turn({"ea": ea, "sdpa": sdpa}, spec.repeats, spec.case_budget_s)
-    flops = 3.5 * 4 * B * spec.H * L * L * E * 0.5  # causal forward 2 matmuls, backward ~2.5x
-    return {"part": "fwdbwd", "L": L, "E": E, "B": B, "H": spec.H, "variant": variant, **_ratio(r, flops)}
+    r = _time_in_turn({"ea": ea_with("triton"), "flex": ea_with("flex"), "sdpa": step(sdpa_call)},
+                      spec.repeats, spec.case_budget_s)
+    flops = (3.5 if back else 1.0) * 4 * B * spec.H * L * L * E * 0.5  # causal forward 2 matmuls, backward ~2.5x
+    return {"part": mode, "L": L, "E": E, "B": B, "H": spec.H, "variant": variant, **_ratio(r, flops)}
 
 
 def _decode_case(spec: GpuBench, S: int, E: int, B: int, variant: str) -> dict:
@@ -139,11 +155,18 @@ def _decode_case(spec: GpuBench, S: int, E: int, B: int, variant: str) -> dict:
 
 
 def _ratio(r: dict, flops: float) -> dict:
-    rec = {"ea": r["ea"], "sdpa": r["sdpa"]}
-    if "ms" in r["ea"] and "ms" in r["sdpa"]:
-        rec["ratio"] = r["ea"]["ms"] / r["sdpa"]["ms"]
-        for n in ("ea", "sdpa"):
-            rec[n]["tflops"] = flops / (r[n]["ms"] * 1e-3) / 1e12
+    """The timings with TFLOP/s, "ratio" (triton-EA / SDPA), "ratio_flex" (flex-EA / SDPA) and "faster"
+    (the EA backend with the lower time, where both ran)."""
+    rec = {n: r[n] for n in ("ea", "flex", "sdpa") if n in r}
+    for x in rec.values():
+        if "ms" in x:
+            x["tflops"] = flops / (x["ms"] * 1e-3) / 1e12
+    if "ms" in rec["sdpa"]:
+        for n, key in (("ea", "ratio"), ("flex", "ratio_flex")):
+            if "ms" in rec.get(n, {}):
+                rec[key] = rec[n]["ms"] / rec["sdpa"]["ms"]
+    if "ms" in rec["ea"] and "ms" in rec.get("flex", {}):
+        rec["faster"] = "triton" if rec["ea"]["ms"] <= rec["flex"]["ms"] else "flex"
     return rec
 
 
@@ -154,8 +177,9 @@ def cases(spec: GpuBench) -> list[tuple[str, Callable[[], dict], dict]]:
     for E in spec.E:
         for L in spec.L:
             for variant in spec.variants:
-                todo.append(("fwdbwd", lambda L=L, E=E, v=variant: _training_case(spec, L, E, v),
-                             {"L": L, "E": E, "variant": variant}))
+                for mode in spec.modes:
+                    todo.append((mode, lambda L=L, E=E, v=variant, m=mode: _training_case(spec, L, E, v, m),
+                                 {"L": L, "E": E, "variant": variant}))
     for E in spec.E:
         for B in spec.decode_B:
             for S in spec.contexts:
@@ -166,25 +190,32 @@ def cases(spec: GpuBench) -> list[tuple[str, Callable[[], dict], dict]]:
 
 
 def format_markdown(records: list[dict], header: dict) -> str:
-    lines = [f"# EA (Triton) vs SDPA (flash) on {header['device']}",
+    lines = [f"# EA (Triton; and FlexAttention, 'flex') vs SDPA (flash) on {header['device']}",
              "", f"torch {header['torch']}, triton {header['triton']}, {header['dtype']}, H={header['H']}; "
              f"median of up to {header['repeats']} repeats, EA and SDPA in turn; `{header['command']}`", ""]
     for part, title, cols in (("fwdbwd", "Forward + backward, causal (B = tokens / L)", ("L", "E", "B")),
+                              ("fwd", "Forward, causal (B = tokens / L)", ("L", "E", "B")),
                               ("decode", "Decode step: 1 query row, KV cache of S keys", ("S", "E", "B"))):
         rows = [r for r in records if r["part"] == part]
         if not rows:
             continue
-        lines += [f"## {title}", "", "| variant | " + " | ".join(cols) + " | EA ms | SDPA ms | EA / SDPA | EA TFLOP/s | SDPA TFLOP/s |",
-                  "|---|" + "---|" * (len(cols) + 5)]
+        flex = part != "decode"
+        extra = " flex ms | flex / SDPA | faster |" if flex else ""
+        lines += [f"## {title}", "", "| variant | " + " | ".join(cols) + " | EA ms | SDPA ms | EA / SDPA | EA TFLOP/s "
+                  "| SDPA TFLOP/s |" + extra, "|---|" + "---|" * (len(cols) + 5 + (3 if flex else 0))]
         for r in rows:
             def cell(n, key, fmt):
                 x = r.get(n, {})
                 return format(x[key], fmt) if key in x else (x.get("error") or r.get("error") or r.get("skipped")
                                                              or "-")[:60]
             ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
+            more = ""
+            if flex:
+                ratio_flex = f"{r['ratio_flex']:.2f}" if "ratio_flex" in r else "-"
+                more = f" {cell('flex', 'ms', '.3f')} | {ratio_flex} | {r.get('faster', '-')} |"
             lines.append(f"| {r['variant']} | " + " | ".join(str(r.get(c, "-")) for c in cols) +
                          f" | {cell('ea', 'ms', '.3f')} | {cell('sdpa', 'ms', '.3f')} | {ratio} | "
-                         f"{cell('ea', 'tflops', '.1f')} | {cell('sdpa', 'tflops', '.1f')} |")
+                         f"{cell('ea', 'tflops', '.1f')} | {cell('sdpa', 'tflops', '.1f')} |" + more)
         lines.append("")
     return "\n".join(lines)
 
@@ -220,6 +251,8 @@ def run_gpu_benchmark(spec: GpuBench, command: str = "ea bench gpu", progress: b
         torch.cuda.empty_cache()
         if progress:
             ratio = f"{rec['ratio']:.2f}" if "ratio" in rec else rec.get("error", "")
+            if "ratio_flex" in rec:
+                ratio += f", flex-EA/SDPA {rec['ratio_flex']:.2f}"
             print(f"{part} {what}: EA/SDPA {ratio} ({rec['wall_s']} s)", flush=True)
     result = {**header, "records": records}
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1))

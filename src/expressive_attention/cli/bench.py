@@ -177,12 +177,14 @@ def _decode_cmd(args) -> int:
 
 def _add_gpu(sub) -> None:
     from ..bench.gpu import GpuBench
-    from ..ops.triton_ea import KERNEL_VARIANTS as TRITON_VARIANTS
+    from ..ops.variants import VARIANTS
 
     d = GpuBench()
-    p = sub.add_parser("gpu", help="CUDA: EA (Triton) vs SDPA (flash), fwd+bwd and decode, in a few minutes",
-                       description="EA (Triton) vs SDPA (flash) on the current CUDA device: causal forward+backward "
-                                   "at a fixed token count, and one decode step against a KV cache; every case "
+    p = sub.add_parser("gpu", help="CUDA: EA (Triton, FlexAttention) vs SDPA (flash), fwd(+bwd) and decode, in a few "
+                                   "minutes",
+                       description="EA (Triton, and FlexAttention: 'flex') vs SDPA (flash) on the current CUDA device: "
+                                   "causal forward+backward and forward at a fixed token count (with which EA backend "
+                                   "was faster), and one decode step against a KV cache; every case "
                                    "time-boxed. Writes OUT/gpu_check.json and OUT/gpu_check.md. Exits with "
                                    "status 1 and one line when there is no CUDA device.")
     p.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
@@ -193,8 +195,11 @@ def _add_gpu(sub) -> None:
     p.add_argument("--contexts", type=csv_of(positive_int), default=list(d.contexts), help="decode: KV-cache lengths")
     p.add_argument("--decode-B", type=csv_of(positive_int), default=list(d.decode_B), help="decode: batch sizes")
     p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--variants", type=csv_of(choices=TRITON_VARIANTS), default=list(d.variants),
-                   help=f"EA variants, each timed at every shape, of {','.join(TRITON_VARIANTS)} (default: "
+    p.add_argument("--modes", type=csv_of(choices=["fwdbwd", "fwd"]), default=list(d.modes),
+                   help="training-shape modes, each its own record (default: fwdbwd,fwd)")
+    p.add_argument("--variants", type=csv_of(choices=VARIANTS), default=list(d.variants),
+                   help=f"EA variants, each timed at every shape, of {','.join(VARIANTS)} (triton-EA where the "
+                        "kernels have it, flex-EA for all) (default: "
                         "%(default)s)")
     p.add_argument("--repeats", type=positive_int, default=d.repeats, help="timed repeats per case (median)")
     p.add_argument("--case-budget", type=float, default=d.case_budget_s, help="seconds per case (time box)")
@@ -208,7 +213,8 @@ def _gpu_cmd(args) -> int:
     from ..bench.gpu import GpuBench, run_gpu_benchmark
 
     spec = GpuBench(out=args.out, L=args.L, E=args.E, tokens=args.tokens, H=args.H, contexts=args.contexts,
-                    decode_B=args.decode_B, dtype=args.dtype, variants=args.variants, repeats=args.repeats,
+                    decode_B=args.decode_B, dtype=args.dtype, variants=args.variants, modes=args.modes,
+                    repeats=args.repeats,
                     case_budget_s=args.case_budget, total_budget_s=args.total_budget)
     try:
         run_gpu_benchmark(_checked(spec), command=getattr(args, "command_line", "ea bench gpu"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..ops import KINDS
+from ..ops import KINDS, VARIANTS
 from .args import add_lever_options, csv_of, deprecated, positive_float, positive_int
 
 
@@ -33,12 +33,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kinds", type=csv_of(choices=KINDS), default=list(d.kinds),
                    help="mechanisms to train, comma-separated (default: dpa,ea)")
     p.add_argument("--variants", type=csv_of(), default=list(d.variants),
-                   help="EA variants, each its own run: saturating (the paper's EA), squared, power (|s|^4), "
-                        "power<p> (e.g. power8), exp_squared, or any other variant the op knows "
-                        "(default: saturating)")
+                   help=f"EA variants, each its own run: one of {', '.join(VARIANTS)} (saturating is the paper's "
+                        "EA; power is |s|^4), or power<p> (e.g. power8) (default: saturating)")
     add_lever_options(p)  # --scales, --gate, --ea-heads, --layer-kinds (cli/args.py)
     p.add_argument("--impls", type=csv_of(choices=IMPLEMENTATIONS), default=None,
-                   help="deprecated: attn implementations (sdpa,expressive,expressive_squared); "
+                   help=f"deprecated: attn implementations ({','.join(IMPLEMENTATIONS)}); "
                         "use --kinds and --variants")
     p.add_argument("--arch", choices=ARCHS, default=d.arch, help="HF model family (default: %(default)s)")
     p.add_argument("--d-model", type=positive_int, default=d.d_model, help="hidden size (default: %(default)s)")

@@ -30,10 +30,11 @@ import torch
 from torch import Tensor
 
 from ..ops.reference import gated_score_weights, log_decay, score_weights
+from ..ops.variants import default_instances
 
-# the weight functions compared on the same scores: name -> (variant, power) or None for softmax
-COUNTERFACTUALS = {"softmax": None, "saturating": ("saturating", None), "squared": ("squared", None),
-                   "power4": ("power", 4.0), "exp_squared": ("exp_squared", None)}
+# the weight functions compared on the same scores: name -> (variant, power) or None for softmax; every
+# variant of the table at its default parameters ("saturating", "squared", "power4", "exp_squared", ...)
+COUNTERFACTUALS = {"softmax": None, **default_instances()}
 
 
 def weights_of(s: Tensor, keep: Tensor, mechanism, log_d: Tensor | None = None) -> Tensor:

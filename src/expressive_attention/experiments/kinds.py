@@ -7,18 +7,15 @@ from collections.abc import Iterable
 
 from ..ops import KINDS
 from ..ops.problem import check_variant
-from ..ops import reference as _reference
-
-
-# colour and marker of a mechanism's label in the plots (others: matplotlib's next colour, a diamond)
-PLOT_STYLE = {"dpa": ("tab:blue", "o"), "ea": ("tab:red", "s"), "ea-squared": ("tab:orange", "^")}
+from ..ops.variants import DEFAULT_VARIANT, VARIANTS
+from ..ops.variants import parse_variant as _parse_variant
 
 
 def kind_label(kind: str, variant: str | None) -> str:
     """"dpa", "ea" (saturating) or "ea-<variant>": the name of a run's mechanism in tables and plots."""
     if kind == "dpa":
         return "dpa"
-    return "ea" if variant in (None, "saturating") else f"ea-{variant}"
+    return "ea" if variant in (None, DEFAULT_VARIANT) else f"ea-{variant}"
 
 
 def kind_specs(kinds: Iterable[str], variants: Iterable[str]) -> list[tuple[str, str | None]]:
@@ -40,19 +37,17 @@ def kind_specs(kinds: Iterable[str], variants: Iterable[str]) -> list[tuple[str,
 
 
 def parse_variant(spec: str) -> tuple[str, float | None]:
-    """An EA variant as written on the command line -> (variant, power): "saturating", "squared",
-    "exp_squared", "power" (degree 4) or "power<p>" (e.g. "power8")."""
-    if spec.startswith("power") and spec != "power":
-        try:
-            degree = float(spec[len("power"):])
-        except ValueError:
-            degree = None
-        if degree is not None:
-            return "power", _reference.resolve_power("power", degree)
-    variants = _reference.VARIANTS  # read at call time: any variant the op knows passes through
-    if spec not in variants:
-        raise ValueError(f"variant must be one of {variants} or power<p> (e.g. power8), got {spec!r}")
-    return spec, (_reference.DEFAULT_POWER if spec == "power" else None)
+    """An EA variant as written on the command line -> (variant, power): a name of the variant table
+    (ops/variants.py; "power" at degree 4) or "power<p>" (e.g. "power8")."""
+    return _parse_variant(spec)
+
+
+# (colour, marker) of a mechanism's label in the plots: "dpa", then every EA variant of the table in its
+# order ("ea" red, ...); other labels: matplotlib's next colour, a diamond
+_EA_STYLES = [("tab:red", "s"), ("tab:orange", "^"), ("tab:green", "v"), ("tab:purple", "D"), ("tab:brown", "P"),
+              ("tab:pink", "X"), ("tab:olive", "<"), ("tab:cyan", ">")]
+PLOT_STYLE = {"dpa": ("tab:blue", "o"),
+              **{kind_label("ea", v): _EA_STYLES[i % len(_EA_STYLES)] for i, v in enumerate(VARIANTS)}}
 
 
 # ---------------------------------------------------------------- the levers of issue #21

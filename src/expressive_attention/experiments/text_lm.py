@@ -36,15 +36,17 @@ from pathlib import Path
 import torch
 
 from ..deprecation import warn_renamed
+from ..ops.variants import DEFAULT_VARIANT, VARIANT_TABLE, variant_label
 from .kinds import (  # noqa: F401  (parse_variant: also imported from here)
     kind_label, kind_specs, lever_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant,
     resolve_layer_kinds,
 )
 from .results import RESULTS_FILE, ResultsStore, config_key, serialised
 
-# the old `impls` names (attn_implementation names) -> (kind, variant)
-IMPLEMENTATIONS = {"sdpa": ("dpa", None), "expressive": ("ea", "saturating"),
-                   "expressive_squared": ("ea", "squared")}
+# the old `impls` names (attn_implementation names) -> (kind, variant): "sdpa", "expressive", and
+# "expressive_<variant>" for each variant of the table without parameters
+IMPLEMENTATIONS = {"sdpa": ("dpa", None), **{("expressive" if v == DEFAULT_VARIANT else f"expressive_{v}"): ("ea", v)
+                                              for v, entry in VARIANT_TABLE.items() if not entry.params}}
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 CORPORA = ("code", "prose")
 SCALES = ("fixed", "learned")  # the score scale: 1/sqrt(E), or times a learned per-head gain (also learned@G)
@@ -80,7 +82,10 @@ class Mechanism:
     def label(self) -> str:
         """"dpa", "ea", "ea-squared", "ea-power4", "ea-exp_squared"; "+gain" with a learned gain;
         the levers as in kinds.lever_label ("ea[h2]", "ea[first]", "+gain@-1.1513", "+gate")."""
-        base = f"ea-power{self.power:g}" if self.variant == "power" else kind_label(self.kind, self.variant)
+        if self.power is not None:
+            base = f"ea-{variant_label(self.variant, self.power)}"
+        else:
+            base = kind_label(self.kind, self.variant)
         return lever_label(base, n_ea_heads=self.n_ea_heads, layer_kinds=self.layer_kinds,
                            learn_scale=self.learn_scale, gain_init=self.gain_init, forget_gate=self.forget_gate)
 
@@ -112,7 +117,7 @@ def hf_implementation(m: Mechanism) -> str:
         name = "softmax" + ("_gain" if m.learn_scale else "") + ("_gate" if m.forget_gate else "")
         return ea_hf.register(name, kind="dpa", learn_scale=m.learn_scale, forget_gate=m.forget_gate)
     defaults = {spec: name for name, spec in ea_hf.DEFAULT_NAMES.items()}
-    name = defaults.get((m.variant, m.power)) or f"expressive_{m.variant}" + (f"{m.power:g}" if m.power else "")
+    name = defaults.get((m.variant, m.power)) or f"expressive_{variant_label(m.variant, m.power)}"
     if m.hybrid:
         name += "_hybrid"
     if m.learn_scale:

@@ -63,6 +63,7 @@ from torch import Tensor
 from ..ops import attention, expressive_attention, expressive_weights
 from ..ops.problem import check_variant, repeat_kv
 from ..ops.reference import resolve_power
+from ..ops.variants import DEFAULT_VARIANT, default_instances
 
 try:
     import transformers
@@ -75,9 +76,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
-# name -> (variant, power)
-DEFAULT_NAMES = {"expressive": ("saturating", None), "expressive_squared": ("squared", None),
-                 "expressive_power4": ("power", 4.0), "expressive_exp_squared": ("exp_squared", None)}
+# name -> (variant, power): "expressive" (the paper's saturating EA), then "expressive_<label>" for every
+# other variant of the table at its default parameters ("expressive_squared", "expressive_power4", ...)
+DEFAULT_NAMES = {("expressive" if v == DEFAULT_VARIANT else f"expressive_{label}"): (v, p)
+                 for label, (v, p) in default_instances().items()}
 HYBRID_NAME = "expressive_hybrid"  # register(): saturating EA, the layer/head split read from the config
 _FORBIDDEN = ("flash", "sdpa", "flex", "eager", "paged", "/", ":", "@")
 # kwargs some models pass that have no meaning once softmax is replaced
@@ -440,7 +442,8 @@ def register(
     """Register expressive attention with transformers; returns the implementation name.
 
     ``register()`` registers the names in ``DEFAULT_NAMES`` ("expressive" = the paper's saturating
-    EA, "expressive_squared", "expressive_power4", "expressive_exp_squared"); with a name it
+    EA, then "expressive_<variant>" for each variant of the table: "expressive_squared",
+    "expressive_power4", "expressive_exp_squared", "expressive_exp_odd"); with a name it
     registers that one with the given ``variant`` (and ``power`` for variant="power"), ``eps``
     and op ``backend``; ``kind="dpa"`` registers softmax attention instead (with ``learn_scale``,
     the like-for-like baseline of a learned EA gain); ``learn_scale=True`` multiplies each head's

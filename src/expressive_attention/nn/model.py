@@ -28,7 +28,7 @@ class LMConfig:
     n_kv_heads: int | None = None  # GQA when smaller than n_heads
     pos: str = "learned"  # "learned" absolute positions or "rope"
     kind: str = "ea"  # the mechanism: "ea" or "dpa" (deprecated name: attention)
-    variant: str = "saturating"  # EA variant: "saturating", "squared", "power", "exp_squared"
+    variant: str = "saturating"  # EA variant: a name of the table in ops/variants.py
     power: float | None = None  # degree of variant="power" (None: 4)
     qk_norm: bool = False  # RMSNorm of each head's q and k (EA and DPA)
     learn_scale: bool = False  # learned per-head score gain (EA and DPA)

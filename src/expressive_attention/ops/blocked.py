@@ -9,7 +9,8 @@ The backward is flash-attention shaped. With a_ij = f_ij / Z_i and D_i = dO_i . 
     dF_ij = (dO_i . v_j - D_i) / Z_i,   dS = f'(S) * dF,   dq = scale dS k,   dk = scale dS^T q,
     dv = a^T dO.
 
-For variant="power" / "exp_squared" each tile row is divided by the row's largest allowed f
+For the row-scaled variants ("power" and the exp-type ones: "exp_squared", "exp_odd"; see
+ops/variants.py) each tile row is divided by the row's largest allowed f
 (a tile holds every key of its rows), and eps by the same constant; backward recomputes the
 same constant, so Z and f' are in the same units and the formulas above hold unchanged.
 
@@ -31,14 +32,19 @@ from torch import Tensor
 
 from ._functorch import fold_vmap
 from .backend import Backend
-from .reference import compute_dtype, row_scaled_f
+from .reference import compute_dtype, eps_over_r, row_scaled_f
 from .tile_compile import run_tile, use_compiled
+from .variants import EXP_VARIANTS, VARIANT_TABLE
 
 if TYPE_CHECKING:
     from .problem import Problem
 
-# Variants whose tile functions are compiled (see tile_compile.py); "power" and "exp_squared" run plain.
-COMPILED_VARIANTS = ("saturating", "squared")
+# The variants this backend implements: the two plain ones and "power" by their own code below, every
+# exp-type variant of the table from its exponent x(s) and x'(s) (f = exp(x), f' = x' f).
+PLAIN_VARIANTS = ("saturating", "squared")  # f and f' in place (`_f_and_grad`)
+VARIANTS = (*PLAIN_VARIANTS, "power", *EXP_VARIANTS)
+# Variants whose tile functions are compiled (see tile_compile.py); the row-scaled ones run plain.
+COMPILED_VARIANTS = PLAIN_VARIANTS
 # Elements per score tile (B * H * rows * S); 2**21 float32 values = 8 MiB.
 TILE_ELEMENTS = 2**21
 
@@ -84,45 +90,46 @@ def _above_diagonal(rows: int, keys: int, device) -> Tensor:
 def _weights(s: Tensor, drop: Tensor | None, diag: int | None, variant: str, power, need_grad: bool):
     """(f, f', eps_factor) of the score tile `s` (rows, S'), in place, with removed keys set to 0:
     those where `drop` (bool, broadcastable to s) is True and, when `diag` is not None (causal),
-    those past the diagonal: row i sees keys j <= diag + i. For "power" and "exp_squared" f and f'
-    are divided by a per-row constant r (see reference.row_scaled_f) and eps_factor (rows, 1) = 1 / r
-    multiplies eps in the normaliser; else eps_factor is None."""
+    those past the diagonal: row i sees keys j <= diag + i. For the row-scaled variants f and f'
+    are divided by a per-row constant r (see reference.row_scaled_f) and log_r (rows, 1) is returned
+    (eps / r goes into the normaliser); else it is None."""
     rows, keys = s.shape[-2], s.shape[-1]
     compiling = torch.compiler.is_compiling()  # traced by tile_compile: masks become one fused select
     removed = None
-    if compiling or variant not in ("saturating", "squared"):  # the removed keys of the whole tile
+    if compiling or variant not in PLAIN_VARIANTS:  # the removed keys of the whole tile
         removed = drop
         if diag is not None:
             causal = torch.arange(keys, device=s.device) > torch.arange(rows, device=s.device)[:, None] + diag
             removed = causal if removed is None else removed | causal
-    if variant in ("saturating", "squared"):
+    if variant in PLAIN_VARIANTS:
         f, fp = _f_and_grad(s, variant, need_grad)
-        eps_factor = None
+        log_r = None
     else:
-        f, fp, eps_factor = _scaled_f_and_grad(s, None if removed is None else ~removed, variant, power, need_grad)
+        f, fp, log_r = _scaled_f_and_grad(s, None if removed is None else ~removed, variant, power, need_grad)
     if removed is not None:
-        return (*(None if t is None else torch.where(removed, 0.0, t) for t in (f, fp)), eps_factor)
+        return (*(None if t is None else torch.where(removed, 0.0, t) for t in (f, fp)), log_r)
     for t in (f, fp):  # the plain path: in place, and only the diagonal part of a causal tile
         if t is not None:
             if drop is not None:
                 t.masked_fill_(drop, 0.0)
             if diag is not None and diag < keys - 1:
                 t[..., diag + 1:].masked_fill_(_above_diagonal(rows, keys - diag - 1, s.device), 0.0)
-    return f, fp, eps_factor
+    return f, fp, log_r
 
 
 def _scaled_f_and_grad(s: Tensor, keep: Tensor | None, variant: str, power: float, need_grad: bool):
-    """g = f / r and g' = f' / r for the row-rescaled variants, and 1 / r (rows, 1)."""
+    """g = f / r and g' = f' / r for the row-rescaled variants, and log r (rows, 1)."""
     keep_b = None if keep is None else keep.expand(s.shape)
     g, log_r = row_scaled_f(s, keep_b, variant, power)
     fp = None
     if need_grad:
-        if variant == "power":  # d/ds (|s| / m)^p = p g / s  (0 where s = 0 since p >= 1)
+        entry = VARIANT_TABLE[variant]
+        if entry.exp_type:  # d/ds exp(x(s) - M) = x'(s) g
+            fp = entry.dexp(s).mul_(g)
+        else:  # power: d/ds (|s| / m)^p = p g / s  (0 where s = 0 since p >= 1)
             m = (log_r / power).exp()
             fp = (s.abs() / m).pow(power - 1.0).mul_(torch.sign(s)).div_(m).mul_(power)
-        else:  # exp_squared: d/ds exp(s^2 - M) = 2 s g
-            fp = s.mul(g).mul_(2.0)
-    return g, fp, (-log_r).exp()
+    return g, fp, log_r
 
 
 def _scores(q: Tensor, k: Tensor, scale: float):
@@ -137,9 +144,9 @@ def _forward_tile(q, k, v, drop, diag, scale, eps, variant, power):
     """One block of query rows against keys [0, S'): q (B, Hkv, G, r, E), k/v (B, Hkv, S', *),
     drop / diag as in `_weights` -> (out (B, Hkv, G, r, Ev), z (B, Hkv, G, r, 1) the row normalisers)."""
     _, s = _scores(q, k, scale)  # (B, Hkv, G, r, S')
-    f, _, eps_factor = _weights(s, drop, diag, variant, power, need_grad=False)
+    f, _, log_r = _weights(s, drop, diag, variant, power, need_grad=False)
     z = f.sum(-1, keepdim=True)
-    z = z.add_(eps) if eps_factor is None else z.add_(eps_factor.mul_(eps))
+    z = z.add_(eps) if log_r is None else z.add_(eps_over_r(eps, log_r))
     z = torch.where(z > 0, z, torch.ones_like(z))
     out = torch.matmul(f.flatten(2, 3), v).view(*z.shape[:-1], v.shape[-1])
     return out.div_(z), z
@@ -281,6 +288,6 @@ def _not_tiny(p: "Problem") -> bool:
     return p.q.shape[-2] * p.k.shape[-2] > 64 * 64
 
 
-BACKEND = Backend("blocked", blocked_attention, lambda p: None, priority=10, prefer=_not_tiny,
+BACKEND = Backend("blocked", blocked_attention, lambda p: None, priority=10, prefer=_not_tiny, variants=VARIANTS,
                   description="query-blocked PyTorch, O(block x S) memory, recomputing backward",
                   forget_gate=True)

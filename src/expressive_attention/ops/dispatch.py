@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import blocked, fused_cpu, linear, reference, triton_ea
+from . import blocked, flex, fused_cpu, linear, reference, triton_ea
 from ._functorch import under_functorch
 from .backend import Backend
 from .problem import Problem
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (reference.BACKEND, blocked.BACKEND, fused_cpu.BACKEND, triton_ea.BACKEND, linear.BACKEND)
+    b.name: b for b in (reference.BACKEND, blocked.BACKEND, fused_cpu.BACKEND, triton_ea.BACKEND, linear.BACKEND,
+                        flex.BACKEND)
 }
 
 
@@ -124,6 +125,9 @@ def run_backend(name: str, p: Problem) -> Tensor:
         ok = sorted(n for n, b in BACKENDS.items() if b.functorch)
         reason = f"it does not support torch.func transforms (grad, vmap, ...); backends that do: {ok}"
     if reason is not None:
+        if not backend.implements(p.variant):
+            ok = sorted(n for n, b in BACKENDS.items() if b.implements(p.variant))
+            reason = f"{reason}; backends that implement it: {ok} (or 'auto')"
         raise ValueError(f"backend={name!r} cannot run this call: {reason}")
     out = _run_degenerate(p)  # every backend agrees (and kernels never see a 0-sized dim)
     return backend.run(p) if out is None else out

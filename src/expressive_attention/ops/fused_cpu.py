@@ -24,7 +24,8 @@ starts the build for a tiny problem (`worth_building`): another backend runs it 
 The op is registered with `torch.library.custom_op` (``expressive_attention::fused_cpu_fwd`` /
 ``fused_cpu_bwd``) with fake implementations and autograd, so it works under torch.compile.
 Supported: CPU tensors in float32, float64, bfloat16, float16 (the latter two computed in float32),
-variants "saturating", "squared" and "exp_squared" ("power": supports() refuses, "auto" falls back),
+the variants in KERNEL_VARIANTS (declared to dispatch; the others, "power" and "exp_odd", are refused there
+and "auto" falls back to blocked),
 causal / boolean mask / none, GQA; no dropout.
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ STAMP = "built.ok"  # written after a successful build + load; its absence means
 # "auto" does not start the build for problems below this many multiply-adds (B H L S max(E, Ev)):
 # the blocked/reference backends finish them in well under a millisecond.
 MIN_WORK_TO_BUILD = 2**21
-KERNEL_VARIANTS = ("saturating", "squared", "exp_squared")
+KERNEL_VARIANTS = ("saturating", "squared", "exp_squared")  # the branches of csrc/ea_cpu.cpp (variant_code)
 DECODE_ROWS = 16  # calls with at most this many query rows run the kernel's decode schedule (split over keys)
 
 _lock = threading.Lock()
@@ -298,8 +299,6 @@ fused_cpu_fwd.register_autograd(_backward, setup_context=_setup_context)
 def supports(p: Problem) -> "str | None":
     if not p.q.is_cpu:
         return f"fused_cpu runs on CPU tensors only, got device {p.q.device}"
-    if p.variant not in KERNEL_VARIANTS:
-        return f"variant={p.variant!r} is not in the fused CPU kernel (it has {KERNEL_VARIANTS}); use 'blocked'"
     if p.q.dtype not in DTYPES:
         return f"fused_cpu supports dtypes {[str(d) for d in DTYPES]}, got {p.q.dtype}"
     if not is_available():
@@ -380,5 +379,5 @@ def worth_building(p: Problem) -> bool:
 BACKEND = Backend(
     "fused_cpu", fused_cpu_attention, supports, priority=20, prefer=worth_building, functorch=False,
     description="fused C++ CPU kernel (flash-style, built on first use), O(L) extra memory",
-    shortcut=decode_shortcut,
+    shortcut=decode_shortcut, variants=KERNEL_VARIANTS,
 )

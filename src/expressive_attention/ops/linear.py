@@ -67,12 +67,6 @@ def chunk_for(q: Tensor) -> int:
 
 def supports(p: Problem) -> "str | None":
     """None when the linear backend can run `p`, else the reason."""
-    if p.variant != "squared":
-        return (
-            f"variant={p.variant!r}: the linear (recurrent) form is implemented only for "
-            "variant='squared', where (q.k)^2 = <phi(q), phi(k)> (saturating and exp_squared have "
-            "no finite feature map)"
-        )
     L, S = p.q.shape[2], p.k.shape[2]
     if p.is_causal and L != S:
         return f"is_causal needs L == S in the linear backend, got L={L}, S={S}"
@@ -400,6 +394,6 @@ def linear_pays_off(p: Problem) -> bool:
 
 
 BACKEND = Backend(
-    "linear", linear_attention, supports, priority=40, prefer=linear_pays_off,
+    "linear", linear_attention, supports, priority=40, prefer=linear_pays_off, variants=("squared",),
     description="exact chunked linear form of variant='squared' (O(L) time and memory)",
 )

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .reference import VARIANTS, f_at_zero, repeat_kv, resolve_power
+from .reference import f_at_zero, repeat_kv
+from .variants import VARIANTS, check_variant, resolve_power
 
 __all__ = ["Problem", "VARIANTS", "check_mask", "check_options", "check_qkv", "check_tensor", "check_variant",
            "mask_to_4d", "normalise", "repeat_kv", "to_4d"]
@@ -70,11 +71,6 @@ def check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.dim() < 2:
         raise ValueError(f"{name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
-
-
-def check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
 def check_qkv(query, key, value, enable_gqa: bool) -> None:

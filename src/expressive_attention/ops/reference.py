@@ -8,13 +8,18 @@
     variant="squared":     f(s) = s^2
     variant="power":       f(s) = |s|^p, p = ``power``  (default 4; p = 2 is "squared")
     variant="exp_squared": f(s) = exp(s^2)               (softmax of s^2: even, exponential contrast)
+    variant="exp_odd":     f(s) = exp(s |s|)             (the odd control of exp_squared; not EA)
 
-All four are even in s (parallel and antiparallel keys attend, orthogonal ones are suppressed);
-they differ in contrast, i.e. how much more a large score weighs than a small one. "power" and
-"exp_squared" are computed stably: f is divided by a per-row constant r_i before summing (the
-row's largest allowed f), and eps by the same constant, which leaves a_ij exactly unchanged and
-keeps |s| in the hundreds (bf16 range) finite. The scale of s matters for "saturating" and
-"exp_squared" (pass ``scale`` to sharpen or soften them); "power" is scale-invariant up to eps.
+The functions themselves live in one table, ops/variants.py (`VARIANT_TABLE`); this file applies them.
+The first four are even in s (parallel and antiparallel keys attend, orthogonal ones are suppressed);
+they differ in contrast, i.e. how much more a large score weighs than a small one. "exp_odd" has
+exp_squared's contrast but is odd in s (a control for a study of what evenness costs or buys). The
+row-scaled variants ("power", "exp_squared", "exp_odd") are computed stably: f is divided by a per-row
+constant r_i before summing (the row's largest allowed f), and eps by the same constant, which leaves
+a_ij exactly unchanged and keeps |s| in the hundreds (bf16 range) finite. (For "exp_odd", whose f can
+be tiny, eps is not negligible: a row whose allowed scores are all very negative has sum f < eps and
+attends weakly, as the definition says.) The scale of s matters for "saturating" and the exp-type
+variants (pass ``scale`` to sharpen or soften them); "power" is scale-invariant up to eps.
 
 Masked keys are *removed* from the sum (their f is replaced by zero, selected rather than multiplied
 so that an inf score of a masked key cannot turn into inf * 0 = NaN), never pushed to a large negative
@@ -27,47 +32,28 @@ Every fast backend is tested against this function. It materialises the (L, S) m
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .backend import Backend
+from .variants import DEFAULT_POWER, VARIANT_TABLE, VARIANTS, check_variant, rescaled, resolve_power
+
+__all__ = ["DEFAULT_POWER", "VARIANTS", "check_variant", "compute_dtype", "expressive_weights", "reference_attention",
+           "resolve_power", "row_scaled_f", "score_fn", "score_weights"]
 
 if TYPE_CHECKING:
     from .problem import Problem
 
-VARIANTS = ("saturating", "squared", "power", "exp_squared")
-DEFAULT_POWER = 4.0  # the degree of variant="power" when `power` is not given
-
-
-def resolve_power(variant: str, power) -> float | None:
-    """The degree p used by ``variant`` (None for variants without one); checks ``power``."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if variant != "power":
-        if power is not None:
-            raise ValueError(f"power={power!r} applies to variant='power' only, got variant={variant!r}")
-        return None
-    if power is None:
-        return DEFAULT_POWER
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not (1.0 <= power <= 64.0):
-        raise ValueError(f"power must be a number in [1, 64] (the degree p of |s|^p), got {power!r}")
-    return float(power)
-
 
 def score_fn(s: Tensor, variant: str, power: float | None = None) -> Tensor:
-    """f(s): the un-normalised expressive attention weight of a score (the plain formula; the
-    weights use a row-rescaled form of it for "power" and "exp_squared", see `score_weights`)."""
+    """f(s): the un-normalised expressive attention weight of a score (the plain formula, from the
+    variant table; the weights use a row-rescaled form of it for the row-scaled variants, see
+    `score_weights`)."""
     p = resolve_power(variant, power)
-    s2 = s * s
-    if variant == "saturating":
-        return s2 / (1.0 + s2)
-    if variant == "squared":
-        return s2
-    if variant == "power":
-        return s.abs().pow(p)
-    return s2.exp()
+    return VARIANT_TABLE[variant].f(s, p)
 
 
 def f_at_zero(variant: str, power: float | None = None) -> float:
@@ -77,20 +63,20 @@ def f_at_zero(variant: str, power: float | None = None) -> float:
 
 
 def row_scaled_f(s: Tensor, keep: Tensor | None, variant: str, power: float | None):
-    """(g, log_r) with f(s) = exp(log_r) * g for "power" / "exp_squared", so that g <= 1 on the
-    keys ``keep`` (bool, shape of s) allows and g = 0 on the others; log_r (..., L, 1) is detached
-    (any positive row constant gives the same weights). For "saturating" / "squared": (f(s), None)."""
-    if variant in ("saturating", "squared"):
-        return score_fn(s, variant), None
-    if variant == "power":
-        a = s.abs() if keep is None else s.abs().masked_fill(~keep, 0.0)
-        m = a.amax(-1, keepdim=True).detach()
-        m = torch.where(m > 0, m, torch.ones_like(m))  # a row of zeros: any constant will do
-        return (a / m).pow(power), power * m.log()
-    s2 = s * s  # exp_squared; masked keys -> exp(-inf) = 0 (never inf * 0)
-    x = s2 if keep is None else s2.masked_fill(~keep, float("-inf"))
-    m = x.amax(-1, keepdim=True).detach().clamp_min(0.0)  # an empty row: -inf -> 0
-    return (x - m).exp(), m
+    """(g, log_r) with f(s) = exp(log_r) * g for the row-scaled variants ("power" and the exp-type
+    ones), so that g <= 1 on the keys ``keep`` (bool, shape of s) allows and g = 0 on the others;
+    log_r (..., L, 1) is detached (any positive row constant gives the same weights). For the others
+    ("saturating", "squared"): (f(s), None). See variants.rescaled."""
+    return rescaled(s, keep, variant, power)
+
+
+def eps_over_r(eps: float, log_r: Tensor) -> Tensor:
+    """eps / r = eps exp(-log_r) without 0 * inf (eps = 0 with a very negative log_r, possible for
+    "exp_odd" where every allowed score is negative); inf (then every weight of the row is 0) where
+    eps > 0 dwarfs the row's f by more than the dtype's range."""
+    if eps > 0:
+        return (math.log(eps) - log_r).exp()
+    return torch.zeros_like(log_r)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -137,8 +123,8 @@ def score_weights(
     """a = f(s) / (eps + sum_keep f(s)) from scores s (..., L, S); ``keep`` bool broadcastable to
     s (True = take part) or None. Masked keys get 0; a row with no key gets zeros."""
     p = resolve_power(variant, power)
-    if variant in ("saturating", "squared"):  # today's code path, unchanged
-        f = score_fn(s, variant)
+    if not VARIANT_TABLE[variant].row_scaled:  # saturating, squared
+        f = score_fn(s, variant, p)
         if keep is not None:  # select, never multiply: f * 0 is NaN where a masked key's f is inf
             f = torch.where(keep, f, f.new_zeros(()))
         z = eps + f.sum(-1, keepdim=True)  # (..., L, 1)
@@ -146,7 +132,7 @@ def score_weights(
         keep_b = None if keep is None else keep.expand(s.shape)
         g, log_r = row_scaled_f(s, keep_b, variant, p)
         f = g if keep is None else torch.where(keep, g, g.new_zeros(()))
-        z = eps * (-log_r).exp() + f.sum(-1, keepdim=True)  # f / r and eps / r
+        z = eps_over_r(eps, log_r) + f.sum(-1, keepdim=True)  # f / r and eps / r
     # eps > 0 keeps z positive; with eps == 0 an empty row would be 0/0: make it 0/1.
     z = torch.where(z > 0, z, torch.ones_like(z))
     return f / z
@@ -188,7 +174,8 @@ def reference_backend(p: "Problem") -> Tensor:
 
 
 # Priority 0: what "auto" runs when nothing faster applies (and for dropout, which only it implements).
-BACKEND = Backend("reference", reference_backend, lambda p: None, priority=0, dropout=True,
+# variants=None: every entry of the variant table (it computes from the table's own functions).
+BACKEND = Backend("reference", reference_backend, lambda p: None, priority=0, dropout=True, variants=None,
                   description="materialised definition (the test oracle)", forget_gate=True)
 
 
@@ -213,48 +200,31 @@ def gated_score_weights(
     broadcastable to s, or None) and ``log_d`` = log D (broadcastable to s, finite).
 
     Computed stably: each row is divided by a constant r_i (and eps with it), which leaves the
-    weights exactly unchanged. "saturating" / "squared": D is multiplied in as exp(log D - m_i),
-    m_i = max(0, the row's largest allowed log D) (so causal rows, where log D <= 0 and the diagonal
-    has log D = 0, use D itself); "power" / "exp_squared": log D is added to the log-weights
-    (p log|s| or s^2) before the row maximum is taken. Removed keys never meet inf * 0. A row with
+    weights exactly unchanged. Variants that are not row-scaled ("saturating", "squared"): D is
+    multiplied in as exp(log D - m_i), m_i = max(0, the row's largest allowed log D) (so causal rows,
+    where log D <= 0 and the diagonal has log D = 0, use D itself); the row-scaled ones ("power", the
+    exp-type ones): log D is added to log f (the variant table's log_f) before the row maximum. Removed keys never meet inf * 0. A row with
     no key gets zeros."""
     p = resolve_power(variant, power)
+    entry = VARIANT_TABLE[variant]
     log_d = log_d.expand(s.shape)
     keep_b = None if keep is None else keep.expand(s.shape)
-    if variant not in ("saturating", "squared", "power", "exp_squared"):
-        f, log_r = gated_row_scaled_f(s, keep_b, log_d, variant, p)
-    elif variant in ("saturating", "squared"):
+    if not entry.row_scaled:  # bounded polynomial f: D multiplied in, as exp(log D - m_i)
         x = log_d if keep_b is None else log_d.masked_fill(~keep_b, float("-inf"))
         log_r = x.amax(-1, keepdim=True).detach().clamp_min(0.0)  # an empty row: -inf -> 0
-        f = score_fn(s, variant) * (x - log_r).exp()
-    else:
-        if variant == "power":  # p log|s| (s = 0 -> -inf, through a where so the gradient stays finite)
-            a = s.abs()
-            pos = a > 0 if keep_b is None else (a > 0) & keep_b
-            x = torch.where(pos, p * torch.where(pos, a, torch.ones_like(a)).log() + log_d, float("-inf"))
-        else:  # exp_squared
-            x = s * s + log_d
-            if keep_b is not None:
-                x = x.masked_fill(~keep_b, float("-inf"))
+        f = entry.f(s, p) * (x - log_r).exp()
+        if keep_b is not None:  # select, never multiply: f * 0 is NaN where a removed key's f is inf
+            f = torch.where(keep_b, f, f.new_zeros(()))
+    else:  # log f + log D (log f = -inf where f = 0, with a finite gradient), less its row maximum
+        x = entry.log_f(s, p) + log_d
+        if keep_b is not None:
+            x = x.masked_fill(~keep_b, float("-inf"))
         log_r = x.amax(-1, keepdim=True).detach()
         log_r = torch.where(torch.isfinite(log_r), log_r, torch.zeros_like(log_r))  # an empty row
         f = (x - log_r).exp()
-    z = eps * (-log_r).exp() + f.sum(-1, keepdim=True)
+    z = eps_over_r(eps, log_r) + f.sum(-1, keepdim=True)
     z = torch.where(z > 0, z, torch.ones_like(z))
     return f / z
-
-
-def gated_row_scaled_f(s: Tensor, keep: Tensor | None, log_d: Tensor, variant: str, power: float | None):
-    """(f D / r, log r) for any variant: its row-rescaled f (`row_scaled_f`) times D rescaled by
-    exp(-m_i), m_i = max(0, the row's largest allowed log D); log r (..., L, 1) detached. Exact; the
-    generic form `gated_score_weights` uses for variants it has no dedicated form for."""
-    g, log_r = row_scaled_f(s, keep, variant, power)
-    x = log_d if keep is None else log_d.masked_fill(~keep, float("-inf"))
-    m = x.amax(-1, keepdim=True).detach().clamp_min(0.0)
-    f = g * (x - m).exp()
-    if keep is not None:
-        f = f * keep
-    return f, (m if log_r is None else log_r + m)
 
 
 def gated_reference_attention(p: "Problem") -> Tensor:

@@ -55,7 +55,7 @@ except ImportError:  # the backend's supports() says so; the kernels are never l
     def _jit(fn):
         return fn
 
-KERNEL_VARIANTS = ("saturating", "squared", "exp_squared")
+KERNEL_VARIANTS = ("saturating", "squared", "exp_squared")  # the kernels' VARIANT branches
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
@@ -568,8 +568,6 @@ def triton_attention(p: Problem) -> Tensor:
 def supports(p: Problem) -> "str | None":
     if triton is None:
         return "triton is not installed (pip install 'expressive-attention[triton]')"
-    if p.variant not in KERNEL_VARIANTS:
-        return f"variant={p.variant!r} is not in the Triton kernels (they have {KERNEL_VARIANTS}); use 'blocked'"
     if p.q.dtype not in DTYPES:
         return f"dtype {p.q.dtype} is not supported (float16, bfloat16, float32)"
     E, Ev = p.q.shape[-1], p.v.shape[-1]
@@ -584,8 +582,16 @@ def supports(p: Problem) -> "str | None":
     return None
 
 
-# "auto" takes it on CUDA only: Triton's CPU interpreter (TRITON_INTERPRET=1) is for tests, never "auto".
+def _prefer(p: Problem) -> bool:
+    from .cuda_policy import prefers_triton  # the measured table and the self-check (cuda_policy.py)
+
+    return prefers_triton(p)
+
+
+# "auto" takes it on CUDA only, where cuda_policy.prefers_triton holds (else flex): Triton's CPU interpreter
+# (TRITON_INTERPRET=1) is for tests, never "auto".
 BACKEND = Backend(
-    "triton", triton_attention, supports, priority=30, prefer=lambda p: p.q.is_cuda, functorch=False,
+    "triton", triton_attention, supports, priority=30, prefer=_prefer, functorch=False,
+    variants=KERNEL_VARIANTS,
     description="Triton flash-style kernels (CUDA; CPU via TRITON_INTERPRET=1)",
 )
