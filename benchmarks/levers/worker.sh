@@ -3,7 +3,7 @@
 # (without the leading `ea`, e.g. `lm --threads 1 --corpus prose --kinds dpa --lr 2e-3 --seeds 0 --out OUT`);
 # each worker claims the next line not yet claimed (QUEUE/claimed, a line count, under flock), runs it from
 # the current directory with $PY -m expressive_attention.cli, and logs start, end and exit status to
-# QUEUE/log. Several workers share a queue; lines may be appended while they run. Every `ea lm` / `ea ladder`
+# QUEUE/log. A line starting with "!" is a shell command instead (run with bash). Several workers share a queue; lines may be appended while they run. Every `ea lm` / `ea ladder`
 # call skips the runs its --out already holds, so rerunning a queue from line 1 resumes it.
 #
 #   benchmarks/levers/worker.sh QUEUE     (PY defaults to python; run two of them on two cores)
@@ -20,8 +20,12 @@ while true; do
     line=$(grep . "$Q/jobs" | sed -n "${n}p")
     echo "$(date -u +%FT%TZ) start $n: ea $line" >> "$Q/log"
     t0=$(date +%s)
-    # shellcheck disable=SC2086  # the line is a command line: word splitting is what we want
-    $PY -m expressive_attention.cli $line < /dev/null > "$Q/out-$n.txt" 2>&1
+    if [ "${line:0:1}" = "!" ]; then
+        PY=$PY bash -c "${line:1}" < /dev/null > "$Q/out-$n.txt" 2>&1
+    else
+        # shellcheck disable=SC2086  # the line is a command line: word splitting is what we want
+        $PY -m expressive_attention.cli $line < /dev/null > "$Q/out-$n.txt" 2>&1
+    fi
     status=$?
     echo "$(date -u +%FT%TZ) end $n: status $status, $(( $(date +%s) - t0 )) s" >> "$Q/log"
 done

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from expressive_attention.ops import BACKENDS, attention, blocked, expressive_attention
 from expressive_attention.ops.reference import score_fn
 
-VARIANTS = [("saturating", None), ("squared", None), ("power", 4.0), ("power", 6.0), ("exp_squared", None)]
+from expressive_attention.ops.variants import default_instances  # noqa: E402
+
+# every variant of the table at its default parameters (exp_odd included), plus power 6
+VARIANTS = [*default_instances().values(), ("power", 6.0)]
 
 
 def inputs(B=2, H=4, Hkv=2, L=7, E=5, seed=0, dtype=torch.float64, gate_bias=1.0):
@@ -234,18 +237,18 @@ def test_bf16_runs():
 
 
 @pytest.mark.parametrize("variant,power", VARIANTS)
-def test_the_generic_form_for_other_variants_agrees(variant, power):
-    """Variants without a dedicated gated form (e.g. ones added to the op later) take
-    `gated_row_scaled_f`: it gives the same weights as the dedicated forms."""
-    from expressive_attention.ops.reference import gated_row_scaled_f, gated_score_weights, log_decay
+def test_the_gated_weights_follow_the_variant_table(variant, power):
+    """Every variant of the table, one gated form: f(s) D / (eps + sum f D) with f from the table, computed
+    here without any rescaling (moderate scores), equals `gated_score_weights` (which rescales rows)."""
+    from expressive_attention.ops.reference import gated_score_weights, log_decay
+    from expressive_attention.ops.variants import VARIANT_TABLE
 
     q, k, v, lf = inputs(B=1, H=2, Hkv=2)
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     keep = torch.ones(7, 7, dtype=torch.bool).tril()
-    log_d = log_decay(lf)
-    f, log_r = gated_row_scaled_f(s, keep.expand(s.shape), log_d, variant, power)
-    generic = f / (1e-6 * (-log_r).exp() + f.sum(-1, keepdim=True))
-    torch.testing.assert_close(generic, gated_score_weights(s, keep, log_d, variant=variant, power=power),
+    f = VARIANT_TABLE[variant].f(s, power) * log_decay(lf).exp() * keep
+    naive = f / (1e-6 + f.sum(-1, keepdim=True))
+    torch.testing.assert_close(gated_score_weights(s, keep, log_decay(lf), variant=variant, power=power), naive,
                                atol=1e-14, rtol=1e-12)
 
 
