@@ -46,7 +46,7 @@ def test_a_backend_cannot_claim_an_unknown_variant():
 
 
 def test_other_name_tables_agree_with_the_table():
-    from expressive_attention.experiments import attention_stats, report, text_lm
+    from expressive_attention.experiments import attention_stats, kinds, text_lm
     from expressive_attention.experiments.kinds import kind_label
 
     inst = default_instances()
@@ -54,7 +54,7 @@ def test_other_name_tables_agree_with_the_table():
     assert inst["power4"] == ("power", 4.0)
     stats = {k: v for k, v in attention_stats.COUNTERFACTUALS.items() if v is not None}
     assert stats == inst
-    assert all(kind_label("ea", v) in report._STYLE for v in VARIANTS)
+    assert all(kind_label("ea", v) in kinds.PLOT_STYLE for v in VARIANTS)
     legacy = {v for k, (kind, v) in text_lm.IMPLEMENTATIONS.items() if kind == "ea"}
     assert legacy == {n for n, e in VARIANT_TABLE.items() if not e.params}
     for label, spec in inst.items():
