@@ -38,6 +38,10 @@ try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - torch without FlexAttention
     flex_attention = create_block_mask = None
+try:
+    from torch.nn.attention.flex_attention import AuxRequest  # return_lse is deprecated from torch 2.9
+except ImportError:  # pragma: no cover - older torch
+    AuxRequest = None
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEVICES = ("cuda", "cpu")
@@ -125,8 +129,12 @@ def flex_ea(p: Problem) -> Tensor:
     if p.eps == 0 or (compiled and q.is_cpu):
         out = fn(q, k, v, score_mod=score_mod_for(p.variant, p.power), block_mask=block_mask_for(p), **kw)
         return out.to(p.q.dtype)
-    out, lse = fn(q, k, v, score_mod=score_mod_for(p.variant, p.power), block_mask=block_mask_for(p),
-                  return_lse=True, **kw)
+    mod, bm = score_mod_for(p.variant, p.power), block_mask_for(p)
+    if AuxRequest is not None:
+        out, aux = fn(q, k, v, score_mod=mod, block_mask=bm, return_aux=AuxRequest(lse=True), **kw)
+        lse = aux.lse
+    else:  # pragma: no cover - older torch
+        out, lse = fn(q, k, v, score_mod=mod, block_mask=bm, return_lse=True, **kw)
     # softmax -> EA: times sum f / (eps + sum f); lse = -inf (nothing to attend to) -> 0
     factor = torch.sigmoid(lse - math.log(p.eps))  # 1 / (1 + eps exp(-lse))
     return (out * factor.unsqueeze(-1).to(out.dtype)).to(p.q.dtype)
