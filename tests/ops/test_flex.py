@@ -191,3 +191,14 @@ def test_cuda_auto_picks_triton_or_flex_and_matches_reference():
         ref = expressive_attention(q.double(), k.double(), v.double(), is_causal=True, variant=variant,
                                    enable_gqa=True, backend="reference")
         torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_ea_info_reports_flex_and_the_variant_table():
+    from expressive_attention.info import report
+
+    out = report()
+    flex_line = next(line for line in out.splitlines() if line.strip().startswith("flex "))
+    assert "available" in flex_line and "forward only" in flex_line and "variants: all" in flex_line
+    assert "exp_odd" in out and "control, not EA" in out
+    fused = next(line for line in out.splitlines() if line.strip().startswith("fused_cpu "))
+    assert "variants: saturating,squared,exp_squared" in fused
