@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # One command for the first machine with an NVIDIA GPU (docs/kernels-triton.md, "When you have a GPU"):
-#   1. the Triton correctness tests, on the GPU (tests/ops/test_triton_gpu.py: kernels vs the reference,
-#      values and gradients) and the interpreter/compile tests of tests/ops/test_triton_ea.py;
-#   2. `ea bench gpu`: EA (Triton; saturating and exp_squared) vs SDPA (flash), causal fwd+bwd at L 1k-16k and decode steps at
-#      contexts 1k-16k, E 64/128, bf16, every case time-boxed -> OUT/gpu_check.json, OUT/gpu_check.md.
+#   1. the correctness tests on the GPU: the Triton kernels (tests/ops/test_triton_gpu.py: kernels vs the reference,
+#      values and gradients) and the interpreter/compile tests of tests/ops/test_triton_ea.py; the flex backend
+#      (FlexAttention; the CUDA tests of tests/ops/test_flex.py: values and gradients vs the reference for every
+#      variant, causal and boolean masks, GQA, a row of s = 0 whose gradient must stay finite; "auto" on CUDA
+#      picking triton or flex, and the Triton self-check it runs);
+#   2. `ea bench gpu`: triton-EA and flex-EA (saturating and exp_squared) vs SDPA (flash), causal fwd+bwd and fwd
+#      at L 1k-16k (with which EA backend was faster: the data for ops/cuda_policy.py's CUDA_TABLE, a placeholder
+#      until then) and decode steps at contexts 1k-16k, E 64/128, bf16, every case time-boxed
+#      -> OUT/gpu_check.json, OUT/gpu_check.md.
 # Installs nothing: it needs torch with CUDA, triton and pytest already there (`pip install -e '.[triton,test]'`).
 # The whole run is bounded by $GPU_CHECK_BUDGET_S (default 270 s, inside the 5 minutes): the tests
 # get at most 150 s, the benchmark what is left less a margin of 25 s (interpreter start, the last case's own
@@ -29,7 +34,8 @@ mkdir -p "$OUT"
 start=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-270}
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/ops/test_triton_gpu.py" \
-    "$ROOT/tests/ops/test_triton_ea.py" 2>&1 | tee "$OUT/pytest.log"
+    "$ROOT/tests/ops/test_triton_ea.py" "$ROOT/tests/ops/test_flex.py" -k "cuda or triton or gpu or interpret" \
+    2>&1 | tee "$OUT/pytest.log"
 tests=${PIPESTATUS[0]}
 echo "gpu_check: tests exit status $tests ($(( $(date +%s) - start )) s)"
 left=$(( BUDGET - ($(date +%s) - start) - 25 ))

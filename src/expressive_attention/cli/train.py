@@ -15,7 +15,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..ops import KINDS
+from ..ops import KINDS, VARIANTS
 from .args import add_import_option, csv_of, positive_float, positive_int
 
 
@@ -57,7 +57,7 @@ FIELDS: dict[str, tuple] = {
     "task": (str, "task name (see `ea tasks`)"),
     "task_params": (_json_object, "task parameters as a JSON object, e.g. '{\"T\": 8}'"),
     "kind": (str, f"attention mechanism, one of {', '.join(KINDS)}"),
-    "variant": (str, "EA variant: saturating, squared or power"),
+    "variant": (str, f"EA variant, one of {', '.join(VARIANTS)}"),
     "power": (positive_float, "degree of variant=power (default 4)"),
     "qk_norm": (_bool, "RMSNorm of each head's q and k: true or false"),
     "learn_scale": (_bool, "learned per-head score gain: true or false"),

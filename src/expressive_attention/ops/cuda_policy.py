@@ -51,8 +51,8 @@ def triton_self_check(device: torch.device, variant: str, dtype: torch.dtype) ->
     key = (str(device), variant, dtype)
     if key in _CHECKED:
         return _CHECKED[key]
-    if torch.compiler.is_compiling():  # never run a check while tracing: assume it passes
-        return True
+    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return True  # never run a check while tracing or capturing a CUDA graph: assume it passes
     with _lock:
         if key not in _CHECKED:
             ok, why = _run_self_check(device, variant, dtype)

@@ -33,6 +33,9 @@ def expressive_attention(
         out_i = sum_j a_ij v_j,   a_ij = f(s_ij) / (eps + sum_l f(s_il))
         f(s) = s^2 / (1 + s^2)  (variant="saturating", default)   or   s^2  (variant="squared")
         f(s) = |s|^p  (variant="power", p = ``power``, default 4)   or   exp(s^2)  (variant="exp_squared")
+        f(s) = exp(s |s|)  (variant="exp_odd": the odd control of exp_squared, not EA in the paper's sense)
+
+    (the variants are the table in ops/variants.py; an unknown name raises ValueError listing them)
 
     Args mirror SDPA: query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev);
     ``attn_mask`` boolean broadcastable to (..., L, S), True = take part (a float mask raises
