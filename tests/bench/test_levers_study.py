@@ -1,0 +1,71 @@
+"""benchmarks/levers/study.py: issue #21's queue and its pre-registered selection rule (docs/levers.md), on
+synthetic records."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "levers" / "study.py"
+_spec = importlib.util.spec_from_file_location("levers_study", SCRIPT)
+study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study)
+
+TEXT = {  # label -> bits/byte at lr 2e-3 (the other lrs are 0.1 worse), the same on both corpora
+    "dpa": 2.00, "dpa+gate": 1.98, "ea-power4": 2.10, "ea-power6": 2.05, "ea-power8": 2.04,
+    "ea-exp_squared+gain@-1.1513": 2.01, "ea-exp_odd": 1.90, "ea+gate": 2.20, "ea-exp_squared+gate": 2.00,
+    "ea[h2]": 2.15, "ea[first]": 2.12,
+}
+LADDER = {  # label -> token accuracy on pointer and lagged_digits (DPA 0.6, the paper's EA 1.0: lead 0.4)
+    "dpa": 0.6, "ea": 1.0, "ea-exp_squared": 0.6, "dpa+gate": 0.6, "ea-power4": 0.95, "ea-power6": 0.9,
+    "ea-power8": 0.85, "ea-exp_squared+gain@-1.1513": 0.62, "ea-exp_odd": 0.6, "ea+gate": 0.99,
+    "ea-exp_squared+gate": 0.61, "ea[h2]": 0.95, "ea[first]": 0.8,
+}
+
+
+def _write(path: Path, recs: list[dict]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def _records(tmp_path: Path, drop: str | None = None) -> Path:
+    for c in study.CORPORA:
+        _write(tmp_path / f"{c}-300", [
+            {"kind": m, "lr": float(lr), "seed": 0, "val_bpb": b + (0.0 if lr == "2e-3" else 0.1)}
+            for m, b in TEXT.items() for lr in study.LRS if m != drop])
+    _write(tmp_path / "ladder", [
+        {"kind": m, "metrics": {"token_acc": acc + 0.001 * s}, "ladder": {"family": f}}
+        for m, acc in LADDER.items() for f in ("pointer", "lagged_digits", "recall") for s in range(3)])
+    return tmp_path
+
+
+def test_stage1_is_the_ladder_stage_then_every_mechanism_lr_and_corpus():
+    jobs = study.stage1_jobs("OUT")
+    assert jobs[0].startswith("!") and "ladder_stage.sh" in jobs[0]
+    assert len(jobs) == 1 + len(study.LRS) * len(study.CORPORA) * len(study.MECHANISMS)
+    assert jobs[1] == "lm --threads 1 --corpus prose --lr 2e-3 --seeds 0 --steps 300 --out OUT/prose-300 --kinds dpa"
+
+
+def test_selection_follows_the_protocol(tmp_path):
+    res = study.select(_records(tmp_path))
+    assert res["complete"] and res["best_softmax"] == {"prose": "dpa+gate", "code": "dpa+gate"}
+    assert res["lr"]["code"]["ea[h2]"] == 2e-3
+    assert res["gap"]["ea-power6"] == pytest.approx(0.07)
+    assert res["kept"]["ea-power8"]["pointer"] == pytest.approx(0.625)
+    # keep >= 75% on both rungs: power4 (87.5%), power6 (75%), ea+gate, ea[h2]; by gap: power6 +0.07,
+    # power4 +0.12, ea[h2] +0.17 (ea+gate +0.22 is fourth); the odd control (best text) is never selected
+    assert res["finalists"] == ["ea-power6", "ea-power4", "ea[h2]"]
+    jobs = study.final_jobs(res, "OUT")
+    assert len(jobs) == 2 * 4 * (2 + 3)  # corpora x (3 finalists + best softmax) x (2 + 3 seeds)
+    assert ("lm --threads 1 --corpus prose --lr 0.002 --seeds 1 --steps 300 --out OUT/prose-300 "
+            "--kinds ea --variants power6") in jobs
+    assert any("--steps 1200 --eval-every 100 --out OUT/code-1200 --kinds dpa --gate on" in j for j in jobs)
+    table = study.table(res)
+    assert len(table) == 2 + len(study.MECHANISMS) + 2 and "| C2 | ea-power6 | 2.050 (0.002) |" in table[5]
+
+
+def test_no_finalists_while_a_mechanism_is_missing(tmp_path):
+    res = study.select(_records(tmp_path, drop="ea[first]"))
+    assert not res["complete"] and res["finalists"] is None
+    with pytest.raises(SystemExit, match="not complete"):
+        study.main(["final", str(tmp_path / "q"), "--out", str(tmp_path)])
