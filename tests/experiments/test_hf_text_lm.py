@@ -83,23 +83,7 @@ def test_cli(tmp_path, capsys):
     assert "| dpa |" in out and "| ea |" in out
     assert (tmp_path / "cli" / "lm_curves.csv").exists()
     with pytest.raises(SystemExit):
-        cli.main(["lm", "--impls", "softmax"])
-
-
-def test_impls_and_lmconfig_are_deprecated_names(tmp_path):
-    with pytest.warns(DeprecationWarning, match="kinds"):
-        cfg = text_lm.TextLMConfig(impls=("sdpa", "expressive_squared"))
-    assert (cfg.kinds, cfg.variants) == (("dpa", "ea"), ("squared",))
-    assert [m.label for m in cfg.runs()] == ["dpa", "ea-squared"]
-    with pytest.warns(DeprecationWarning, match="TextLMConfig"):
-        assert text_lm.LMConfig is text_lm.TextLMConfig
-    cfg = tiny(tmp_path)
-    with pytest.warns(DeprecationWarning, match="--kinds"):
-        rc = cli.main(["lm", *cfg.paths, "--impls", "expressive_squared", "--steps", "1", "--eval-every", "1",
-                       "--d-model", "32", "--layers", "1", "--context", "16", "--batch-size", "2", "--threads", "1",
-                       "--arch", "gpt2", "--out", str(tmp_path / "old")])
-    assert rc == 0
-    assert list(json.loads((tmp_path / "old" / "lm_summary.json").read_text())["results"]) == ["ea-squared"]
+        cli.main(["lm", "--impls", "sdpa"])  # gone: --kinds and --variants
 
 
 def test_mechanisms_by_name():

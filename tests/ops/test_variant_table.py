@@ -55,8 +55,6 @@ def test_other_name_tables_agree_with_the_table():
     stats = {k: v for k, v in attention_stats.COUNTERFACTUALS.items() if v is not None}
     assert stats == inst
     assert all(kind_label("ea", v) in kinds.PLOT_STYLE for v in VARIANTS)
-    legacy = {v for k, (kind, v) in text_lm.IMPLEMENTATIONS.items() if kind == "ea"}
-    assert legacy == {n for n, e in VARIANT_TABLE.items() if not e.params}
     for label, spec in inst.items():
         assert text_lm.parse_variant(label) == spec
     assert parse_variant("power8") == ("power", 8.0)

@@ -6,11 +6,11 @@ import argparse
 import time
 
 from ..ops import KINDS, VARIANTS
-from .args import add_lever_options, csv_of, deprecated, positive_float, positive_int
+from .args import add_lever_options, csv_of, positive_float, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..experiments.text_lm import ARCHS, CORPORA, IMPLEMENTATIONS, TextLMConfig
+    from ..experiments.text_lm import ARCHS, CORPORA, TextLMConfig
 
     d = TextLMConfig()
     p = subparsers.add_parser(
@@ -36,9 +36,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"EA variants, each its own run: one of {', '.join(VARIANTS)} (saturating is the paper's "
                         "EA; power is |s|^4), or power<p> (e.g. power8) (default: saturating)")
     add_lever_options(p)  # --scales, --gate, --ea-heads, --layer-kinds (cli/args.py)
-    p.add_argument("--impls", type=csv_of(choices=IMPLEMENTATIONS), default=None,
-                   help=f"deprecated: attn implementations ({','.join(IMPLEMENTATIONS)}); "
-                        "use --kinds and --variants")
     p.add_argument("--arch", choices=ARCHS, default=d.arch, help="HF model family (default: %(default)s)")
     p.add_argument("--d-model", type=positive_int, default=d.d_model, help="hidden size (default: %(default)s)")
     p.add_argument("--layers", type=positive_int, default=d.layers, help="layers (default: %(default)s)")
@@ -65,12 +62,9 @@ def run_lm_cmd(args) -> int:
 
     require("hf", "ea lm")  # before any work; the plot is skipped without matplotlib
     require("cli", "ea lm", ("tqdm",))
-    from ..experiments.text_lm import TextLMConfig, format_table, kinds_from_impls, run
+    from ..experiments.text_lm import TextLMConfig, format_table, run
 
     kinds, variants = args.kinds, args.variants
-    if args.impls is not None:
-        deprecated("`ea lm --impls` is deprecated; use --kinds and --variants")
-        kinds, variants = kinds_from_impls(args.impls)
     levers = {name: tuple(v) for name, v in (("scales", args.scales), ("gates", args.gate),
                                               ("ea_heads", args.ea_heads), ("layer_kinds", args.layer_kinds))
               if v is not None}  # issue #21's flags, when given (else TextLMConfig's defaults)

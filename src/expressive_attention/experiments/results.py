@@ -87,6 +87,23 @@ def serialised(out: str | os.PathLike):
         yield
 
 
+# ---------------------------------------------------------------- old field names
+# The one place where old names live on. A config is hashed (its results key) under the field names
+# it had when results files were first written, so renaming a field changes no key: files on disk
+# resume, and their records read. Each map: current name -> name in the hash and in old records.
+RUN_KEY_NAMES = {"kind": "attention"}  # RunConfig (experiments/train.py)
+
+
+def rename_keys(d: dict, renames: dict[str, str]) -> dict:
+    """`d` with each key of `renames` replaced by its value (a copy)."""
+    return {renames.get(k, k): v for k, v in d.items()}
+
+
+def current_names(d: dict, renames: dict[str, str]) -> dict:
+    """`d` (a stored config, possibly with old names) under the current names of map `renames`."""
+    return rename_keys(d, {old: new for new, old in renames.items()})
+
+
 def config_key(config: dict[str, Any]) -> str:
     """A stable 16-hex-digit key for a config dict (canonical JSON: sorted keys, no spaces)."""
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import functools
 import math
 import os
 import sysconfig
@@ -35,32 +34,17 @@ from pathlib import Path
 
 import torch
 
-from ..deprecation import warn_renamed
-from ..ops.variants import DEFAULT_VARIANT, VARIANT_TABLE, variant_label
+from ..ops.variants import variant_label
 from .kinds import (  # noqa: F401  (parse_variant: also imported from here)
     kind_label, kind_specs, lever_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant,
     resolve_layer_kinds,
 )
 from .results import RESULTS_FILE, ResultsStore, config_key, serialised
 
-# the old `impls` names (attn_implementation names) -> (kind, variant): "sdpa", "expressive", and
-# "expressive_<variant>" for each variant of the table without parameters
-IMPLEMENTATIONS = {"sdpa": ("dpa", None), **{("expressive" if v == DEFAULT_VARIANT else f"expressive_{v}"): ("ea", v)
-                                              for v, entry in VARIANT_TABLE.items() if not entry.params}}
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 CORPORA = ("code", "prose")
 SCALES = ("fixed", "learned")  # the score scale: 1/sqrt(E), or times a learned per-head gain (also learned@G)
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
-
-
-def kinds_from_impls(impls) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(kinds, variants) for the old `impls` list, e.g. ("sdpa", "expressive_squared")."""
-    bad = [i for i in impls if i not in IMPLEMENTATIONS]
-    if bad or not impls:
-        raise ValueError(f"impls must be a non-empty subset of {tuple(IMPLEMENTATIONS)}, got {list(impls)}")
-    specs = [IMPLEMENTATIONS[i] for i in impls]
-    kinds = tuple(dict.fromkeys(k for k, _ in specs))
-    return kinds, tuple(dict.fromkeys(v for _, v in specs if v is not None)) or ("saturating",)
 
 
 @dataclass(frozen=True)
@@ -234,29 +218,6 @@ class TextLMConfig:
         for name in ("max_bytes", "context", "batch_size", "steps", "eval_every", "eval_windows", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-def _accept_impls(init):
-    """TextLMConfig(impls=...): the deprecated way to name the runs, converted to kinds and variants."""
-
-    @functools.wraps(init)
-    def __init__(self, *args, impls=None, **kwargs):
-        init(self, *args, **kwargs)
-        if impls is not None:
-            warn_renamed("TextLMConfig", "impls", "kinds and variants", stacklevel=2)
-            self.kinds, self.variants = kinds_from_impls(impls)
-
-    return __init__
-
-
-TextLMConfig.__init__ = _accept_impls(TextLMConfig.__init__)
-
-
-def __getattr__(name: str):
-    if name == "LMConfig":  # the old name of TextLMConfig (nn.LMConfig is the DecoderLM's config)
-        warn_renamed(__name__, "LMConfig", "TextLMConfig", stacklevel=2)
-        return TextLMConfig
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def auto_threads() -> int:
