@@ -87,7 +87,7 @@ def test_lm_outputs_without_matplotlib(tmp_path, monkeypatch, capsys):
                    train_bytes=1, val_bytes=1, torch="t", transformers="t", threads=1)
     summary = text_study.write_outputs([rec], summary, tmp_path)
     assert set(summary["paths"]) == {"csv", "json", "report"} and "plot skipped" in capsys.readouterr().out
-    assert "| dpa | 0.002 | 1.500 ± 0.000 |" in text_lm.format_table(summary)
+    assert "| dpa | 0.002 | 1.500 ± 0.000 |" in text_study.format_table(summary)
     assert "lm_curves.png" not in (tmp_path / "report.md").read_text()
 
 

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 from expressive_attention import cli  # noqa: E402
-from expressive_attention.experiments import text_lm  # noqa: E402
+from expressive_attention.experiments import text_data, text_lm, text_study  # noqa: E402
 
 TEXT = ("def add(a, b):\n    return a + b\n\n" * 40 + "class Point:\n    x: int = 0\n    y: int = 0\n" * 40)
 
@@ -27,7 +27,7 @@ def tiny(tmp_path, **kw):
 
 def test_lm_run_writes_curves_and_compares(tmp_path):
     cfg = tiny(tmp_path)
-    summary = text_lm.run(cfg, progress=False, log=lambda *_: None)
+    summary = text_study.run(cfg, progress=False, log=lambda *_: None)
     assert summary["files"] == 4 and summary["vocab"] == 256
     rows = list(csv.DictReader(open(tmp_path / "out" / "lm_curves.csv")))
     assert [r["kind"] for r in rows] == ["dpa"] * 3 + ["ea"] * 3
@@ -43,24 +43,24 @@ def test_lm_run_writes_curves_and_compares(tmp_path):
     saved = json.loads((tmp_path / "out" / "lm_summary.json").read_text())
     assert set(saved["results"]) == {"dpa", "ea"}
     assert saved["results"]["ea"]["val_loss"] != saved["results"]["dpa"]["val_loss"]
-    assert "| ea |" in text_lm.format_table(summary)
+    assert "| ea |" in text_study.format_table(summary)
 
 
 def test_lm_is_reproducible_and_char_level(tmp_path):
-    runs = [text_lm.run(tiny(tmp_path, kinds=("ea",), variants=("squared",), steps=3), progress=False,
+    runs = [text_study.run(tiny(tmp_path, kinds=("ea",), variants=("squared",), steps=3), progress=False,
                         log=lambda *_: None) for _ in range(2)]
     a, b = (r["results"]["ea-squared"] for r in runs)
     assert a["attn_implementation"] == "expressive_squared"
     assert (a["val_loss"], a["val_bpb"]) == (b["val_loss"], b["val_bpb"])
-    c = text_lm.run(tiny(tmp_path, tokenizer="char", kinds=("dpa",), steps=2), progress=False, log=lambda *_: None)
+    c = text_study.run(tiny(tmp_path, tokenizer="char", kinds=("dpa",), steps=2), progress=False, log=lambda *_: None)
     assert c["vocab"] == len(set(TEXT)) + 1
 
 
 def test_held_out_split_and_files(tmp_path):
     cfg = tiny(tmp_path, max_bytes=2500, val_fraction=0.2)
-    train, val, n = text_lm.load_text(cfg)
+    train, val, n = text_data.load_text(cfg)
     assert len(train) + len(val) <= 2500 + n and abs(len(val) - 0.2 * (len(train) + len(val))) <= 1
-    assert all(f.suffix == ".py" for f in text_lm.collect_files(cfg.paths, cfg.glob))
+    assert all(f.suffix == ".py" for f in text_data.collect_files(cfg.paths, cfg.glob))
 
 
 @pytest.mark.parametrize("bad", [dict(tokenizer="word"), dict(kinds=("softmax",)), dict(variants=("cubic",)), dict(arch="bert"),
@@ -70,7 +70,7 @@ def test_held_out_split_and_files(tmp_path):
                                  dict(variants=("power0.5",)), dict(scales=("sometimes",))])
 def test_bad_config_raises(tmp_path, bad):
     with pytest.raises((ValueError, FileNotFoundError)):
-        text_lm.run(tiny(tmp_path, **bad), progress=False, log=lambda *_: None)
+        text_study.run(tiny(tmp_path, **bad), progress=False, log=lambda *_: None)
 
 
 def test_cli(tmp_path, capsys):
@@ -99,7 +99,7 @@ def test_mechanisms_by_name():
 
 def test_seeds_and_lrs_study_resumes_and_reports(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, variants=("power",), seeds=(0, 1), lrs=(1e-2, 3e-3), steps=3, eval_every=3)
-    summary = text_lm.run(cfg, progress=False, log=lambda *_: None)
+    summary = text_study.run(cfg, progress=False, log=lambda *_: None)
     lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 8 and summary["records"] == 8
     grid = {(r["impl"], r["lr"]): r for r in summary["grid"]}
@@ -120,11 +120,11 @@ def test_seeds_and_lrs_study_resumes_and_reports(tmp_path, monkeypatch):
 
     assert set(layers[0]["top_weight_if"]) == set(COUNTERFACTUALS) >= {"softmax", "saturating", "power4", "exp_odd"}
     # resume: the same command trains nothing; one more seed trains only the new runs
-    monkeypatch.setattr(text_lm, "train_one", lambda *a, **k: pytest.fail("a finished run was redone"))
-    again = text_lm.run(cfg, progress=False, log=lambda *_: None)
+    monkeypatch.setattr(text_study, "train_one", lambda *a, **k: pytest.fail("a finished run was redone"))
+    again = text_study.run(cfg, progress=False, log=lambda *_: None)
     assert again["grid"] == summary["grid"]
     monkeypatch.undo()
-    more = text_lm.run(tiny(tmp_path, kinds=("dpa",), seeds=(2,), lrs=(1e-2,), steps=3, eval_every=3),
+    more = text_study.run(tiny(tmp_path, kinds=("dpa",), seeds=(2,), lrs=(1e-2,), steps=3, eval_every=3),
                        progress=False, log=lambda *_: None)
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 9
     assert {(r["impl"], r["lr"]): r["n"] for r in more["grid"]}[("dpa", 1e-2)] == 3
@@ -132,11 +132,11 @@ def test_seeds_and_lrs_study_resumes_and_reports(tmp_path, monkeypatch):
 
 def test_prose_corpus_is_english_from_pydoc_topics(tmp_path):
     cfg = text_lm.TextLMConfig(corpus="prose", max_bytes=200_000, context=64)
-    train, val, n = text_lm.load_text(cfg)
+    train, val, n = text_data.load_text(cfg)
     assert n > 10 and len(train) + len(val) >= 190_000
     text = train.decode()
     assert "the" in text.split() and "def " not in text[:2000]
-    assert text_lm.load_text(cfg) == (train, val, n)  # fixed order
+    assert text_data.load_text(cfg) == (train, val, n)  # fixed order
 
 
 def test_cli_seeds_lrs_scales(tmp_path, capsys):
@@ -155,7 +155,7 @@ def test_cli_seeds_lrs_scales(tmp_path, capsys):
 
 def test_learned_gain_mechanisms_train_their_gain(tmp_path):
     cfg = tiny(tmp_path, variants=("exp_squared",), scales=("learned",), steps=3, eval_every=3)
-    text_lm.run(cfg, progress=False, log=lambda *_: None)
+    text_study.run(cfg, progress=False, log=lambda *_: None)
     recs = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in recs] == ["dpa+gain", "ea-exp_squared+gain"]
     for r in recs:

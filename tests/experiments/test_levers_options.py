@@ -190,7 +190,7 @@ def test_lm_runs_and_keys(tmp_path):
 
 
 def test_lm_cli_every_flag_and_resume(tmp_path, capsys, monkeypatch):
-    from expressive_attention.experiments import text_lm
+    from expressive_attention.experiments import text_study
 
     out = tmp_path / "lm"
     argv = ["lm", _text(tmp_path), "--d-model", "32", "--layers", "3", "--context", "16", "--batch-size", "2",
@@ -208,5 +208,5 @@ def test_lm_cli_every_flag_and_resume(tmp_path, capsys, monkeypatch):
     gain = recs[1]["diagnosis"]["init"][0]["gain"]
     assert gain == [round(math.exp(-1.1513), 4)] * 4
     assert "| dpa+gain@-1.1513+gate |" in printed
-    monkeypatch.setattr(text_lm, "train_one", lambda *a, **k: pytest.fail("a finished run was redone"))
+    monkeypatch.setattr(text_study, "train_one", lambda *a, **k: pytest.fail("a finished run was redone"))
     assert main(argv) == 0  # resume: every run is in results.jsonl

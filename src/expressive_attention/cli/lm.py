@@ -1,5 +1,5 @@
 """`ea lm`: EA vs SDPA in the same small Hugging Face causal LM on real text (see
-expressive_attention.experiments.text_lm and docs/huggingface.md)."""
+expressive_attention.experiments.text_study and docs/huggingface.md)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,8 @@ from .args import add_lever_options, csv_of, positive_float, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..experiments.text_lm import ARCHS, CORPORA, TextLMConfig
+    from ..experiments.text_data import CORPORA
+    from ..experiments.text_lm import ARCHS, TextLMConfig
 
     d = TextLMConfig()
     p = subparsers.add_parser(
@@ -62,7 +63,8 @@ def run_lm_cmd(args) -> int:
 
     require("hf", "ea lm")  # before any work; the plot is skipped without matplotlib
     require("cli", "ea lm", ("tqdm",))
-    from ..experiments.text_lm import TextLMConfig, format_table, run
+    from ..experiments.text_lm import TextLMConfig
+    from ..experiments.text_study import format_table, run
 
     kinds, variants = args.kinds, args.variants
     levers = {name: tuple(v) for name, v in (("scales", args.scales), ("gates", args.gate),

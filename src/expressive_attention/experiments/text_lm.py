@@ -1,5 +1,7 @@
-"""`ea lm`: one small Hugging Face causal LM, trained with each attention implementation on the same
-text (same initial weights, same batches, same number of steps), compared on held-out bits per byte.
+"""The text LM of `ea lm`: one small Hugging Face causal LM per attention mechanism, trained on
+the same text (same initial weights, same batches, same number of steps) and scored on held-out bits
+per byte. The study over seeds x lrs x mechanisms, its results file and report: text_study.py; the
+text and its tokens: text_data.py.
 
 The model is built from a config (no downloaded weights); one run per mechanism of ``kinds`` x
 ``variants`` x ``scales`` (as in the ladder: "dpa", "ea", "ea-squared", "ea-power4",
@@ -7,30 +9,16 @@ The model is built from a config (no downloaded weights); one run per mechanism 
 ``attn_implementation`` ("sdpa", "expressive", "expressive_squared", ...; see `hf_implementation`),
 so only the attention rule differs between runs. Issue #21's levers multiply the runs the same way
 (``gates``, ``ea_heads``, ``layer_kinds``, ``scales`` with "learned@G"; labels such as "ea+gate",
-"ea[h2]", "ea[first]", "ea-exp_squared+gain@-1.1513"; see kinds.py and docs/real-text.md). The text is any local files, or one of two
-corpora every Python install has offline (``corpus``): "code", the standard library's own source
-files, and "prose", the English help texts of ``pydoc_data/topics.py`` (the pages
-`help("topic")` shows, ~0.47 MB). Tokens are bytes (vocab 256) or characters (vocab from the
-training text). The last ``val_fraction`` of the text (whole files / topics, in a fixed
-pseudo-random order) is held out.
-
-A study is one command: every (seed, lr, mechanism) in ``seeds`` x ``lrs`` x ``runs()`` is one
-run; each finished run is appended to OUT/results.jsonl at once, and a rerun skips the runs
-already there (an interrupted study resumes). Summary, tables, plot and OUT/report.md cover every
-run in the file with the same setting (experiments/text_study.py); each run also records
-per-layer attention statistics at init and at the end (experiments/attention_stats.py).
+"ea[h2]", "ea[first]", "ea-exp_squared+gain@-1.1513"; see kinds.py and docs/real-text.md). Each run
+also records per-layer attention statistics at init and at the end (attention_stats.py).
 """
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 import os
-import sysconfig
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -39,12 +27,11 @@ from .kinds import (  # noqa: F401  (parse_variant: also imported from here)
     kind_label, kind_specs, lever_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant,
     resolve_layer_kinds,
 )
-from .results import RESULTS_FILE, ResultsStore, config_key, serialised
+from .results import config_key
+from .text_data import CORPORA, TOKENIZERS
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
-CORPORA = ("code", "prose")
 SCALES = ("fixed", "learned")  # the score scale: 1/sqrt(E), or times a learned per-head gain (also learned@G)
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
 
 
 @dataclass(frozen=True)
@@ -182,8 +169,8 @@ class TextLMConfig:
         return out
 
     def check(self) -> None:
-        if self.tokenizer not in ("byte", "char"):
-            raise ValueError(f"tokenizer must be 'byte' or 'char', got {self.tokenizer!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         runs = self.runs()  # kinds, variants, scales, levers
@@ -228,84 +215,6 @@ def auto_threads() -> int:
     except OSError:
         busy = False
     return 1 if busy else torch.get_num_threads()
-
-
-# ---------------------------------------------------------------- text
-
-
-def stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def collect_files(paths: list[str], glob: str) -> list[Path]:
-    """Files named in ``paths`` plus ``glob`` matches under directories (site-packages skipped), in
-    a fixed pseudo-random order (crc32 of the relative path) so a byte budget samples widely."""
-    roots = [Path(p) for p in paths] if paths else [stdlib_dir()]
-    files: list[tuple[int, str, Path]] = []
-    for root in roots:
-        if root.is_file():
-            files.append((zlib.crc32(root.name.encode()), root.name, root))
-        elif root.is_dir():
-            for d, subdirs, names in os.walk(root):
-                subdirs[:] = [s for s in subdirs if s not in _SKIP_DIRS]
-                for n in fnmatch.filter(names, glob):
-                    f = Path(d) / n
-                    rel = f.relative_to(root).as_posix()
-                    files.append((zlib.crc32(rel.encode()), rel, f))
-        else:
-            raise FileNotFoundError(f"text path {str(root)!r} does not exist")
-    if not files:
-        raise ValueError(f"no files matching {glob!r} under {[str(r) for r in roots]}")
-    return [f for _, _, f in sorted(files)]
-
-
-def prose_documents() -> list[bytes]:
-    """The "prose" corpus: the help topics of the standard library's ``pydoc_data/topics.py``
-    (English reference text, shipped with every CPython), in a fixed pseudo-random order."""
-    from pydoc_data.topics import topics
-
-    return [topics[k].encode("utf-8") for k in sorted(topics, key=lambda k: (zlib.crc32(k.encode()), k))]
-
-
-def corpus_description(cfg: TextLMConfig) -> str:
-    if cfg.paths:
-        return ", ".join(cfg.paths)
-    if cfg.corpus == "prose":
-        return "prose: Python's pydoc help topics (pydoc_data/topics.py)"
-    return f"code: Python stdlib source ({stdlib_dir()})"
-
-
-def load_text(cfg: TextLMConfig) -> tuple[bytes, bytes, int]:
-    """(train bytes, held-out bytes, number of files read) within ``cfg.max_bytes``."""
-    chunks, total = [], 0
-    if cfg.paths or cfg.corpus == "code":
-        docs = (f.read_bytes() for f in collect_files(cfg.paths, cfg.glob))
-    else:
-        docs = iter(prose_documents())
-    for doc in docs:
-        data = doc[: cfg.max_bytes - total]
-        chunks.append(data)
-        total += len(data)
-        if total >= cfg.max_bytes:
-            break
-    text = b"\n".join(chunks)
-    n_val = int(len(text) * cfg.val_fraction)
-    if len(text) - n_val < cfg.context + 1 or n_val < cfg.context + 1:
-        raise ValueError(f"{len(text)} bytes of text is too little for context {cfg.context}")
-    return text[:-n_val], text[-n_val:], len(chunks)
-
-
-def tokenize(train: bytes, val: bytes, kind: str):
-    """-> (train ids, val ids, vocab size, held-out bytes per token)."""
-    if kind == "byte":
-        t = torch.frombuffer(bytearray(train), dtype=torch.uint8).long()
-        v = torch.frombuffer(bytearray(val), dtype=torch.uint8).long()
-        return t, v, 256, 1.0
-    tr, va = train.decode("utf-8", errors="replace"), val.decode("utf-8", errors="replace")
-    vocab = {c: i + 1 for i, c in enumerate(sorted(set(tr)))}  # 0 = unknown
-    t = torch.tensor([vocab[c] for c in tr])
-    v = torch.tensor([vocab.get(c, 0) for c in va])
-    return t, v, len(vocab) + 1, len(val) / len(va)
 
 
 # ---------------------------------------------------------------- model
@@ -475,55 +384,3 @@ def run_key(cfg: TextLMConfig, impl: str, lr: float, seed: int, levers: dict | N
     earlier keys stay as they were)."""
     return config_key({**setting(cfg), "impl": impl, "lr": float(lr), "seed": int(seed),
                        **({"levers": levers} if levers else {})})
-
-
-def run(cfg: TextLMConfig, progress: bool = True, log=print, command: str = "") -> dict:
-    """Train every (seed, lr, mechanism) not yet in OUT/results.jsonl, appending each record as it
-    finishes; then write the summary, curves, plot and report of every run with this setting."""
-    from .text_study import write_outputs
-
-    cfg.check()
-    torch.set_num_threads(cfg.threads or auto_threads())
-    train, val, n_files = load_text(cfg)
-    train_ids, val_ids, vocab, bytes_per_token = tokenize(train, val, cfg.tokenizer)
-    windows = eval_windows(val_ids, cfg)
-    log(f"text: {corpus_description(cfg)}: {n_files} documents, {len(train):,} train / {len(val):,} held-out "
-        f"bytes; {cfg.tokenizer}-level, vocab {vocab}; {len(windows)} held-out windows of {cfg.context}")
-    out = Path(cfg.out)
-    store = ResultsStore(out / RESULTS_FILE)
-    store.repair()
-    done = store.keys()
-    mechs = [(m, hf_implementation(m)) for m in cfg.runs()]
-    todo = [(seed, lr, m, impl) for seed in cfg.seeds for lr in cfg.lrs for m, impl in mechs]
-    skipped = sum(run_key(cfg, impl, lr, seed, m.levers()) in done for seed, lr, m, impl in todo)
-    if skipped:
-        log(f"{skipped} of {len(todo)} runs already in {store.path}: skipped")
-    import transformers
-
-    for seed, lr, mech, impl in todo:
-        key = run_key(cfg, impl, lr, seed, mech.levers())
-        if key in done:
-            continue
-        rows, diagnosis = train_one(cfg, mech, impl, lr, seed, train_ids, windows, vocab, bytes_per_token, progress)
-        last = rows[-1]
-        with serialised(out):
-            store.append(dict(
-                key=key, setting=setting(cfg), kind=mech.label, impl=impl, lr=float(lr), seed=int(seed),
-                mechanism=asdict(mech),
-                val_loss=last["val_loss"], val_bpb=last["val_bpb"], train_seconds=last["train_seconds"],
-                wall_seconds=last["wall_seconds"], curve=rows, diagnosis=diagnosis, vocab=vocab,
-                train_bytes=len(train), val_bytes=len(val), files=n_files, threads=torch.get_num_threads(),
-                torch=torch.__version__, transformers=transformers.__version__,
-            ))
-        done.add(key)
-        log(f"{mech.label} lr={lr:g} seed={seed}: held-out {last['val_bpb']:.4f} bits/byte "
-            f"({last['wall_seconds']:.0f} s) -> {store.path}")
-    summary = dict(config=asdict(cfg), runs=[m.label for m, _ in mechs], vocab=vocab, train_bytes=len(train),
-                   val_bytes=len(val), files=n_files, corpus=corpus_description(cfg),
-                   tokens_per_run=cfg.steps * cfg.batch_size * cfg.context, torch=torch.__version__,
-                   transformers=transformers.__version__, threads=torch.get_num_threads(), command=command)
-    with serialised(out):  # the records as they are now, including those other commands appended meanwhile
-        records = [r for r in store.read() if r.get("setting") == setting(cfg)]
-        return write_outputs(records, summary, out)
-
-from .text_study import format_table  # noqa: E402,F401  (the tables of a summary)

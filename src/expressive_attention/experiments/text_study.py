@@ -1,4 +1,7 @@
-"""Summary, table, plot and report of an `ea lm` study (the records of OUT/results.jsonl).
+"""The `ea lm` study: every (seed, lr, mechanism) in ``seeds`` x ``lrs`` x ``runs()`` is one run of
+text_lm.train_one; each finished run is appended to OUT/results.jsonl at once, and a rerun skips the
+runs already there (an interrupted study resumes). Summary, tables, plot and OUT/report.md cover
+every run in the file with the same setting.
 
 Protocol the report applies (fixed before any result was seen, see docs/real-text.md): each
 mechanism's learning rate is the one with the lowest held-out bits/byte on the *selection seed*
@@ -10,15 +13,20 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
+
+import torch
+
+from .results import RESULTS_FILE, ResultsStore, serialised
+from .text_data import corpus_description, load_text, tokenize
+from .text_lm import TextLMConfig, auto_threads, eval_windows, hf_implementation, label_of_impl, run_key, setting, train_one
 
 TARGET_GAP = 0.02  # bits/byte: "EA-family within this of SDPA" is the issue's target
 
 
 def label(record: dict) -> str:
     """A record's mechanism label ("dpa", "ea-power4", ...); older records stored only `impl`."""
-    from .text_lm import label_of_impl
-
     return record.get("kind") or label_of_impl(record["impl"])
 
 
@@ -255,3 +263,51 @@ def write_outputs(records: list[dict], summary: dict, out: Path) -> dict:
         report += ["![curves](lm_curves.png)", ""]
     paths["report"].write_text("\n".join(report))
     return summary
+
+
+def run(cfg: TextLMConfig, progress: bool = True, log=print, command: str = "") -> dict:
+    """Train every (seed, lr, mechanism) not yet in OUT/results.jsonl, appending each record as it
+    finishes; then write the summary, curves, plot and report of every run with this setting."""
+    cfg.check()
+    torch.set_num_threads(cfg.threads or auto_threads())
+    train, val, n_files = load_text(cfg)
+    train_ids, val_ids, vocab, bytes_per_token = tokenize(train, val, cfg.tokenizer)
+    windows = eval_windows(val_ids, cfg)
+    log(f"text: {corpus_description(cfg)}: {n_files} documents, {len(train):,} train / {len(val):,} held-out "
+        f"bytes; {cfg.tokenizer}-level, vocab {vocab}; {len(windows)} held-out windows of {cfg.context}")
+    out = Path(cfg.out)
+    store = ResultsStore(out / RESULTS_FILE)
+    store.repair()
+    done = store.keys()
+    mechs = [(m, hf_implementation(m)) for m in cfg.runs()]
+    todo = [(seed, lr, m, impl) for seed in cfg.seeds for lr in cfg.lrs for m, impl in mechs]
+    skipped = sum(run_key(cfg, impl, lr, seed, m.levers()) in done for seed, lr, m, impl in todo)
+    if skipped:
+        log(f"{skipped} of {len(todo)} runs already in {store.path}: skipped")
+    import transformers
+
+    for seed, lr, mech, impl in todo:
+        key = run_key(cfg, impl, lr, seed, mech.levers())
+        if key in done:
+            continue
+        rows, diagnosis = train_one(cfg, mech, impl, lr, seed, train_ids, windows, vocab, bytes_per_token, progress)
+        last = rows[-1]
+        with serialised(out):
+            store.append(dict(
+                key=key, setting=setting(cfg), kind=mech.label, impl=impl, lr=float(lr), seed=int(seed),
+                mechanism=asdict(mech),
+                val_loss=last["val_loss"], val_bpb=last["val_bpb"], train_seconds=last["train_seconds"],
+                wall_seconds=last["wall_seconds"], curve=rows, diagnosis=diagnosis, vocab=vocab,
+                train_bytes=len(train), val_bytes=len(val), files=n_files, threads=torch.get_num_threads(),
+                torch=torch.__version__, transformers=transformers.__version__,
+            ))
+        done.add(key)
+        log(f"{mech.label} lr={lr:g} seed={seed}: held-out {last['val_bpb']:.4f} bits/byte "
+            f"({last['wall_seconds']:.0f} s) -> {store.path}")
+    summary = dict(config=asdict(cfg), runs=[m.label for m, _ in mechs], vocab=vocab, train_bytes=len(train),
+                   val_bytes=len(val), files=n_files, corpus=corpus_description(cfg),
+                   tokens_per_run=cfg.steps * cfg.batch_size * cfg.context, torch=torch.__version__,
+                   transformers=transformers.__version__, threads=torch.get_num_threads(), command=command)
+    with serialised(out):  # the records as they are now, including those other commands appended meanwhile
+        records = [r for r in store.read() if r.get("setting") == setting(cfg)]
+        return write_outputs(records, summary, out)
