@@ -19,7 +19,7 @@ def tiny(tmp_path, **kw):
     for i in range(4):
         (tmp_path / "text" / f"f{i}.py").write_text(TEXT[i * 100:] + TEXT[: i * 100])
     (tmp_path / "text" / "skip.txt").write_text("not python\n" * 100)
-    base = dict(paths=[str(tmp_path / "text")], d_model=32, layers=1, heads=2, kv_heads=1, context=16,
+    base = dict(paths=[str(tmp_path / "text")], d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, context_length=16,
                 batch_size=4, steps=6, lrs=(1e-2,), eval_every=3, eval_windows=8, out=str(tmp_path / "out"),
                 threads=1)
     return text_lm.TextLMConfig(**{**base, **kw})
@@ -30,14 +30,14 @@ def test_lm_run_writes_curves_and_compares(tmp_path):
     summary = text_study.run(cfg, progress=False, log=lambda *_: None)
     assert summary["files"] == 4 and summary["vocab"] == 256
     rows = list(csv.DictReader(open(tmp_path / "out" / "lm_curves.csv")))
-    assert [r["kind"] for r in rows] == ["dpa"] * 3 + ["ea"] * 3
+    assert [r["label"] for r in rows] == ["dpa"] * 3 + ["ea"] * 3
     assert [r["attn_implementation"] for r in rows] == ["sdpa"] * 3 + ["expressive"] * 3
     assert {(r["lr"], r["seed"]) for r in rows} == {("0.01", "0")}
     assert [int(r["step"]) for r in rows] == [0, 3, 6] * 2
     for r in rows:  # byte-level: bits per byte = nats per token / ln 2
         assert math.isclose(float(r["val_bpb"]), float(r["val_loss"]) / math.log(2), rel_tol=1e-9)
-    for kind in ("dpa", "ea"):
-        r = [x for x in rows if x["kind"] == kind]
+    for label in ("dpa", "ea"):
+        r = [x for x in rows if x["label"] == label]
         assert float(r[-1]["val_loss"]) < float(r[0]["val_loss"])  # it learns
     assert (tmp_path / "out" / "lm_curves.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "out" / "lm_summary.json").read_text())
@@ -64,7 +64,7 @@ def test_held_out_split_and_files(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(tokenizer="word"), dict(kinds=("softmax",)), dict(variants=("cubic",)), dict(arch="bert"),
-                                 dict(heads=3), dict(steps=0), dict(val_fraction=1.5), dict(paths=["/nonexistent"]),
+                                 dict(n_heads=3), dict(steps=0), dict(val_fraction=1.5), dict(paths=["/nonexistent"]),
                                  dict(corpus="poetry"), dict(corpus="prose"), dict(lrs=()), dict(lrs=(2.0,)),
                                  dict(seeds=(0, 0)), dict(seeds=(-1,)), dict(variants=("power", "power4")),
                                  dict(variants=("power0.5",)), dict(scales=("sometimes",))])
@@ -102,13 +102,13 @@ def test_seeds_and_lrs_study_resumes_and_reports(tmp_path, monkeypatch):
     summary = text_study.run(cfg, progress=False, log=lambda *_: None)
     lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 8 and summary["records"] == 8
-    grid = {(r["impl"], r["lr"]): r for r in summary["grid"]}
+    grid = {(r["label"], r["lr"]): r for r in summary["grid"]}
     cell = grid[("dpa", 1e-2)]
     assert cell["n"] == 2 and cell["seeds"] == [0, 1] and cell["val_bpb"][0] != cell["val_bpb"][1]
     assert math.isclose(cell["mean"], sum(cell["val_bpb"]) / 2)
     assert math.isclose(cell["std"], abs(cell["val_bpb"][0] - cell["val_bpb"][1]) / math.sqrt(2))
     for label, best in summary["results"].items():  # the lr selected on seed 0
-        seed0 = {r["lr"]: r["val_bpb"][0] for r in summary["grid"] if r["impl"] == label}
+        seed0 = {r["lr"]: r["val_bpb"][0] for r in summary["grid"] if r["label"] == label}
         assert best["lr"] == min(seed0, key=seed0.get)
     assert "gap" in summary["verdict"] and "provisional" in summary["verdict"] and "ea-power4" in summary["verdict"]
     report = (tmp_path / "out" / "report.md").read_text()
@@ -127,11 +127,11 @@ def test_seeds_and_lrs_study_resumes_and_reports(tmp_path, monkeypatch):
     more = text_study.run(tiny(tmp_path, kinds=("dpa",), seeds=(2,), lrs=(1e-2,), steps=3, eval_every=3),
                        progress=False, log=lambda *_: None)
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 9
-    assert {(r["impl"], r["lr"]): r["n"] for r in more["grid"]}[("dpa", 1e-2)] == 3
+    assert {(r["label"], r["lr"]): r["n"] for r in more["grid"]}[("dpa", 1e-2)] == 3
 
 
 def test_prose_corpus_is_english_from_pydoc_topics(tmp_path):
-    cfg = text_lm.TextLMConfig(corpus="prose", max_bytes=200_000, context=64)
+    cfg = text_lm.TextLMConfig(corpus="prose", max_bytes=200_000, context_length=64)
     train, val, n = text_data.load_text(cfg)
     assert n > 10 and len(train) + len(val) >= 190_000
     text = train.decode()
@@ -157,7 +157,27 @@ def test_learned_gain_mechanisms_train_their_gain(tmp_path):
     cfg = tiny(tmp_path, variants=("exp_squared",), scales=("learned",), steps=3, eval_every=3)
     text_study.run(cfg, progress=False, log=lambda *_: None)
     recs = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in recs] == ["dpa+gain", "ea-exp_squared+gain"]
+    assert [r["label"] for r in recs] == ["dpa+gain", "ea-exp_squared+gain"]
     for r in recs:
         init, final = r["diagnosis"]["init"][0]["gain"], r["diagnosis"]["final"][0]["gain"]
         assert init == [1.0, 1.0] and final != init  # exp(0) at init, learned after
+
+
+@pytest.mark.parametrize("study", ["code-300", "code-1200"])
+def test_committed_old_records_keep_their_keys_and_labels(study):
+    """docs/records/real-text was written with TextLMConfig(layers, heads, kv_heads, context) and
+    records naming the HF implementation `impl` (code-300: without a label): results.TEXT_KEY_NAMES
+    maps the setting to today's names, and the same config hashes to the stored key (a rerun resumes)."""
+    from pathlib import Path
+
+    from expressive_attention.experiments.results import TEXT_KEY_NAMES, ResultsStore, current_names
+
+    path = Path(__file__).parents[2] / "docs" / "records" / "real-text" / study / "results.jsonl"
+    records = ResultsStore(path).read()
+    assert records
+    for r in records:
+        cfg = text_lm.TextLMConfig(**current_names(r["setting"], TEXT_KEY_NAMES))
+        assert text_lm.setting(cfg) == r["setting"]
+        assert text_lm.run_key(cfg, r["attn_implementation"], r["lr"], r["seed"]) == r["key"]
+    rows = text_study.grid(records)
+    assert {row["label"] for row in rows} >= {"dpa", "ea-exp_squared"}

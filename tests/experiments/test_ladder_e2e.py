@@ -29,8 +29,8 @@ def test_tiny_ladder_writes_everything_and_resumes(tmp_path):
     with open(tmp_path / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6  # 3 rungs x 2 kinds
-    assert {r["kind"] for r in rows} == {"dpa", "ea"}
-    assert [r["label"] for r in rows if r["kind"] == "dpa"] == ["lag=1", "lag=2", "lag=3"]
+    assert {r["label"] for r in rows} == {"dpa", "ea"}
+    assert [r["rung_label"] for r in rows if r["label"] == "dpa"] == ["lag=1", "lag=2", "lag=3"]
     for r in rows:
         assert r["n"] == "2"
         assert 0.0 <= float(r["token_acc_mean"]) <= 1.0 and float(r["token_acc_std"]) >= 0.0

@@ -141,7 +141,7 @@ def test_ladder_cli_every_flag(tmp_path, capsys):
     assert main(run) == 0
     recs = ResultsStore(out).read()
     assert len(recs) == 6
-    assert {r["kind"] for r in recs} == {"dpa+gain@-1.1513+gate", "ea-exp_squared[h2][last]+gain@-1.1513+gate"}
+    assert {r["label"] for r in recs} == {"dpa+gain@-1.1513+gate", "ea-exp_squared[h2][last]+gain@-1.1513+gate"}
     capsys.readouterr()
     assert main(run) == 0  # resumes: nothing left to run
     assert "0 runs trained, 6 already done" in capsys.readouterr().out
@@ -182,11 +182,11 @@ def test_lm_runs_and_keys(tmp_path):
         assert m.levers() == {}
         assert text_lm.run_key(plain, text_lm.hf_implementation(m), 2e-3, 0, m.levers()) == config_key(
             {**text_lm.setting(plain), "impl": text_lm.hf_implementation(m), "lr": 2e-3, "seed": 0})
-    bad = text_lm.TextLMConfig(heads=4, kv_heads=2, ea_heads=("1",))
-    with pytest.raises(ValueError, match="multiple of heads / kv_heads"):
+    bad = text_lm.TextLMConfig(n_heads=4, n_kv_heads=2, ea_heads=("1",))
+    with pytest.raises(ValueError, match="multiple of n_heads / n_kv_heads"):
         bad.check()
     with pytest.raises(ValueError, match=">= 3 layers"):
-        text_lm.TextLMConfig(layers=2, layer_kinds=("ends",)).check()
+        text_lm.TextLMConfig(n_layers=2, layer_kinds=("ends",)).check()
 
 
 def test_lm_cli_every_flag_and_resume(tmp_path, capsys, monkeypatch):
@@ -200,11 +200,11 @@ def test_lm_cli_every_flag_and_resume(tmp_path, capsys, monkeypatch):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    kinds = [r["kind"] for r in recs]
-    assert kinds == ["dpa+gain@-1.1513+gate", "ea-exp_squared[ends]+gain@-1.1513+gate",
+    labels = [r["label"] for r in recs]
+    assert labels == ["dpa+gain@-1.1513+gate", "ea-exp_squared[ends]+gain@-1.1513+gate",
                      "ea-exp_squared[h2][ends]+gain@-1.1513+gate"]
     assert all(math.isfinite(r["val_bpb"]) for r in recs)
-    assert recs[2]["mechanism"]["n_ea_heads"] == 2 and recs[2]["impl"] == "expressive_exp_squared_hybrid_gain_gate"
+    assert recs[2]["mechanism"]["n_ea_heads"] == 2 and recs[2]["attn_implementation"] == "expressive_exp_squared_hybrid_gain_gate"
     gain = recs[1]["diagnosis"]["init"][0]["gain"]
     assert gain == [round(math.exp(-1.1513), 4)] * 4
     assert "| dpa+gain@-1.1513+gate |" in printed

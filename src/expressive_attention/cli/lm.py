@@ -39,8 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_lever_options(p)  # --scales, --gate, --ea-heads, --layer-kinds (cli/args.py)
     p.add_argument("--arch", choices=ARCHS, default=d.arch, help="HF model family (default: %(default)s)")
     p.add_argument("--d-model", type=positive_int, default=d.d_model, help="hidden size (default: %(default)s)")
-    p.add_argument("--layers", type=positive_int, default=d.layers, help="layers (default: %(default)s)")
-    p.add_argument("--context", type=positive_int, default=d.context, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--layers", dest="n_layers", type=positive_int, default=d.n_layers, help="layers (default: %(default)s)")
+    p.add_argument("--context", dest="context_length", type=positive_int, default=d.context_length, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--steps", type=positive_int, default=d.steps, help="training steps per run (default: %(default)s)")
     p.add_argument("--lr", "--lrs", dest="lrs", type=csv_of(positive_float), default=list(d.lrs),
@@ -72,8 +72,8 @@ def run_lm_cmd(args) -> int:
               if v is not None}  # issue #21's flags, when given (else TextLMConfig's defaults)
     cfg = TextLMConfig(paths=list(args.paths), corpus=args.corpus, glob=args.glob, max_bytes=int(args.max_mb * 1e6),
                        tokenizer=args.tokenizer, kinds=tuple(kinds), variants=tuple(variants),
-                       arch=args.arch, d_model=args.d_model, layers=args.layers,
-                       context=args.context, batch_size=args.batch_size, steps=args.steps, lrs=tuple(args.lrs),
+                       arch=args.arch, d_model=args.d_model, n_layers=args.n_layers,
+                       context_length=args.context_length, batch_size=args.batch_size, steps=args.steps, lrs=tuple(args.lrs),
                        eval_every=args.eval_every, seeds=tuple(args.seeds), diagnose=args.diagnose,
                        threads=args.threads, out=args.out, **levers)
     try:

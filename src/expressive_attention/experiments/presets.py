@@ -197,7 +197,7 @@ class Preset:
 class GridPoint:
     family: str
     rung: int
-    label: str
+    rung_label: str  # "T=16": the rung's label in tables and plots (config.label: the mechanism's)
     config: RunConfig
     axes: tuple[str, ...] = ()  # the preset axes this run lies on (empty: no axes)
     point: dict = field(default_factory=dict)  # its RunConfig fields that differ from the preset's base
@@ -350,7 +350,7 @@ def check_grid(grid: list[GridPoint]) -> None:
                 build_model(c if c.layer_kinds is not None else dataclasses.replace(c, n_layers=1), task)
         except Exception as e:
             msg = str(e).strip("'\"") or type(e).__name__
-            raise ValueError(f"family {p.family!r}, rung {p.label} ({c.label}): {msg}") from None
+            raise ValueError(f"family {p.family!r}, rung {p.rung_label} ({c.label}): {msg}") from None
 
 
 def ladder_grid(preset: str, *, imports=(), families=None, kinds=None, variants=None, seeds=None,

@@ -67,7 +67,7 @@ def corpus_description(cfg) -> str:
 
 def load_text(cfg) -> tuple[bytes, bytes, int]:
     """(train bytes, held-out bytes, number of files read) within ``cfg.max_bytes``. ``cfg``: anything
-    with ``paths``, ``corpus``, ``glob``, ``max_bytes``, ``val_fraction`` and ``context`` (the text LM's
+    with ``paths``, ``corpus``, ``glob``, ``max_bytes``, ``val_fraction`` and ``context_length`` (the text LM's
     config): the last ``val_fraction`` of the text is held out, and each part must hold a window."""
     chunks, total = [], 0
     if cfg.paths or cfg.corpus == "code":
@@ -82,8 +82,8 @@ def load_text(cfg) -> tuple[bytes, bytes, int]:
             break
     text = b"\n".join(chunks)
     n_val = int(len(text) * cfg.val_fraction)
-    if len(text) - n_val < cfg.context + 1 or n_val < cfg.context + 1:
-        raise ValueError(f"{len(text)} bytes of text is too little for context {cfg.context}")
+    if len(text) - n_val < cfg.context_length + 1 or n_val < cfg.context_length + 1:
+        raise ValueError(f"{len(text)} bytes of text is too little for context_length {cfg.context_length}")
     return text[:-n_val], text[-n_val:], len(chunks)
 
 

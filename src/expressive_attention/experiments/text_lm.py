@@ -27,7 +27,7 @@ from .kinds import (  # noqa: F401  (parse_variant: also imported from here)
     kind_label, kind_specs, lever_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant,
     resolve_layer_kinds,
 )
-from .results import config_key
+from .results import TEXT_KEY_NAMES, config_key, rename_keys
 from .text_data import CORPORA, TOKENIZERS
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
@@ -117,6 +117,10 @@ def label_of_impl(impl: str) -> str:
 
 @dataclass
 class TextLMConfig:
+    """Everything `ea lm` trains: the text, the model (nn.LMConfig's field names), the optimisation and
+    the runs (kinds x variants x levers x lrs x seeds). Its results key (`run_key`) hashes `setting()`
+    under the field names the first results files were written with (results.TEXT_KEY_NAMES)."""
+
     paths: list[str] = field(default_factory=list)  # files or directories; empty = `corpus`
     corpus: str = "code"  # without paths: "code" (stdlib source) or "prose" (pydoc topics)
     glob: str = "*.py"  # files taken from directories
@@ -125,10 +129,10 @@ class TextLMConfig:
     tokenizer: str = "byte"  # "byte" | "char"
     arch: str = "llama"
     d_model: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    context: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    context_length: int = 128
     batch_size: int = 16
     steps: int = 300
     lrs: tuple[float, ...] = (2e-3,)  # peak lrs; linear warmup over the first 10% of steps, cosine to 10%
@@ -177,12 +181,12 @@ class TextLMConfig:
         labels = [m.label for m in runs]
         if len(set(labels)) != len(labels):
             raise ValueError(f"the runs repeat a mechanism: {labels}")
-        group = self.heads // self.kv_heads if self.kv_heads and self.heads % self.kv_heads == 0 else 1
+        group = self.n_heads // self.n_kv_heads if self.n_kv_heads and self.n_heads % self.n_kv_heads == 0 else 1
         for m in runs:
-            if m.n_ea_heads is not None and not (m.n_ea_heads <= self.heads and m.n_ea_heads % group == 0):
-                raise ValueError(f"ea-heads {m.n_ea_heads}: must be at most heads ({self.heads}) and a multiple of "
-                                 f"heads / kv_heads ({group})")
-            resolve_layer_kinds(m.layer_kinds, self.layers)
+            if m.n_ea_heads is not None and not (m.n_ea_heads <= self.n_heads and m.n_ea_heads % group == 0):
+                raise ValueError(f"ea-heads {m.n_ea_heads}: must be at most n_heads ({self.n_heads}) and a multiple of "
+                                 f"n_heads / n_kv_heads ({group})")
+            resolve_layer_kinds(m.layer_kinds, self.n_layers)
         if self.corpus not in CORPORA:
             raise ValueError(f"corpus must be one of {CORPORA}, got {self.corpus!r}")
         if self.paths and self.corpus != "code":
@@ -197,12 +201,12 @@ class TextLMConfig:
                 raise ValueError(f"{name} has duplicates: {list(values)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.d_model % self.heads or self.heads % self.kv_heads:
-            raise ValueError(f"d_model ({self.d_model}) must divide by heads ({self.heads}), "
-                             f"heads by kv_heads ({self.kv_heads})")
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"d_model ({self.d_model}) must divide by n_heads ({self.n_heads}), "
+                             f"n_heads by n_kv_heads ({self.n_kv_heads})")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        for name in ("max_bytes", "context", "batch_size", "steps", "eval_every", "eval_windows", "layers"):
+        for name in ("max_bytes", "context_length", "batch_size", "steps", "eval_every", "eval_windows", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -226,19 +230,19 @@ def model_config(cfg: TextLMConfig, vocab: int):
     if cfg.arch == "qwen3":  # Qwen2 plus RMSNorm of each head's q and k
         from transformers import Qwen3Config
 
-        return Qwen3Config(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.layers,
-                           num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-                           head_dim=cfg.d_model // cfg.heads, intermediate_size=4 * cfg.d_model,
-                           max_position_embeddings=cfg.context, tie_word_embeddings=True,
+        return Qwen3Config(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                           num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                           head_dim=cfg.d_model // cfg.n_heads, intermediate_size=4 * cfg.d_model,
+                           max_position_embeddings=cfg.context_length, tie_word_embeddings=True,
                            bos_token_id=0, eos_token_id=0, pad_token_id=None)
     if cfg.arch == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=cfg.d_model, n_layer=cfg.layers, n_head=cfg.heads,
-                          n_positions=cfg.context, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+        return GPT2Config(vocab_size=vocab, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                          n_positions=cfg.context_length, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
                           bos_token_id=0, eos_token_id=0)
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[cfg.arch]
-    return cls(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.layers,
-               num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-               intermediate_size=4 * cfg.d_model, max_position_embeddings=cfg.context,
+    return cls(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+               intermediate_size=4 * cfg.d_model, max_position_embeddings=cfg.context_length,
                tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=None)
 
 
@@ -257,7 +261,7 @@ def build_model(cfg: TextLMConfig, vocab: int, impl: str, seed: int, learn_scale
     torch.manual_seed(seed)
     config = copy.deepcopy(model_config(cfg, vocab))  # a fresh config per model: from_config writes into it
     if mech is not None and mech.hybrid:
-        config.ea_layer_kinds = resolve_layer_kinds(mech.layer_kinds, cfg.layers)
+        config.ea_layer_kinds = resolve_layer_kinds(mech.layer_kinds, cfg.n_layers)
         config.n_ea_heads = mech.n_ea_heads
     model = AutoModelForCausalLM.from_config(config, attn_implementation=impl)
     if learn_scale:
@@ -276,15 +280,15 @@ def batches(ids: torch.Tensor, cfg: TextLMConfig, seed: int):
     """Random training windows (B, context), the same sequence for every implementation."""
     g = torch.Generator().manual_seed(seed + 1)
     while True:
-        start = torch.randint(0, len(ids) - cfg.context, (cfg.batch_size,), generator=g)
-        yield torch.stack([ids[s : s + cfg.context] for s in start.tolist()])
+        start = torch.randint(0, len(ids) - cfg.context_length, (cfg.batch_size,), generator=g)
+        yield torch.stack([ids[s : s + cfg.context_length] for s in start.tolist()])
 
 
 def eval_windows(ids: torch.Tensor, cfg: TextLMConfig) -> torch.Tensor:
     """Fixed, evenly spaced held-out windows (N, context)."""
-    n = min(cfg.eval_windows, len(ids) // cfg.context)
-    starts = torch.linspace(0, len(ids) - cfg.context, n).long()
-    return torch.stack([ids[s : s + cfg.context] for s in starts.tolist()])
+    n = min(cfg.eval_windows, len(ids) // cfg.context_length)
+    starts = torch.linspace(0, len(ids) - cfg.context_length, n).long()
+    return torch.stack([ids[s : s + cfg.context_length] for s in starts.tolist()])
 
 
 @torch.no_grad()
@@ -330,7 +334,7 @@ def train_one(cfg: TextLMConfig, mech: Mechanism, impl: str, lr: float, seed: in
 
     def record(step, train_loss):
         val = evaluate(model, val_windows, cfg.batch_size)
-        rows.append(dict(kind=label, attn_implementation=impl, lr=lr, seed=seed, step=step, tokens=step * cfg.batch_size * cfg.context,
+        rows.append(dict(label=label, attn_implementation=impl, lr=lr, seed=seed, step=step, tokens=step * cfg.batch_size * cfg.context_length,
                          train_loss=train_loss, val_loss=val, val_bpb=val * to_bpb,
                          train_seconds=round(train_time, 2)))
         return val
@@ -369,13 +373,15 @@ def train_one(cfg: TextLMConfig, mech: Mechanism, impl: str, lr: float, seed: in
 
 
 def setting(cfg: TextLMConfig) -> dict:
-    """Everything besides (mechanism, lr, seed) that determines a run's numbers."""
-    keep = ("paths", "corpus", "glob", "max_bytes", "val_fraction", "tokenizer", "arch", "d_model", "layers",
-            "heads", "kv_heads", "context", "batch_size", "steps", "eval_every", "eval_windows")
+    """Everything besides (mechanism, lr, seed) that determines a run's numbers, under the names the
+    results files were first written with (results.TEXT_KEY_NAMES: "layers", "context", ...): the
+    `setting` of every record, and part of its key."""
+    keep = ("paths", "corpus", "glob", "max_bytes", "val_fraction", "tokenizer", "arch", "d_model", "n_layers",
+            "n_heads", "n_kv_heads", "context_length", "batch_size", "steps", "eval_every", "eval_windows")
     d = {k: v for k, v in asdict(cfg).items() if k in keep}
     if d["paths"]:
         d.pop("corpus")
-    return d
+    return rename_keys(d, TEXT_KEY_NAMES)
 
 
 def run_key(cfg: TextLMConfig, impl: str, lr: float, seed: int, levers: dict | None = None) -> str:

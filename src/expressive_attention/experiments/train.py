@@ -332,7 +332,7 @@ def train_run(
     record = {
         "key": cfg.key(),
         "config": cfg.to_dict(),
-        "kind": cfg.label,
+        "label": cfg.label,
         "task": {"name": task.name, "params": dict(task.params()), "vocab_size": task.vocab_size,
                  "seq_len": task.seq_len, "describe": task.describe()},
         "metrics": metrics,
