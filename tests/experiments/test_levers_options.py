@@ -13,7 +13,7 @@ from ladder_tiny_tasks import tiny_preset  # registers "tiny_lag"
 from expressive_attention.cli import main
 from expressive_attention.experiments import ResultsStore
 from expressive_attention.experiments.kinds import (
-    lever_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant, resolve_layer_kinds,
+    mechanism_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant, resolve_layer_kinds,
 )
 from expressive_attention.experiments.presets import ladder_grid
 from expressive_attention.experiments.results import config_key
@@ -55,12 +55,12 @@ def test_variant_names_pass_through(monkeypatch):
 
 
 def test_labels():
-    assert lever_label("ea", forget_gate=True) == "ea+gate"
-    assert lever_label("dpa", forget_gate=True) == "dpa+gate"
-    assert lever_label("ea-exp_squared", learn_scale=True, gain_init=G0) == "ea-exp_squared+gain@-1.1513"
-    assert lever_label("ea", n_ea_heads=2) == "ea[h2]"
-    assert lever_label("ea", layer_kinds="dpa-ea-ea-dpa") == "ea[dpa-ea-ea-dpa]"
-    assert lever_label("ea", n_ea_heads=2, layer_kinds="ends", learn_scale=True, forget_gate=True) == \
+    assert mechanism_label("ea", forget_gate=True) == "ea+gate"
+    assert mechanism_label("dpa", forget_gate=True) == "dpa+gate"
+    assert mechanism_label("ea", "exp_squared", learn_scale=True, gain_init=G0) == "ea-exp_squared+gain@-1.1513"
+    assert mechanism_label("ea", n_ea_heads=2) == "ea[h2]"
+    assert mechanism_label("ea", layer_kinds="dpa-ea-ea-dpa") == "ea[dpa-ea-ea-dpa]"
+    assert mechanism_label("ea", n_ea_heads=2, layer_kinds="ends", learn_scale=True, forget_gate=True) == \
         "ea[h2][ends]+gain+gate"
 
 

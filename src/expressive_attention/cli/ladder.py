@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=csv_of(), default=None, help="comma-separated task families (default: all in preset)")
     p.add_argument("--kinds", type=csv_of(), default=None, help="attention kinds, e.g. dpa,ea (default: the preset's)")
     p.add_argument("--variants", type=csv_of(), default=None,
-                   help="EA variants, e.g. saturating,squared (each is its own kind)")
+                   help="EA variants, e.g. saturating,squared (each variant is its own run)")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per point (default: the preset's)")
     add_lever_options(p)
     p.add_argument("--axes", type=csv_of(), default=None,

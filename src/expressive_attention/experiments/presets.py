@@ -58,7 +58,7 @@ class Preset:
     base: dict = field(default_factory=dict)  # RunConfig fields shared by all runs
     seeds: int = 2
     kinds: tuple[str, ...] = ("dpa", "ea")
-    variants: tuple[str, ...] = ("saturating",)  # EA variants (each is its own kind)
+    variants: tuple[str, ...] = ("saturating",)  # EA variants (each variant is its own run)
     description: str = ""
     axes: dict[str, list[dict]] = field(default_factory=dict)  # axis name -> points (RunConfig overrides)
     levers: dict[str, list[dict]] = field(default_factory=dict)  # lever -> options, crossed with every kind

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..ops.variants import variant_label
-from .kinds import (  # noqa: F401  (parse_variant: also imported from here)
-    kind_label, kind_specs, lever_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant,
+from .kinds import (
+    kind_specs, mechanism_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant,
     resolve_layer_kinds,
 )
 from .results import TEXT_KEY_NAMES, config_key, rename_keys
@@ -51,14 +51,10 @@ class Mechanism:
 
     @property
     def label(self) -> str:
-        """"dpa", "ea", "ea-squared", "ea-power4", "ea-exp_squared"; "+gain" with a learned gain;
-        the levers as in kinds.lever_label ("ea[h2]", "ea[first]", "+gain@-1.1513", "+gate")."""
-        if self.power is not None:
-            base = f"ea-{variant_label(self.variant, self.power)}"
-        else:
-            base = kind_label(self.kind, self.variant)
-        return lever_label(base, n_ea_heads=self.n_ea_heads, layer_kinds=self.layer_kinds,
-                           learn_scale=self.learn_scale, gain_init=self.gain_init, forget_gate=self.forget_gate)
+        """The mechanism's label (kinds.mechanism_label): "dpa", "ea", "ea-power4", "ea[h2]+gate", ..."""
+        return mechanism_label(self.kind, self.variant, self.power, n_ea_heads=self.n_ea_heads,
+                               layer_kinds=self.layer_kinds, learn_scale=self.learn_scale, gain_init=self.gain_init,
+                               forget_gate=self.forget_gate)
 
     @property
     def hybrid(self) -> bool:

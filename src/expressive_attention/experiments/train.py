@@ -23,7 +23,7 @@ from ..info import machine, versions
 from ..nn import DecoderLM, LMConfig
 from ..ops import KINDS
 from ..ops.reference import resolve_power
-from .kinds import kind_label, lever_label, parse_layer_kinds, resolve_layer_kinds
+from .kinds import mechanism_label, parse_layer_kinds, resolve_layer_kinds
 from .results import RUN_KEY_NAMES, config_key, current_names, rename_keys
 
 if TYPE_CHECKING:
@@ -108,13 +108,11 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        """The run's mechanism as one label: "dpa", "ea" (saturating) or "ea-<variant>" (stored as
-        "kind" in results records and summary.csv, as before the rename); "ea-power<p>" for the
-        power variant, "+qknorm" / "+gain" when those options are on; issue #21's options as in
-        kinds.lever_label, e.g. "ea[h2]", "ea[ends]", "ea-exp_squared+gain@-1.1513", "dpa+gate"."""
-        label = f"ea-power{self.power:g}" if self.variant == "power" else kind_label(self.kind, self.variant)
-        return lever_label(label, n_ea_heads=self.n_ea_heads, layer_kinds=self.layer_kinds, qk_norm=self.qk_norm,
-                           learn_scale=self.learn_scale, gain_init=self.gain_init, forget_gate=self.forget_gate)
+        """The run's mechanism as one label (kinds.mechanism_label; "label" in results records and
+        summary.csv): "dpa", "ea", "ea-squared", "ea-power4", "ea[h2]", "ea-exp_squared+gain@-1.1513", ..."""
+        return mechanism_label(self.kind, self.variant, self.power, n_ea_heads=self.n_ea_heads,
+                               layer_kinds=self.layer_kinds, qk_norm=self.qk_norm, learn_scale=self.learn_scale,
+                               gain_init=self.gain_init, forget_gate=self.forget_gate)
 
     def to_dict(self) -> dict:
         """The config as a dict; the options added for the real-text study (power, qk_norm,
