@@ -117,7 +117,7 @@ def test_preset_levers_and_power_degrees():
     assert [p.config.key() for p in plain] == [p.config.key() for p in empty]
     with pytest.raises(ValueError, match="unknown axes"):
         ladder_grid("verify", axes=["depth"])
-    _, deep = ladder_grid("verify", families=["pointer"], seeds=1, axes=[], layers=4,
+    _, deep = ladder_grid("verify", families=["pointer"], seeds=1, axes=[], n_layers=4,
                           levers={"layer_kinds": [{"layer_kinds": "ends"}]})
     assert [p.config.label for p in deep] == ["dpa", "ea[ends]", "ea-squared[ends]"]
     assert all(p.config.n_layers == 4 for p in deep)

@@ -75,7 +75,7 @@ def run_ladder_cmd(args) -> int:
         axes = None if args.axes is None else [a for a in args.axes if a != "none"]
         preset, grid = ladder_grid(args.preset, imports=args.imports, families=args.tasks, kinds=args.kinds,
                                    variants=args.variants, seeds=args.seeds, steps=args.steps,
-                                   levers=lever_options(args), axes=axes, layers=args.layers)
+                                   levers=lever_options(args), axes=axes, n_layers=args.layers)
     except (ValueError, TypeError, KeyError, ImportError) as e:  # a bad preset, task, kind, parameter
         raise UserError(str(e).strip("'\"")) from None
     if not (args.list or args.dry_run):  # before any work; the plots are skipped without matplotlib

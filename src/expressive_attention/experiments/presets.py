@@ -354,13 +354,13 @@ def check_grid(grid: list[GridPoint]) -> None:
 
 
 def ladder_grid(preset: str, *, imports=(), families=None, kinds=None, variants=None, seeds=None,
-                steps=None, levers=None, axes=None, layers=None) -> tuple[Preset, list[GridPoint]]:
+                steps=None, levers=None, axes=None, n_layers=None) -> tuple[Preset, list[GridPoint]]:
     """The preset (name or .json file) with the command line's overrides, and its checked grid
-    (``levers``: lever -> options, see Preset; ``axes``: the axes to keep; ``layers``: n_layers)."""
+    (``levers``: lever -> options, see Preset; ``axes``: the axes to keep)."""
     import_task_modules(imports)  # modules that register the user's own tasks
     base = {"steps": steps, "tokens": None} if steps else {}
-    if layers:
-        base["n_layers"] = layers
+    if n_layers:
+        base["n_layers"] = n_layers
     p = get_preset(preset).replace(families=families, kinds=kinds, variants=variants, seeds=seeds,
                                    base=base or None, levers=levers, axes=axes)
     grid = p.grid()
