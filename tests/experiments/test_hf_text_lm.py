@@ -164,7 +164,7 @@ def test_learned_gain_mechanisms_train_their_gain(tmp_path):
 
 
 @pytest.mark.parametrize("study", ["code-300", "code-1200"])
-def test_committed_old_records_keep_their_keys_and_labels(study):
+def test_committed_old_records_keep_their_keys_and_labels(study, tmp_path):
     """docs/records/real-text was written with TextLMConfig(layers, heads, kv_heads, context) and
     records naming the HF implementation `impl` (code-300: without a label): results.TEXT_KEY_NAMES
     maps the setting to today's names, and the same config hashes to the stored key (a rerun resumes)."""
@@ -181,3 +181,11 @@ def test_committed_old_records_keep_their_keys_and_labels(study):
         assert text_lm.run_key(cfg, r["attn_implementation"], r["lr"], r["seed"]) == r["key"]
     rows = text_study.grid(records)
     assert {row["label"] for row in rows} >= {"dpa", "ea-exp_squared"}
+    from dataclasses import asdict
+
+    summary = dict(config=asdict(cfg), runs=[], corpus="code", tokens_per_run=1, train_bytes=1, val_bytes=1,
+                   torch="t", transformers="t", threads=1)
+    summary = text_study.write_outputs(records, summary, tmp_path)  # the study's summary of old records
+    assert "dpa" in summary["results"] and "| dpa |" in (tmp_path / "report.md").read_text()
+    with open(tmp_path / "lm_curves.csv") as f:
+        assert {r["label"] for r in csv.DictReader(f)} >= {"dpa", "ea-exp_squared"}

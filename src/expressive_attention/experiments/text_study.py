@@ -156,7 +156,10 @@ def diagnosis_overview(records: list[dict], best: dict[str, dict]) -> str:
     check: the top-key weight the *same final scores* would get under softmax and the EA family."""
     from .attention_stats import COUNTERFACTUALS
 
-    names = list(COUNTERFACTUALS)
+    selected = [rec for mech, b in best.items() if (rec := _selected_record(records, mech, b)) is not None]
+    # the weight functions every selected record has (older records lack those added since)
+    names = [n for n in COUNTERFACTUALS
+             if all(n in r["top_weight_if"] for rec in selected for r in rec["diagnosis"]["final"])]
     lines = ["| mechanism | median \\|s\\| init → final | max \\|s\\| | top-key weight init → final | "
              "entropy / uniform (nats) | " + " | ".join(f"top if {n}" for n in names) + " |",
              "|---|---|---|---|---|" + "---|" * len(names)]
