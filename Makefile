@@ -49,7 +49,7 @@ lock:
 
 ## EA vs SDPA timings and memory on this machine.
 bench: $(STAMP)
-	$(BIN)/ea bench
+	$(BIN)/ea bench ops
 
 clean:
 	rm -rf $(VENV) $(LATEST) build *.egg-info src/*.egg-info

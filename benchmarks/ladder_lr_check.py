@@ -24,8 +24,8 @@ def lr_rule_gaps(records: list[dict], preregistered_lr: float) -> list[dict]:
         if "family" not in lad or lad.get("point"):
             continue
         fam = (lad["family"], lad["rung"])
-        labels[fam] = lad["label"]
-        cells.setdefault((*fam, r["kind"], float(r["config"]["lr"])), []).append(float(r["metrics"][METRIC]))
+        labels[fam] = lad["rung_label"]
+        cells.setdefault((*fam, r["label"], float(r["config"]["lr"])), []).append(float(r["metrics"][METRIC]))
     rows = []
     for fam, label in labels.items():
         by_kind: dict[str, dict[float, list[float]]] = {}
@@ -43,7 +43,7 @@ def lr_rule_gaps(records: list[dict], preregistered_lr: float) -> list[dict]:
             d, e = by_kind[BASE], by_kind[kind]
             same = _gap_if_seeds(e.get(preregistered_lr), d.get(preregistered_lr))
             bd, be = best(BASE), best(kind)
-            rows.append({"family": fam[0], "rung": fam[1], "label": label, "kind": kind,
+            rows.append({"family": fam[0], "rung": fam[1], "rung_label": label, "label": kind,
                          "means": {k: {lr: float(np.mean(v)) for lr, v in sorted(by_kind[k].items())}
                                    for k in (BASE, kind)},
                          "same_lr": same, "best_lr": {BASE: bd, kind: be},
@@ -64,8 +64,8 @@ def lr_rule_lines(rows: list[dict]) -> list[str]:
         means = {k: ", ".join(f"{lr:g}: {m:.3f}" for lr, m in v.items()) for k, v in r["means"].items()}
         same = "n/a" if r["same_lr"] is None else f"{r['same_lr'].fmt()} ({who_leads(r['same_lr'])})"
         best = "n/a" if r["best"] is None else (f"{r['best'].fmt()} ({who_leads(r['best'])}; DPA at {r['best_lr'][BASE]:g}, "
-                f"{r['kind']} at {r['best_lr'][r['kind']]:g})")
-        lines.append(f"| {r['family']} {r['label']} | {r['kind']} | {means[BASE]} | {means[r['kind']]} | "
+                f"{r['label']} at {r['best_lr'][r['label']]:g})")
+        lines.append(f"| {r['family']} {r['rung_label']} | {r['label']} | {means[BASE]} | {means[r['label']]} | "
                      f"{same} | {best} |")
     return lines
 

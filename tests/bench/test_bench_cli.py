@@ -97,24 +97,6 @@ def test_bench_decode_tiny_run(tmp_path, capsys):
     assert "EA/SDPA over 4 cases" in capsys.readouterr().out
 
 
-def test_old_mode_flags_are_deprecated_aliases_of_the_subcommands():
-    from expressive_attention.cli.bench import legacy_argv
-
-    assert legacy_argv([]) == ["ops"]
-    assert legacy_argv(["--E", "16"]) == ["ops", "--E", "16"]
-    assert legacy_argv(["long", "--E", "16"]) == ["long", "--E", "16"]
-    with pytest.warns(DeprecationWarning, match="ea bench long"):
-        assert legacy_argv(["--long", "--long-E", "16"]) == ["long", "--long-E", "16"]
-    with pytest.warns(DeprecationWarning, match="ea bench model"):
-        assert legacy_argv(["--repeats", "2", "--model"]) == ["model", "--repeats", "2"]
-    # the old spellings parse to the same arguments as the new ones
-    from expressive_attention.cli import build_parser
-
-    old = build_parser().parse_args(["bench", "long", "--long-E", "8", "--impls", "linear", "--long-json", "x"])
-    new = build_parser().parse_args(["bench", "long", "--E", "8", "--backends", "linear", "--json", "x"])
-    assert (old.E, old.backends, old.json) == (new.E, new.backends, new.json) == ([8], ["linear"], "x")
-
-
 @pytest.mark.parametrize("argv, flag", [(["ops", "--E", "0"], "--E"), (["ops", "--modes", "bwd"], "--modes"),
                                         (["long", "--backends", "flash"], "--backends"),
                                         (["ops", "--variants", "cubic"], "variant"),

@@ -13,10 +13,10 @@ lr_rule_gaps, lr_rule_lines = lr_check.lr_rule_gaps, lr_check.lr_rule_lines
 
 
 def _record(kind, seed, steps, d_model, params, tok, seq, axes, point):
-    return {"key": f"{kind}{seed}{steps}{d_model}", "kind": kind, "steps": steps, "params": params,
+    return {"key": f"{kind}{seed}{steps}{d_model}", "label": kind, "steps": steps, "params": params,
             "config": {"seed": seed, "d_model": d_model},
             "metrics": {"token_acc": tok, "seq_acc": seq},
-            "ladder": {"preset": "syn", "family": "fam", "rung": 0, "label": "K=2", "axes": axes, "point": point}}
+            "ladder": {"preset": "syn", "family": "fam", "rung": 0, "rung_label": "K=2", "axes": axes, "point": point}}
 
 
 def test_lr_rule_gaps_each_kind_at_its_better_lr():
@@ -39,7 +39,7 @@ def test_lr_rule_gaps_each_kind_at_its_better_lr():
     lines = lr_rule_lines([row])
     assert len(lines) == 3 and "| fam K=2 | ea | 0.001: 0.600, 0.003: 0.800 |" in lines[2]
     assert "DPA at 0.003, ea at 0.001" in lines[2]
-    one_seed = [r for r in recs if r["kind"] == "dpa" or r["config"]["seed"] == 0]
+    one_seed = [r for r in recs if r["label"] == "dpa" or r["config"]["seed"] == 0]
     (row,) = lr_rule_gaps(one_seed, preregistered_lr=1e-3)
     assert row["same_lr"] is None and row["best"] is None and "| n/a | n/a |" in lr_rule_lines([row])[2]
 

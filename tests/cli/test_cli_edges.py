@@ -81,13 +81,13 @@ def test_lm_outputs_without_matplotlib(tmp_path, monkeypatch, capsys):
     from expressive_attention.experiments import text_lm, text_study
 
     monkeypatch.setattr(extras, "has", lambda m: m != "matplotlib")
-    rec = dict(key="k", kind="dpa", impl="sdpa", lr=2e-3, seed=0, val_loss=1.0, val_bpb=1.5, train_seconds=3.0,
-               wall_seconds=4.0, curve=[{"kind": "dpa", "step": 1, "val_bpb": 1.5, "train_loss": 1.0}], diagnosis={})
+    rec = dict(key="k", label="dpa", attn_implementation="sdpa", lr=2e-3, seed=0, val_loss=1.0, val_bpb=1.5, train_seconds=3.0,
+               wall_seconds=4.0, curve=[{"label": "dpa", "step": 1, "val_bpb": 1.5, "train_loss": 1.0}], diagnosis={})
     summary = dict(config=asdict(text_lm.TextLMConfig()), runs=["dpa"], corpus="code", tokens_per_run=1,
                    train_bytes=1, val_bytes=1, torch="t", transformers="t", threads=1)
     summary = text_study.write_outputs([rec], summary, tmp_path)
     assert set(summary["paths"]) == {"csv", "json", "report"} and "plot skipped" in capsys.readouterr().out
-    assert "| dpa | 0.002 | 1.500 ± 0.000 |" in text_lm.format_table(summary)
+    assert "| dpa | 0.002 | 1.500 ± 0.000 |" in text_study.format_table(summary)
     assert "lm_curves.png" not in (tmp_path / "report.md").read_text()
 
 

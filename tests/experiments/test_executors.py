@@ -74,7 +74,7 @@ def test_ray_failures_are_reported_lost_workers_retried(tmp_path, local_ray):
     assert "RuntimeError: injected failure" in failed["tiny raises dpa s0"]  # the run's own traceback
     assert "Traceback" in failed["tiny dies dpa s0"] and "died" in failed["tiny dies dpa s0"].lower()
     assert marker.exists()  # the first attempt of "dies-once" died; Ray's retry finished it
-    records = {r["ladder"]["label"]: r for r in ResultsStore(tmp_path / "out").read()}
+    records = {r["ladder"]["rung_label"]: r for r in ResultsStore(tmp_path / "out").read()}
     assert sorted(records) == ["dies-once", "ok"] and res["ran"] == 2
     for r in records.values():  # with shared storage the tasks wrote the checkpoints themselves
         assert Path(r["checkpoint"]).parent == storage / "checkpoints" and Path(r["checkpoint"]).exists()

@@ -59,7 +59,7 @@ def test_attention_geometry_on_a_model():
 
 
 def _row(rung, kind, tok, seq, std=0.0, n=2):
-    return {"family": "f", "rung": rung, "label": f"r{rung}", "kind": kind, "n": n, "expected": n,
+    return {"family": "f", "rung": rung, "rung_label": f"r{rung}", "label": kind, "n": n, "expected": n,
             "token_acc_mean": tok, "token_acc_std": std, "seq_acc_mean": seq, "seq_acc_std": std}
 
 

@@ -29,8 +29,8 @@ def test_tiny_ladder_writes_everything_and_resumes(tmp_path):
     with open(tmp_path / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6  # 3 rungs x 2 kinds
-    assert {r["kind"] for r in rows} == {"dpa", "ea"}
-    assert [r["label"] for r in rows if r["kind"] == "dpa"] == ["lag=1", "lag=2", "lag=3"]
+    assert {r["label"] for r in rows} == {"dpa", "ea"}
+    assert [r["rung_label"] for r in rows if r["label"] == "dpa"] == ["lag=1", "lag=2", "lag=3"]
     for r in rows:
         assert r["n"] == "2"
         assert 0.0 <= float(r["token_acc_mean"]) <= 1.0 and float(r["token_acc_std"]) >= 0.0
@@ -111,3 +111,23 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
         assert match in capsys.readouterr().err
     assert main(["geometry", str(tmp_path / "missing")]) == 2
     assert "neither" in capsys.readouterr().err
+
+
+def test_report_only_on_a_committed_old_results_file(tmp_path):
+    """docs/ladder-quick-exp was written before the renames (records: `kind` for the mechanism's label,
+    ladder.label for the rung's; configs with `attention`): `--report-only` finds every run by its key
+    and rebuilds the committed summary.csv, now with the columns rung_label and label."""
+    old = Path(__file__).parents[2] / "docs" / "ladder-quick-exp"
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "results.jsonl").write_bytes((old / "results.jsonl").read_bytes())
+    assert main(["ladder", "--preset", "quick", "--kinds", "dpa,ea", "--variants", "exp_squared", "--seeds", "3",
+                 "--out", str(out), "--report-only"]) == 0
+    with open(old / "summary.csv") as f:
+        before = list(csv.DictReader(f))
+    with open(out / "summary.csv") as f:
+        after = list(csv.DictReader(f))
+    assert len(after) == len(before) and all(r["n"] == "3" for r in after)
+    for b, a in zip(before, after):
+        assert (a["family"], a["rung_label"], a["label"]) == (b["family"], b["label"], b["kind"])
+        assert a["token_acc_mean"] == b["token_acc_mean"] and a["seq_acc_mean"] == b["seq_acc_mean"]

@@ -13,7 +13,7 @@ from ladder_tiny_tasks import tiny_preset  # registers "tiny_lag"
 from expressive_attention.cli import main
 from expressive_attention.experiments import ResultsStore
 from expressive_attention.experiments.kinds import (
-    lever_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant, resolve_layer_kinds,
+    mechanism_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant, resolve_layer_kinds,
 )
 from expressive_attention.experiments.presets import ladder_grid
 from expressive_attention.experiments.results import config_key
@@ -55,12 +55,12 @@ def test_variant_names_pass_through(monkeypatch):
 
 
 def test_labels():
-    assert lever_label("ea", forget_gate=True) == "ea+gate"
-    assert lever_label("dpa", forget_gate=True) == "dpa+gate"
-    assert lever_label("ea-exp_squared", learn_scale=True, gain_init=G0) == "ea-exp_squared+gain@-1.1513"
-    assert lever_label("ea", n_ea_heads=2) == "ea[h2]"
-    assert lever_label("ea", layer_kinds="dpa-ea-ea-dpa") == "ea[dpa-ea-ea-dpa]"
-    assert lever_label("ea", n_ea_heads=2, layer_kinds="ends", learn_scale=True, forget_gate=True) == \
+    assert mechanism_label("ea", forget_gate=True) == "ea+gate"
+    assert mechanism_label("dpa", forget_gate=True) == "dpa+gate"
+    assert mechanism_label("ea", "exp_squared", learn_scale=True, gain_init=G0) == "ea-exp_squared+gain@-1.1513"
+    assert mechanism_label("ea", n_ea_heads=2) == "ea[h2]"
+    assert mechanism_label("ea", layer_kinds="dpa-ea-ea-dpa") == "ea[dpa-ea-ea-dpa]"
+    assert mechanism_label("ea", n_ea_heads=2, layer_kinds="ends", learn_scale=True, forget_gate=True) == \
         "ea[h2][ends]+gain+gate"
 
 
@@ -117,7 +117,7 @@ def test_preset_levers_and_power_degrees():
     assert [p.config.key() for p in plain] == [p.config.key() for p in empty]
     with pytest.raises(ValueError, match="unknown axes"):
         ladder_grid("verify", axes=["depth"])
-    _, deep = ladder_grid("verify", families=["pointer"], seeds=1, axes=[], layers=4,
+    _, deep = ladder_grid("verify", families=["pointer"], seeds=1, axes=[], n_layers=4,
                           levers={"layer_kinds": [{"layer_kinds": "ends"}]})
     assert [p.config.label for p in deep] == ["dpa", "ea[ends]", "ea-squared[ends]"]
     assert all(p.config.n_layers == 4 for p in deep)
@@ -141,7 +141,7 @@ def test_ladder_cli_every_flag(tmp_path, capsys):
     assert main(run) == 0
     recs = ResultsStore(out).read()
     assert len(recs) == 6
-    assert {r["kind"] for r in recs} == {"dpa+gain@-1.1513+gate", "ea-exp_squared[h2][last]+gain@-1.1513+gate"}
+    assert {r["label"] for r in recs} == {"dpa+gain@-1.1513+gate", "ea-exp_squared[h2][last]+gain@-1.1513+gate"}
     capsys.readouterr()
     assert main(run) == 0  # resumes: nothing left to run
     assert "0 runs trained, 6 already done" in capsys.readouterr().out
@@ -182,15 +182,15 @@ def test_lm_runs_and_keys(tmp_path):
         assert m.levers() == {}
         assert text_lm.run_key(plain, text_lm.hf_implementation(m), 2e-3, 0, m.levers()) == config_key(
             {**text_lm.setting(plain), "impl": text_lm.hf_implementation(m), "lr": 2e-3, "seed": 0})
-    bad = text_lm.TextLMConfig(heads=4, kv_heads=2, ea_heads=("1",))
-    with pytest.raises(ValueError, match="multiple of heads / kv_heads"):
+    bad = text_lm.TextLMConfig(n_heads=4, n_kv_heads=2, ea_heads=("1",))
+    with pytest.raises(ValueError, match="multiple of n_heads / n_kv_heads"):
         bad.check()
     with pytest.raises(ValueError, match=">= 3 layers"):
-        text_lm.TextLMConfig(layers=2, layer_kinds=("ends",)).check()
+        text_lm.TextLMConfig(n_layers=2, layer_kinds=("ends",)).check()
 
 
 def test_lm_cli_every_flag_and_resume(tmp_path, capsys, monkeypatch):
-    from expressive_attention.experiments import text_lm
+    from expressive_attention.experiments import text_study
 
     out = tmp_path / "lm"
     argv = ["lm", _text(tmp_path), "--d-model", "32", "--layers", "3", "--context", "16", "--batch-size", "2",
@@ -200,13 +200,13 @@ def test_lm_cli_every_flag_and_resume(tmp_path, capsys, monkeypatch):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    kinds = [r["kind"] for r in recs]
-    assert kinds == ["dpa+gain@-1.1513+gate", "ea-exp_squared[ends]+gain@-1.1513+gate",
+    labels = [r["label"] for r in recs]
+    assert labels == ["dpa+gain@-1.1513+gate", "ea-exp_squared[ends]+gain@-1.1513+gate",
                      "ea-exp_squared[h2][ends]+gain@-1.1513+gate"]
     assert all(math.isfinite(r["val_bpb"]) for r in recs)
-    assert recs[2]["mechanism"]["n_ea_heads"] == 2 and recs[2]["impl"] == "expressive_exp_squared_hybrid_gain_gate"
+    assert recs[2]["mechanism"]["n_ea_heads"] == 2 and recs[2]["attn_implementation"] == "expressive_exp_squared_hybrid_gain_gate"
     gain = recs[1]["diagnosis"]["init"][0]["gain"]
     assert gain == [round(math.exp(-1.1513), 4)] * 4
     assert "| dpa+gain@-1.1513+gate |" in printed
-    monkeypatch.setattr(text_lm, "train_one", lambda *a, **k: pytest.fail("a finished run was redone"))
+    monkeypatch.setattr(text_study, "train_one", lambda *a, **k: pytest.fail("a finished run was redone"))
     assert main(argv) == 0  # resume: every run is in results.jsonl

@@ -71,10 +71,10 @@ def test_equivalent_factor_interpolates_in_log_x():
 
 
 def _record(kind, seed, steps, d_model, params, tok, seq, axes, point):
-    return {"key": f"{kind}{seed}{steps}{d_model}", "kind": kind, "steps": steps, "params": params,
+    return {"key": f"{kind}{seed}{steps}{d_model}", "label": kind, "steps": steps, "params": params,
             "config": {"seed": seed, "d_model": d_model},
             "metrics": {"token_acc": tok, "seq_acc": seq},
-            "ladder": {"preset": "syn", "family": "fam", "rung": 0, "label": "K=2", "axes": axes, "point": point}}
+            "ladder": {"preset": "syn", "family": "fam", "rung": 0, "rung_label": "K=2", "axes": axes, "point": point}}
 
 
 def _synthetic():

@@ -34,7 +34,7 @@ def test_train_from_flags_and_file(tmp_path, capsys):
     assert main(args) == 0
     (rec,) = ResultsStore(out).read()
     want = RunConfig.from_dict({**TINY, "steps": 3, "kind": "dpa", "betas": (0.8, 0.9)})
-    assert rec["key"] == want.key() and rec["steps"] == 3 and rec["kind"] == "dpa"
+    assert rec["key"] == want.key() and rec["steps"] == 3 and rec["label"] == "dpa"
     assert rec["command"].startswith("ea train --config")
     assert Path(rec["checkpoint"]).exists() and "distributed" not in rec
     assert "token" in capsys.readouterr().out

@@ -25,7 +25,7 @@ def test_record_fields_and_values(tmp_path):
     assert rec["steps"] == 8 and rec["tokens"] == 8 * 8 * 8
     assert [c["step"] for c in rec["curve"]][-1] == 8 and len(rec["curve"]) == 8
     assert rec["params"] == sum(p.numel() for p in load_checkpoint(tmp_path / "c.pt")[0].parameters())
-    assert rec["kind"] == "ea" and rec["config"]["variant"] == "saturating"
+    assert rec["label"] == "ea" and rec["config"]["variant"] == "saturating"
     assert set(rec["versions"]) >= {"torch", "expressive_attention"}
     assert rec["wall_s"] > 0 and calls[-1] == (8, 8)
     assert rec["key"] == RunConfig(**TINY, kind="ea").key()
@@ -126,11 +126,21 @@ def test_results_written_before_the_rename_stay_readable_and_resumable(old):
     assert new.key() == old["key"] and "kind" in new.to_dict() and "attention" not in new.to_dict()
 
 
-def test_attention_is_a_deprecated_alias_of_kind():
-    with pytest.warns(DeprecationWarning, match="kind"):
-        cfg = RunConfig(**TINY, attention="dpa")
-    assert cfg.kind == "dpa"
-    with pytest.warns(DeprecationWarning, match="kind"):
-        assert cfg.attention == "dpa"
-    with pytest.raises(TypeError, match="kind"):
-        RunConfig(**TINY, kind="ea", attention="dpa")
+def test_a_committed_old_ladder_record_keeps_its_key():
+    """docs/ladder-verify was written when RunConfig's `kind` was `attention`, the mechanism's label
+    was stored as "kind" and the rung's as ladder["label"]: the results store reads it under today's
+    names (results.RUN_KEY_NAMES, RECORD_NAMES, LADDER_NAMES) and the config hashes to the key it was
+    stored under (a resumed sweep skips it)."""
+    import json
+    from pathlib import Path
+
+    from expressive_attention.experiments.results import ResultsStore
+
+    path = Path(__file__).parents[2] / "docs" / "ladder-verify" / "results.jsonl"
+    raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:20]
+    assert all("attention" in r["config"] and "kind" in r and "label" in r["ladder"] for r in raw)
+    for old, r in zip(raw, ResultsStore(path).read()):
+        assert r["key"] == old["key"] and r["label"] == old["kind"] and r["ladder"]["rung_label"] == old["ladder"]["label"]
+        assert "kind" not in r and "label" not in r["ladder"]
+        cfg = RunConfig.from_dict(r["config"])
+        assert cfg.key() == r["key"] and cfg.label == r["label"]

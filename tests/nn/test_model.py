@@ -131,33 +131,11 @@ def test_config_errors(make, words):
         make()
 
 
-def test_attention_argument_is_a_deprecated_alias_of_kind():
-    with pytest.warns(DeprecationWarning, match="kind"):
-        mha = MultiheadAttention(16, 2, attention="dpa")
-    assert mha.kind == "dpa"
-    with pytest.warns(DeprecationWarning, match="kind"):
-        assert mha.attention == "dpa"
-    with pytest.raises(TypeError, match="colour"):
-        MultiheadAttention(16, 2, colour="red")
-    with pytest.warns(DeprecationWarning, match="kind"):
-        cfg = LMConfig(vocab_size=8, attention="dpa")
-    assert cfg.kind == "dpa" and DecoderLM(cfg).blocks[0].attn.kind == "dpa"
-    old = {**LMConfig(vocab_size=8).to_dict(), "attention": "dpa"}  # a checkpoint's config before the rename
-    del old["kind"]
-    assert LMConfig.from_dict(old).kind == "dpa"
-
-
-def test_qkv_and_the_deprecated_capture_switch():
+def test_qkv():
     torch.manual_seed(0)
     mha = MultiheadAttention(16, 2, rope=None)
     x = torch.randn(2, 5, 16)
     q, k, v = mha.qkv(x)
     assert q.shape == (2, 2, 5, 8) and k.shape == v.shape == (2, 2, 5, 8)
-    with pytest.warns(DeprecationWarning, match="capture"):
-        mha.capture = True
-    mha(x, is_causal=True)
-    torch.testing.assert_close(mha.captured[0], q)
-    torch.testing.assert_close(mha.captured[1], k)
-    with pytest.warns(DeprecationWarning, match="capture"):
-        mha.capture = False
-    assert mha.captured is None and not mha._forward_pre_hooks
+    with pytest.raises(TypeError, match="attention"):  # the old name of kind is gone
+        MultiheadAttention(16, 2, attention="dpa")

@@ -46,19 +46,17 @@ def test_a_backend_cannot_claim_an_unknown_variant():
 
 
 def test_other_name_tables_agree_with_the_table():
-    from expressive_attention.experiments import attention_stats, kinds, text_lm
-    from expressive_attention.experiments.kinds import kind_label
+    from expressive_attention.experiments import attention_stats, kinds
+    from expressive_attention.experiments.kinds import mechanism_label
 
     inst = default_instances()
     assert {v for v, _ in inst.values()} == set(VARIANTS)
     assert inst["power4"] == ("power", 4.0)
     stats = {k: v for k, v in attention_stats.COUNTERFACTUALS.items() if v is not None}
     assert stats == inst
-    assert all(kind_label("ea", v) in kinds.PLOT_STYLE for v in VARIANTS)
-    legacy = {v for k, (kind, v) in text_lm.IMPLEMENTATIONS.items() if kind == "ea"}
-    assert legacy == {n for n, e in VARIANT_TABLE.items() if not e.params}
+    assert all(mechanism_label("ea", v) in kinds.PLOT_STYLE for v in VARIANTS)
     for label, spec in inst.items():
-        assert text_lm.parse_variant(label) == spec
+        assert kinds.parse_variant(label) == spec
     assert parse_variant("power8") == ("power", 8.0)
 
 

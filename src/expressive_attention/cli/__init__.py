@@ -1,9 +1,7 @@
 """The `ea` command: one module per subcommand in this package.
 
 Each module in SUBCOMMANDS exposes `add_parser(subparsers) -> argparse.ArgumentParser` whose parser
-sets `func(args) -> int | None`; it may also expose `legacy_argv(argv) -> argv`, which rewrites an old
-spelling of its arguments (with a DeprecationWarning) before parsing. `args.command_line` holds the
-command as typed (`ea ...`), for reports.
+sets `func(args) -> int | None`. `args.command_line` holds the command as typed (`ea ...`), for reports.
 """
 from __future__ import annotations
 
@@ -38,10 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        mod = importlib.import_module(f"{__name__}.{argv[0]}")
-        if hasattr(mod, "legacy_argv"):
-            argv = [argv[0], *mod.legacy_argv(argv[1:])]
     args = build_parser().parse_args(argv)
     args.command_line = "ea " + shlex.join(argv)
     try:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import warnings
 from typing import TypeVar
 from collections.abc import Callable, Iterable
 
@@ -48,13 +46,6 @@ def csv_of(item: Callable[[str], T] = str, choices: Iterable[str] | None = None)
 
     parse.__name__ = f"list of {getattr(item, '__name__', 'item')}"
     return parse
-
-
-def deprecated(message: str) -> None:
-    """An old spelling of a command line: a DeprecationWarning, and a note on stderr (where a CLI
-    user sees it; Python hides DeprecationWarnings outside __main__ by default)."""
-    warnings.warn(message, DeprecationWarning, stacklevel=3)
-    print(f"ea: {message}", file=sys.stderr)
 
 
 def add_import_option(parser: argparse.ArgumentParser, where: str = "") -> None:

@@ -1,6 +1,6 @@
 """`ea bench {ops,long,model}`: EA vs PyTorch SDPA, time and peak memory (see expressive_attention.bench).
 
-    ea bench ops   --E 32,64 --L 256,1024,4096     # one attention call per case (the default: `ea bench`)
+    ea bench ops   --E 32,64 --L 256,1024,4096     # one attention call per case
     ea bench ops   --backends blocked --interleave --repeats 5   # SDPA and EA timed in turn, one process per shape
     ea bench long  --threads 1                     # long contexts: the linear form; decode steps
     ea bench model --repeats 5                     # one DecoderLM training step, EA vs DPA
@@ -14,22 +14,9 @@ import sys
 
 from ..errors import UserError
 from ..ops.reference import VARIANTS
-from .args import csv_of, deprecated, positive_int
+from .args import csv_of, positive_int
 
 MODES = ("ops", "long", "model", "decode", "gpu")
-
-
-def legacy_argv(argv: list[str]) -> list[str]:
-    """`ea bench [flags]` is `ea bench ops [flags]`; the old mode flags `--long` / `--model` (deprecated)
-    select the subcommand, and `--long-E` etc. become `--E` etc."""
-    if argv and argv[0] in (*MODES, "-h", "--help"):
-        return argv
-    for flag in ("--long", "--model"):
-        if flag in argv:
-            mode = flag[2:]
-            deprecated(f"`ea bench {flag}` is deprecated; use `ea bench {mode}`")
-            return [mode, *(a for a in argv if a != flag)]
-    return ["ops", *argv]
 
 
 def _add_ops(sub) -> None:
@@ -78,18 +65,18 @@ def _add_long(sub) -> None:
     p = sub.add_parser("long", help="long contexts: EA-squared's linear form vs the quadratic backends; decoding",
                        description="1. attention time and peak memory vs L (reference / fused / linear / SDPA) "
                                    "and the crossover lengths; 2. decode-step time vs context for KV-cache DPA, "
-                                   "KV-cache EA and recurrent EA. (The --long-* spellings are the old names.)")
-    p.add_argument("--E", "--long-E", dest="E", type=csv_of(positive_int), default=list(d.E),
+                                   "KV-cache EA and recurrent EA.")
+    p.add_argument("--E", dest="E", type=csv_of(positive_int), default=list(d.E),
                    help="head dims (default 16,32)")
-    p.add_argument("--L", "--long-L", dest="L", type=csv_of(positive_int), default=list(d.L),
+    p.add_argument("--L", dest="L", type=csv_of(positive_int), default=list(d.L),
                    help="sequence lengths (default 2048,4096,8192,16384)")
-    p.add_argument("--B", "--long-B", dest="B", type=positive_int, default=d.B, help="batch (default %(default)s)")
-    p.add_argument("--H", "--long-H", dest="H", type=positive_int, default=d.H, help="heads (default %(default)s)")
-    p.add_argument("--backends", "--impls", dest="backends", type=csv_of(choices=BACKENDS), default=list(d.backends),
+    p.add_argument("--B", dest="B", type=positive_int, default=d.B, help="batch (default %(default)s)")
+    p.add_argument("--H", dest="H", type=positive_int, default=d.H, help="heads (default %(default)s)")
+    p.add_argument("--backends", dest="backends", type=csv_of(choices=BACKENDS), default=list(d.backends),
                    help=f"what to time, from {','.join(BACKENDS)} (default {','.join(d.backends)})")
-    p.add_argument("--modes", "--long-modes", dest="modes", type=csv_of(choices=("fwd", "fwdbwd")),
+    p.add_argument("--modes", dest="modes", type=csv_of(choices=("fwd", "fwdbwd")),
                    default=list(d.modes), help="fwd,fwdbwd (default fwdbwd)")
-    p.add_argument("--repeats", "--long-repeats", dest="repeats", type=positive_int, default=d.repeats,
+    p.add_argument("--repeats", dest="repeats", type=positive_int, default=d.repeats,
                    help="timed repeats per case (median)")
     p.add_argument("--rounds", type=positive_int, default=d.rounds,
                    help="passes over all cases, interleaved, each case a fresh process; median over rounds")
@@ -102,7 +89,7 @@ def _add_long(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch/OpenMP threads for every case (default: torch's default); on a shared, "
                         "oversubscribed machine 1 gives steadier ratios")
-    p.add_argument("--json", "--long-json", dest="json", metavar="PATH", help="write all records as JSON")
+    p.add_argument("--json", dest="json", metavar="PATH", help="write all records as JSON")
     p.set_defaults(func=_long_cmd)
 
 

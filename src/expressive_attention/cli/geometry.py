@@ -57,7 +57,7 @@ def geometry_cmd(args) -> int:
 
 
 def _rows_from_records(records: list[dict]) -> list[dict]:
-    """Mean token accuracy per (family, rung, kind) from ladder records (for picking checkpoints)."""
+    """Mean token accuracy per (family, rung, mechanism label) from ladder records (for picking checkpoints)."""
     import numpy as np
     cells: dict[tuple, list] = {}
     labels = {}
@@ -65,7 +65,7 @@ def _rows_from_records(records: list[dict]) -> list[dict]:
         lad = r.get("ladder")
         if not lad:
             continue
-        cells.setdefault((lad["family"], lad["rung"], r["kind"]), []).append(r["metrics"]["token_acc"])
-        labels[(lad["family"], lad["rung"])] = lad["label"]
-    return [{"family": f, "rung": g, "kind": k, "label": labels[(f, g)], "n": len(v),
+        cells.setdefault((lad["family"], lad["rung"], r["label"]), []).append(r["metrics"]["token_acc"])
+        labels[(lad["family"], lad["rung"])] = lad["rung_label"]
+    return [{"family": f, "rung": g, "label": k, "rung_label": labels[(f, g)], "n": len(v),
              "token_acc_mean": float(np.mean(v))} for (f, g, k), v in cells.items()]

@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=csv_of(), default=None, help="comma-separated task families (default: all in preset)")
     p.add_argument("--kinds", type=csv_of(), default=None, help="attention kinds, e.g. dpa,ea (default: the preset's)")
     p.add_argument("--variants", type=csv_of(), default=None,
-                   help="EA variants, e.g. saturating,squared (each is its own kind)")
+                   help="EA variants, e.g. saturating,squared (each variant is its own run)")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per point (default: the preset's)")
     add_lever_options(p)
     p.add_argument("--axes", type=csv_of(), default=None,
@@ -75,7 +75,7 @@ def run_ladder_cmd(args) -> int:
         axes = None if args.axes is None else [a for a in args.axes if a != "none"]
         preset, grid = ladder_grid(args.preset, imports=args.imports, families=args.tasks, kinds=args.kinds,
                                    variants=args.variants, seeds=args.seeds, steps=args.steps,
-                                   levers=lever_options(args), axes=axes, layers=args.layers)
+                                   levers=lever_options(args), axes=axes, n_layers=args.layers)
     except (ValueError, TypeError, KeyError, ImportError) as e:  # a bad preset, task, kind, parameter
         raise UserError(str(e).strip("'\"")) from None
     if not (args.list or args.dry_run):  # before any work; the plots are skipped without matplotlib

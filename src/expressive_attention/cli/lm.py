@@ -1,16 +1,17 @@
 """`ea lm`: EA vs SDPA in the same small Hugging Face causal LM on real text (see
-expressive_attention.experiments.text_lm and docs/huggingface.md)."""
+expressive_attention.experiments.text_study and docs/huggingface.md)."""
 from __future__ import annotations
 
 import argparse
 import time
 
 from ..ops import KINDS, VARIANTS
-from .args import add_lever_options, csv_of, deprecated, positive_float, positive_int
+from .args import add_lever_options, csv_of, positive_float, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..experiments.text_lm import ARCHS, CORPORA, IMPLEMENTATIONS, TextLMConfig
+    from ..experiments.text_data import CORPORA
+    from ..experiments.text_lm import ARCHS, TextLMConfig
 
     d = TextLMConfig()
     p = subparsers.add_parser(
@@ -36,13 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"EA variants, each its own run: one of {', '.join(VARIANTS)} (saturating is the paper's "
                         "EA; power is |s|^4), or power<p> (e.g. power8) (default: saturating)")
     add_lever_options(p)  # --scales, --gate, --ea-heads, --layer-kinds (cli/args.py)
-    p.add_argument("--impls", type=csv_of(choices=IMPLEMENTATIONS), default=None,
-                   help=f"deprecated: attn implementations ({','.join(IMPLEMENTATIONS)}); "
-                        "use --kinds and --variants")
     p.add_argument("--arch", choices=ARCHS, default=d.arch, help="HF model family (default: %(default)s)")
     p.add_argument("--d-model", type=positive_int, default=d.d_model, help="hidden size (default: %(default)s)")
-    p.add_argument("--layers", type=positive_int, default=d.layers, help="layers (default: %(default)s)")
-    p.add_argument("--context", type=positive_int, default=d.context, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--layers", dest="n_layers", type=positive_int, default=d.n_layers, help="layers (default: %(default)s)")
+    p.add_argument("--context", dest="context_length", type=positive_int, default=d.context_length, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--steps", type=positive_int, default=d.steps, help="training steps per run (default: %(default)s)")
     p.add_argument("--lr", "--lrs", dest="lrs", type=csv_of(positive_float), default=list(d.lrs),
@@ -65,19 +63,17 @@ def run_lm_cmd(args) -> int:
 
     require("hf", "ea lm")  # before any work; the plot is skipped without matplotlib
     require("cli", "ea lm", ("tqdm",))
-    from ..experiments.text_lm import TextLMConfig, format_table, kinds_from_impls, run
+    from ..experiments.text_lm import TextLMConfig
+    from ..experiments.text_study import format_table, run
 
     kinds, variants = args.kinds, args.variants
-    if args.impls is not None:
-        deprecated("`ea lm --impls` is deprecated; use --kinds and --variants")
-        kinds, variants = kinds_from_impls(args.impls)
     levers = {name: tuple(v) for name, v in (("scales", args.scales), ("gates", args.gate),
                                               ("ea_heads", args.ea_heads), ("layer_kinds", args.layer_kinds))
               if v is not None}  # issue #21's flags, when given (else TextLMConfig's defaults)
     cfg = TextLMConfig(paths=list(args.paths), corpus=args.corpus, glob=args.glob, max_bytes=int(args.max_mb * 1e6),
                        tokenizer=args.tokenizer, kinds=tuple(kinds), variants=tuple(variants),
-                       arch=args.arch, d_model=args.d_model, layers=args.layers,
-                       context=args.context, batch_size=args.batch_size, steps=args.steps, lrs=tuple(args.lrs),
+                       arch=args.arch, d_model=args.d_model, n_layers=args.n_layers,
+                       context_length=args.context_length, batch_size=args.batch_size, steps=args.steps, lrs=tuple(args.lrs),
                        eval_every=args.eval_every, seeds=tuple(args.seeds), diagnose=args.diagnose,
                        threads=args.threads, out=args.out, **levers)
     try:

@@ -155,20 +155,20 @@ def pick_checkpoints(out: Path, rows: list[dict], preset=None) -> dict[str, dict
     chosen: dict[str, dict[str, Path]] = {}
     for fam in dict.fromkeys(r["family"] for r in rows):
         fr = [r for r in rows if r["family"] == fam and r["n"]]
-        by = {(r["rung"], r["kind"]): r for r in fr}
+        by = {(r["rung"], r["label"]): r for r in fr}
         gaps = [(by[(r, "ea")]["token_acc_mean"] - by[(r, "dpa")]["token_acc_mean"], r)
                 for r in sorted({r["rung"] for r in fr}) if (r, "ea") in by and (r, "dpa") in by]
         if not gaps:
             continue
         rung = max(gaps)[1]
-        label = by[(rung, "dpa")]["label"]
+        rung_label = by[(rung, "dpa")]["rung_label"]
         for rec in records:
             lad = rec.get("ladder", {})
             if (lad.get("family") == fam and lad.get("rung") == rung and rec["config"]["seed"] == 0
                     and not lad.get("point")  # the preset's base settings, not another budget / size
                     and rec.get("checkpoint") and Path(rec["checkpoint"]).exists()
                     and (preset is None or lad.get("preset") == preset.name)):
-                chosen.setdefault(f"{fam} {label}", {})[rec["kind"]] = Path(rec["checkpoint"])
+                chosen.setdefault(f"{fam} {rung_label}", {})[rec["label"]] = Path(rec["checkpoint"])
     return chosen
 
 

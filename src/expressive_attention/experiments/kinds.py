@@ -1,5 +1,7 @@
 """The mechanisms an experiment compares: `kind` ("dpa" | "ea") and, for EA, a `variant`; each EA
-variant is its own run, labelled "ea" (saturating, the default) or "ea-<variant>"."""
+variant is its own run. A run's mechanism has one name, its `label` ("dpa", "ea", "ea-squared",
+"ea-power4", "ea[h2]+gate", ...), made by `mechanism_label` and nothing else; results records and
+report rows store it as "label"."""
 from __future__ import annotations
 
 import math
@@ -7,15 +9,8 @@ from collections.abc import Iterable
 
 from ..ops import KINDS
 from ..ops.problem import check_variant
-from ..ops.variants import DEFAULT_VARIANT, VARIANTS
+from ..ops.variants import DEFAULT_VARIANT, VARIANTS, variant_label
 from ..ops.variants import parse_variant as _parse_variant
-
-
-def kind_label(kind: str, variant: str | None) -> str:
-    """"dpa", "ea" (saturating) or "ea-<variant>": the name of a run's mechanism in tables and plots."""
-    if kind == "dpa":
-        return "dpa"
-    return "ea" if variant in (None, DEFAULT_VARIANT) else f"ea-{variant}"
 
 
 def kind_specs(kinds: Iterable[str], variants: Iterable[str]) -> list[tuple[str, str | None]]:
@@ -40,14 +35,6 @@ def parse_variant(spec: str) -> tuple[str, float | None]:
     """An EA variant as written on the command line -> (variant, power): a name of the variant table
     (ops/variants.py; "power" at degree 4) or "power<p>" (e.g. "power8")."""
     return _parse_variant(spec)
-
-
-# (colour, marker) of a mechanism's label in the plots: "dpa", then every EA variant of the table in its
-# order ("ea" red, ...); other labels: matplotlib's next colour, a diamond
-_EA_STYLES = [("tab:red", "s"), ("tab:orange", "^"), ("tab:green", "v"), ("tab:purple", "D"), ("tab:brown", "P"),
-              ("tab:pink", "X"), ("tab:olive", "<"), ("tab:cyan", ">")]
-PLOT_STYLE = {"dpa": ("tab:blue", "o"),
-              **{kind_label("ea", v): _EA_STYLES[i % len(_EA_STYLES)] for i, v in enumerate(VARIANTS)}}
 
 
 # ---------------------------------------------------------------- the levers of issue #21
@@ -135,13 +122,17 @@ def resolve_layer_kinds(pattern: str | None, n_layers: int) -> tuple[str, ...] |
     return kinds
 
 
-def lever_label(base: str, *, n_ea_heads: int | None = None, layer_kinds: str | None = None,
-                qk_norm: bool = False, learn_scale: bool = False, gain_init: float = 0.0,
-                forget_gate: bool = False) -> str:
-    """A run's label from its mechanism's (e.g. "ea-exp_squared") and its options:
-    "ea[h2]" (EA on 2 heads), "ea[ends]" / "ea[dpa-ea-ea-dpa]" (per-layer kinds), "+qknorm",
-    "+gain" / "+gain@-1.15" (learned gain, its initial log gain when not 0), "+gate"."""
-    label = base
+def mechanism_label(kind: str, variant: str | None = None, power: float | None = None, *,
+                    n_ea_heads: int | None = None, layer_kinds: str | None = None, qk_norm: bool = False,
+                    learn_scale: bool = False, gain_init: float = 0.0, forget_gate: bool = False) -> str:
+    """A run's mechanism as one label, in tables, plots and records: "dpa", "ea" (saturating, the
+    default variant) or "ea-<variant>" ("ea-power4": the power variant with its degree, 4 when None),
+    then the options: "[h2]" (EA on 2 heads), "[ends]" / "[dpa-ea-ea-dpa]" (per-layer kinds),
+    "+qknorm", "+gain" / "+gain@-1.15" (learned gain, its initial log gain when not 0), "+gate"."""
+    if kind == "dpa":
+        label = "dpa"
+    else:
+        label = "ea" if variant in (None, DEFAULT_VARIANT) else f"ea-{variant_label(variant, power)}"
     if n_ea_heads is not None:
         label += f"[h{n_ea_heads}]"
     if layer_kinds is not None:
@@ -150,3 +141,11 @@ def lever_label(base: str, *, n_ea_heads: int | None = None, layer_kinds: str | 
     if learn_scale:
         label += "+gain" + (f"@{gain_init:g}" if gain_init else "")
     return label + ("+gate" if forget_gate else "")
+
+
+# (colour, marker) of a mechanism's label in the plots: "dpa", then every EA variant of the table in its
+# order ("ea" red, ...); other labels: matplotlib's next colour, a diamond
+_EA_STYLES = [("tab:red", "s"), ("tab:orange", "^"), ("tab:green", "v"), ("tab:purple", "D"), ("tab:brown", "P"),
+              ("tab:pink", "X"), ("tab:olive", "<"), ("tab:cyan", ">")]
+PLOT_STYLE = {"dpa": ("tab:blue", "o"),
+              **{mechanism_label("ea", v): _EA_STYLES[i % len(_EA_STYLES)] for i, v in enumerate(VARIANTS)}}

@@ -22,7 +22,7 @@ CHECKPOINT_DIR = "checkpoints"
 
 def run_label(p: GridPoint) -> str:
     at = f" {p.point_label}" if p.point else ""
-    return f"{p.family} {p.label}{at} {p.config.label} s{p.config.seed}"
+    return f"{p.family} {p.rung_label}{at} {p.config.label} s{p.config.seed}"
 
 
 def run_ladder(
@@ -83,7 +83,7 @@ def _run_ladder(preset, out, workers, checkpoints, imports, progress, report, th
             failed.append((run_label(p), error))
             bar.write(f"FAILED {run_label(p)}:\n{error}")
         else:
-            record["ladder"] = {"preset": preset.name, "family": p.family, "rung": p.rung, "label": p.label,
+            record["ladder"] = {"preset": preset.name, "family": p.family, "rung": p.rung, "rung_label": p.rung_label,
                                 "axes": list(p.axes), "point": dict(p.point)}
             store.append(record)
             m = record["metrics"]

@@ -58,7 +58,7 @@ class Preset:
     base: dict = field(default_factory=dict)  # RunConfig fields shared by all runs
     seeds: int = 2
     kinds: tuple[str, ...] = ("dpa", "ea")
-    variants: tuple[str, ...] = ("saturating",)  # EA variants (each is its own kind)
+    variants: tuple[str, ...] = ("saturating",)  # EA variants (each variant is its own run)
     description: str = ""
     axes: dict[str, list[dict]] = field(default_factory=dict)  # axis name -> points (RunConfig overrides)
     levers: dict[str, list[dict]] = field(default_factory=dict)  # lever -> options, crossed with every kind
@@ -197,7 +197,7 @@ class Preset:
 class GridPoint:
     family: str
     rung: int
-    label: str
+    rung_label: str  # "T=16": the rung's label in tables and plots (config.label: the mechanism's)
     config: RunConfig
     axes: tuple[str, ...] = ()  # the preset axes this run lies on (empty: no axes)
     point: dict = field(default_factory=dict)  # its RunConfig fields that differ from the preset's base
@@ -350,17 +350,17 @@ def check_grid(grid: list[GridPoint]) -> None:
                 build_model(c if c.layer_kinds is not None else dataclasses.replace(c, n_layers=1), task)
         except Exception as e:
             msg = str(e).strip("'\"") or type(e).__name__
-            raise ValueError(f"family {p.family!r}, rung {p.label} ({c.label}): {msg}") from None
+            raise ValueError(f"family {p.family!r}, rung {p.rung_label} ({c.label}): {msg}") from None
 
 
 def ladder_grid(preset: str, *, imports=(), families=None, kinds=None, variants=None, seeds=None,
-                steps=None, levers=None, axes=None, layers=None) -> tuple[Preset, list[GridPoint]]:
+                steps=None, levers=None, axes=None, n_layers=None) -> tuple[Preset, list[GridPoint]]:
     """The preset (name or .json file) with the command line's overrides, and its checked grid
-    (``levers``: lever -> options, see Preset; ``axes``: the axes to keep; ``layers``: n_layers)."""
+    (``levers``: lever -> options, see Preset; ``axes``: the axes to keep)."""
     import_task_modules(imports)  # modules that register the user's own tasks
     base = {"steps": steps, "tokens": None} if steps else {}
-    if layers:
-        base["n_layers"] = layers
+    if n_layers:
+        base["n_layers"] = n_layers
     p = get_preset(preset).replace(families=families, kinds=kinds, variants=variants, seeds=seeds,
                                    base=base or None, levers=levers, axes=axes)
     grid = p.grid()

@@ -29,7 +29,7 @@ def collect(preset: Preset, records: list[dict]) -> list[dict]:
         if not p.is_base:
             continue
         cell = cells.setdefault((p.family, p.rung, p.config.label), {
-            "family": p.family, "rung": p.rung, "label": p.label, "kind": p.config.label,
+            "family": p.family, "rung": p.rung, "rung_label": p.rung_label, "label": p.config.label,
             "task": p.config.task, "values": defaultdict(list), "wall": [], "params": None, "expected": 0})
         cell["expected"] += 1
         rec = by_key.get(p.config.key())
@@ -41,7 +41,7 @@ def collect(preset: Preset, records: list[dict]) -> list[dict]:
         cell["params"] = rec.get("params")
     rows = []
     for cell in cells.values():
-        row = {k: cell[k] for k in ("family", "rung", "label", "kind", "task")}
+        row = {k: cell[k] for k in ("family", "rung", "rung_label", "label", "task")}
         n = len(cell["values"]["token_acc"])
         row["n"] = n
         row["expected"] = cell["expected"]
@@ -56,7 +56,7 @@ def collect(preset: Preset, records: list[dict]) -> list[dict]:
 
 
 def write_summary_csv(rows: list[dict], path: Path) -> None:
-    cols = ["family", "rung", "label", "kind", "n", "token_acc_mean", "token_acc_std", "seq_acc_mean",
+    cols = ["family", "rung", "rung_label", "label", "n", "token_acc_mean", "token_acc_std", "seq_acc_mean",
             "seq_acc_std", "loss_mean", "loss_std", "wall_s_mean", "params", "task"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -79,9 +79,9 @@ def plot_ladder(rows: list[dict], path: Path, title: str = "") -> None:
         ax.set_visible(False)
     for ax, fam in zip(axes[0], families):
         fr = [r for r in rows if r["family"] == fam]
-        labels = [r["label"] for r in sorted({r["rung"]: r for r in fr}.values(), key=lambda r: r["rung"])]
-        for kind in dict.fromkeys(r["kind"] for r in fr):
-            kr = sorted((r for r in fr if r["kind"] == kind and r["n"]), key=lambda r: r["rung"])
+        labels = [r["rung_label"] for r in sorted({r["rung"]: r for r in fr}.values(), key=lambda r: r["rung"])]
+        for kind in dict.fromkeys(r["label"] for r in fr):
+            kr = sorted((r for r in fr if r["label"] == kind and r["n"]), key=lambda r: r["rung"])
             if not kr:
                 continue
             color, marker = PLOT_STYLE.get(kind, (None, "d"))
@@ -125,7 +125,7 @@ def verdicts(rows: list[dict], base: str = "dpa") -> dict[str, dict[str, dict]]:
     """
     out: dict[str, dict[str, dict]] = {}
     for fam in dict.fromkeys(r["family"] for r in rows):
-        fr = {(r["rung"], r["kind"]): r for r in rows if r["family"] == fam and r["n"]}
+        fr = {(r["rung"], r["label"]): r for r in rows if r["family"] == fam and r["n"]}
         rungs = sorted({r for r, _ in fr})
         for kind in sorted({k for _, k in fr if k != base}):
             pairs = [(fr[(r, base)], fr[(r, kind)]) for r in rungs if (r, base) in fr and (r, kind) in fr]
@@ -139,13 +139,13 @@ def verdicts(rows: list[dict], base: str = "dpa") -> dict[str, dict[str, dict]]:
                 gaps.append(gap)
                 noise.append(tol)
                 if gap < -tol:
-                    behind.append(e["label"])
+                    behind.append(e["rung_label"])
                 if gap > tol:
-                    ahead.append(e["label"])
+                    ahead.append(e["rung_label"])
                 if e["seq_acc_mean"] >= SOLVED and d["seq_acc_mean"] < SOLVED:
-                    solved.append(e["label"])
+                    solved.append(e["rung_label"])
             top = int(np.argmax(gaps))
-            dips = [pairs[i + 1][1]["label"] for i in range(top) if gaps[i + 1] < gaps[i] - noise[i + 1]]
+            dips = [pairs[i + 1][1]["rung_label"] for i in range(top) if gaps[i + 1] < gaps[i] - noise[i + 1]]
             # grows: some rung up to the largest gap is beyond noise above the first rung's gap
             grows = any(gaps[i] - gaps[0] > noise[i] for i in range(1, top + 1))
             # "yes": grows, and never falls (beyond noise) on the way up to its largest value;
@@ -157,9 +157,9 @@ def verdicts(rows: list[dict], base: str = "dpa") -> dict[str, dict[str, dict]]:
             else:
                 widening = "no"
             out.setdefault(fam, {})[kind] = {
-                "rungs": [e["label"] for _, e in pairs], "gaps": gaps, "noise": noise,
+                "rungs": [e["rung_label"] for _, e in pairs], "gaps": gaps, "noise": noise,
                 "at_least_as_good": not behind, "behind": behind, "ahead": ahead,
-                "widening": widening, "dips": dips, "max_gap_at": pairs[top][1]["label"], "max_gap": gaps[top],
+                "widening": widening, "dips": dips, "max_gap_at": pairs[top][1]["rung_label"], "max_gap": gaps[top],
                 "solves_where_dpa_does_not": solved, "complete": all(d["n"] == d["expected"] and
                                                                      e["n"] == e["expected"] for d, e in pairs),
             }
@@ -189,12 +189,12 @@ def _fmt(mean: float, std: float, n: int) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    kinds = list(dict.fromkeys(r["label"] for r in rows))
     head = "| family | rung | " + " | ".join(f"{k} token | {k} seq" for k in kinds) + " | n |"
     sep = "|" + "---|" * (3 + 2 * len(kinds))
     lines = [head, sep]
-    cells = {(r["family"], r["rung"], r["kind"]): r for r in rows}
-    for fam, rung, label in dict.fromkeys((r["family"], r["rung"], r["label"]) for r in rows):
+    cells = {(r["family"], r["rung"], r["label"]): r for r in rows}
+    for fam, rung, label in dict.fromkeys((r["family"], r["rung"], r["rung_label"]) for r in rows):
         parts, ns = [], []
         for k in kinds:
             r = cells.get((fam, rung, k))
@@ -216,7 +216,7 @@ def group_table(preset: Preset, records: list[dict]) -> list[str]:
         p = points.get(r["key"])
         for g, m in (r["metrics"].get("groups") or {}).items():
             if p is not None and len(r["metrics"]["groups"]) > 1:
-                cells[(p.family, p.rung, p.label, g, p.config.label)].append((m["token_acc"], m["seq_acc"]))
+                cells[(p.family, p.rung, p.rung_label, g, p.config.label)].append((m["token_acc"], m["seq_acc"]))
     if not cells:
         return []
     kinds = list(dict.fromkeys(k[-1] for k in cells))
@@ -239,7 +239,7 @@ def _task_lines(preset: Preset, records: list[dict]) -> list[str]:
         if p is None or (p.family, p.rung) in seen:
             continue
         seen.add((p.family, p.rung))
-        out.append((p.family, p.rung, f"- {p.family} {p.label}: {r['task']['describe']}"))
+        out.append((p.family, p.rung, f"- {p.family} {p.rung_label}: {r['task']['describe']}"))
     return [line for *_, line in sorted(out)]
 
 

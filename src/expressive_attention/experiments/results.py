@@ -87,6 +87,43 @@ def serialised(out: str | os.PathLike):
         yield
 
 
+# ---------------------------------------------------------------- old field names
+# The one place where old names live on. A config is hashed (its results key) under the field names
+# it had when results files were first written, so renaming a field changes no key: files on disk
+# resume, and their records read. Each map: current name -> name in the hash and in old records.
+RUN_KEY_NAMES = {"kind": "attention"}  # RunConfig (experiments/train.py)
+# the text LM's config (experiments/text_lm.py), whose fields took nn.LMConfig's names
+TEXT_KEY_NAMES = {"n_layers": "layers", "n_heads": "heads", "n_kv_heads": "kv_heads", "context_length": "context"}
+
+
+# record fields (current -> old): the mechanism's label ("ea-squared") was stored as "kind" (in a
+# record and in each row of its curve), a text-LM run's HF implementation name as "impl", a ladder
+# rung's label ("T=16") as ladder["label"]. ResultsStore.read() gives every record today's names.
+RECORD_NAMES = {"label": "kind", "attn_implementation": "impl"}
+LADDER_NAMES = {"rung_label": "label"}
+
+
+def rename_keys(d: dict, renames: dict[str, str]) -> dict:
+    """`d` with each key of `renames` replaced by its value (a copy)."""
+    return {renames.get(k, k): v for k, v in d.items()}
+
+
+def current_names(d: dict, renames: dict[str, str]) -> dict:
+    """`d` (a stored config, possibly with old names) under the current names of map `renames`."""
+    return rename_keys(d, {old: new for new, old in renames.items()})
+
+
+def current_record(record: dict) -> dict:
+    """A stored record under today's field names (RECORD_NAMES, LADDER_NAMES); its config and key
+    stay as stored."""
+    r = current_names(record, RECORD_NAMES)
+    if isinstance(r.get("ladder"), dict):
+        r["ladder"] = current_names(r["ladder"], LADDER_NAMES)
+    if isinstance(r.get("curve"), list):
+        r["curve"] = [current_names(row, RECORD_NAMES) if isinstance(row, dict) else row for row in r["curve"]]
+    return r
+
+
 def config_key(config: dict[str, Any]) -> str:
     """A stable 16-hex-digit key for a config dict (canonical JSON: sorted keys, no spaces)."""
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
@@ -121,7 +158,8 @@ class ResultsStore:
         return record if isinstance(record, dict) and "key" in record else None
 
     def read(self) -> list[dict]:
-        """Every well-formed record, in file order; malformed lines are skipped with a warning.
+        """Every well-formed record, in file order, under today's field names (`current_record`);
+        malformed lines are skipped with a warning.
 
         If one config key appears twice (two sweeps racing on one file), the first record wins."""
         records, seen = [], set()
@@ -135,7 +173,7 @@ class ResultsStore:
                 continue
             if record["key"] not in seen:
                 seen.add(record["key"])
-                records.append(record)
+                records.append(current_record(record))
         return records
 
     def keys(self) -> set[str]:

@@ -35,19 +35,19 @@ def scaling_rows(records: list[dict]) -> list[dict]:
         axes = set(lad.get("axes") or ()) | (present if lad.get("axes") and not lad.get("point") else set())
         for axis in sorted(axes & present, key=list(AXES).index):
             x = r[AXES[axis][0]]
-            cell = cells.setdefault((lad["family"], lad["rung"], r["kind"], axis, x), {
-                "family": lad["family"], "rung": lad["rung"], "label": lad["label"], "kind": r["kind"],
+            cell = cells.setdefault((lad["family"], lad["rung"], r["label"], axis, x), {
+                "family": lad["family"], "rung": lad["rung"], "rung_label": lad["rung_label"], "label": r["label"],
                 "axis": axis, "x": x, "d_model": r["config"]["d_model"], "steps": r["steps"],
                 "base": not lad.get("point"), "seeds": [], "token_acc": [], "seq_acc": []})
             cell["seeds"].append(r["config"]["seed"])
             cell["token_acc"].append(float(r["metrics"]["token_acc"]))
             cell["seq_acc"].append(float(r["metrics"]["seq_acc"]))
     order = {f: i for i, f in enumerate(dict.fromkeys(c["family"] for c in cells.values()))}  # as trained
-    return sorted(cells.values(), key=lambda c: (order[c["family"]], c["rung"], c["axis"], c["kind"], c["x"]))
+    return sorted(cells.values(), key=lambda c: (order[c["family"]], c["rung"], c["axis"], c["label"], c["x"]))
 
 
 def _series(rows: list[dict], family: str, rung: int, kind: str, axis: str) -> list[dict]:
-    return [r for r in rows if (r["family"], r["rung"], r["kind"], r["axis"]) == (family, rung, kind, axis)]
+    return [r for r in rows if (r["family"], r["rung"], r["label"], r["axis"]) == (family, rung, kind, axis)]
 
 
 def who_leads(iv: Interval | None) -> str:
@@ -89,10 +89,10 @@ def analyse(rows: list[dict]) -> dict[tuple[str, int], dict[str, dict]]:
     factor; on the budget axis also the verdict category and whether EA's 100% survives."""
     out: dict[tuple[str, int], dict[str, dict]] = {}
     for family, rung in dict.fromkeys((r["family"], r["rung"]) for r in rows):
-        kinds = [k for k in dict.fromkeys(r["kind"] for r in rows if (r["family"], r["rung"]) == (family, rung))
+        kinds = [k for k in dict.fromkeys(r["label"] for r in rows if (r["family"], r["rung"]) == (family, rung))
                  if k != BASE]
         for kind in kinds:
-            res: dict = {"label": next(r["label"] for r in rows if (r["family"], r["rung"]) == (family, rung))}
+            res: dict = {"rung_label": next(r["rung_label"] for r in rows if (r["family"], r["rung"]) == (family, rung))}
             for axis in AXES:
                 d_s = {r["x"]: r for r in _series(rows, family, rung, BASE, axis)}
                 e_s = {r["x"]: r for r in _series(rows, family, rung, kind, axis)}
@@ -168,7 +168,7 @@ def summary_table(res: dict[tuple[str, int], dict[str, dict]]) -> list[str]:
                     g = pts[i]["gap"] if i < len(pts) else None
                     cells.append(g.fmt(2) if g else "–")
             f = [r[a]["factor"].fmt() if a in r else "–" for a in AXES]
-            lines.append(f"| {family} | {r['label']} | {kind} | " + " | ".join(cells) + f" | {f[0]} | {f[1]} |")
+            lines.append(f"| {family} | {r['rung_label']} | {kind} | " + " | ".join(cells) + f" | {f[0]} | {f[1]} |")
     return lines
 
 
@@ -191,7 +191,7 @@ def report_lines(res: dict[tuple[str, int], dict[str, dict]]) -> list[str]:
                 ref_x = next((p["x"] for p in a["points"] if p["base"]), a["points"][0]["x"])
                 for p in a["points"]:
                     gap = p["gap"].fmt() if p["gap"] else "(< 2 seeds)"
-                    rows.append(f"| {family} | {r['label']} | {kind} | {_xlabel(axis, p, ref_x)} | {p['dpa']:.3f} | "
+                    rows.append(f"| {family} | {r['rung_label']} | {kind} | {_xlabel(axis, p, ref_x)} | {p['dpa']:.3f} | "
                                 f"{p['ea']:.3f} | {gap} | {p['dpa_seq']:.3f} | {p['ea_seq']:.3f} | "
                                 f"{p['n'][0]}/{p['n'][1]} |")
         if not rows:
@@ -203,7 +203,7 @@ def report_lines(res: dict[tuple[str, int], dict[str, dict]]) -> list[str]:
     for (family, _rung), kinds in res.items():
         for kind, r in kinds.items():
             b, s = r.get("budget"), r.get("size")
-            parts = [f"- **{family} {r['label']}**, {kind} vs dpa:"]
+            parts = [f"- **{family} {r['rung_label']}**, {kind} vs dpa:"]
             if b:
                 parts.append(f"budget: **{b['category']}**; gap {b['trend_word']} from 1x to "
                              f"{b['points'][-1]['x'] / b['points'][0]['x']:.0f}x"
@@ -225,7 +225,7 @@ def plot_axis(rows: list[dict], axis: str, path: str | Path, title: str = "") ->
     """Accuracy vs steps (budget) or parameters (size), log x, one panel per (family, rung), every kind
     on the same axes; mean ± std over seeds, solid = token, dashed = sequence accuracy. False if no data."""
     rows = [r for r in rows if r["axis"] == axis]
-    panels = list(dict.fromkeys((r["family"], r["rung"], r["label"]) for r in rows))
+    panels = list(dict.fromkeys((r["family"], r["rung"], r["rung_label"]) for r in rows))
     if not panels:
         return False
     import matplotlib
@@ -238,7 +238,7 @@ def plot_axis(rows: list[dict], axis: str, path: str | Path, title: str = "") ->
     for ax in list(grid.flat)[len(panels):]:
         ax.set_visible(False)
     for ax, (family, rung, label) in zip(grid.flat, panels):
-        for kind in dict.fromkeys(r["kind"] for r in rows):
+        for kind in dict.fromkeys(r["label"] for r in rows):
             s = _series(rows, family, rung, kind, axis)
             if not s:
                 continue

@@ -1,5 +1,7 @@
-"""`ea lm`: one small Hugging Face causal LM, trained with each attention implementation on the same
-text (same initial weights, same batches, same number of steps), compared on held-out bits per byte.
+"""The text LM of `ea lm`: one small Hugging Face causal LM per attention mechanism, trained on
+the same text (same initial weights, same batches, same number of steps) and scored on held-out bits
+per byte. The study over seeds x lrs x mechanisms, its results file and report: text_study.py; the
+text and its tokens: text_data.py.
 
 The model is built from a config (no downloaded weights); one run per mechanism of ``kinds`` x
 ``variants`` x ``scales`` (as in the ladder: "dpa", "ea", "ea-squared", "ea-power4",
@@ -7,60 +9,29 @@ The model is built from a config (no downloaded weights); one run per mechanism 
 ``attn_implementation`` ("sdpa", "expressive", "expressive_squared", ...; see `hf_implementation`),
 so only the attention rule differs between runs. Issue #21's levers multiply the runs the same way
 (``gates``, ``ea_heads``, ``layer_kinds``, ``scales`` with "learned@G"; labels such as "ea+gate",
-"ea[h2]", "ea[first]", "ea-exp_squared+gain@-1.1513"; see kinds.py and docs/real-text.md). The text is any local files, or one of two
-corpora every Python install has offline (``corpus``): "code", the standard library's own source
-files, and "prose", the English help texts of ``pydoc_data/topics.py`` (the pages
-`help("topic")` shows, ~0.47 MB). Tokens are bytes (vocab 256) or characters (vocab from the
-training text). The last ``val_fraction`` of the text (whole files / topics, in a fixed
-pseudo-random order) is held out.
-
-A study is one command: every (seed, lr, mechanism) in ``seeds`` x ``lrs`` x ``runs()`` is one
-run; each finished run is appended to OUT/results.jsonl at once, and a rerun skips the runs
-already there (an interrupted study resumes). Summary, tables, plot and OUT/report.md cover every
-run in the file with the same setting (experiments/text_study.py); each run also records
-per-layer attention statistics at init and at the end (experiments/attention_stats.py).
+"ea[h2]", "ea[first]", "ea-exp_squared+gain@-1.1513"; see kinds.py and docs/real-text.md). Each run
+also records per-layer attention statistics at init and at the end (attention_stats.py).
 """
 from __future__ import annotations
 
 import copy
-import fnmatch
-import functools
 import math
 import os
-import sysconfig
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
-from ..deprecation import warn_renamed
-from ..ops.variants import DEFAULT_VARIANT, VARIANT_TABLE, variant_label
-from .kinds import (  # noqa: F401  (parse_variant: also imported from here)
-    kind_label, kind_specs, lever_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant,
+from ..ops.variants import variant_label
+from .kinds import (
+    kind_specs, mechanism_label, parse_ea_heads, parse_gate, parse_layer_kinds, parse_scale, parse_variant,
     resolve_layer_kinds,
 )
-from .results import RESULTS_FILE, ResultsStore, config_key, serialised
+from .results import TEXT_KEY_NAMES, config_key, rename_keys
+from .text_data import CORPORA, TOKENIZERS
 
-# the old `impls` names (attn_implementation names) -> (kind, variant): "sdpa", "expressive", and
-# "expressive_<variant>" for each variant of the table without parameters
-IMPLEMENTATIONS = {"sdpa": ("dpa", None), **{("expressive" if v == DEFAULT_VARIANT else f"expressive_{v}"): ("ea", v)
-                                              for v, entry in VARIANT_TABLE.items() if not entry.params}}
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
-CORPORA = ("code", "prose")
 SCALES = ("fixed", "learned")  # the score scale: 1/sqrt(E), or times a learned per-head gain (also learned@G)
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
-
-
-def kinds_from_impls(impls) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(kinds, variants) for the old `impls` list, e.g. ("sdpa", "expressive_squared")."""
-    bad = [i for i in impls if i not in IMPLEMENTATIONS]
-    if bad or not impls:
-        raise ValueError(f"impls must be a non-empty subset of {tuple(IMPLEMENTATIONS)}, got {list(impls)}")
-    specs = [IMPLEMENTATIONS[i] for i in impls]
-    kinds = tuple(dict.fromkeys(k for k, _ in specs))
-    return kinds, tuple(dict.fromkeys(v for _, v in specs if v is not None)) or ("saturating",)
 
 
 @dataclass(frozen=True)
@@ -80,14 +51,10 @@ class Mechanism:
 
     @property
     def label(self) -> str:
-        """"dpa", "ea", "ea-squared", "ea-power4", "ea-exp_squared"; "+gain" with a learned gain;
-        the levers as in kinds.lever_label ("ea[h2]", "ea[first]", "+gain@-1.1513", "+gate")."""
-        if self.power is not None:
-            base = f"ea-{variant_label(self.variant, self.power)}"
-        else:
-            base = kind_label(self.kind, self.variant)
-        return lever_label(base, n_ea_heads=self.n_ea_heads, layer_kinds=self.layer_kinds,
-                           learn_scale=self.learn_scale, gain_init=self.gain_init, forget_gate=self.forget_gate)
+        """The mechanism's label (kinds.mechanism_label): "dpa", "ea", "ea-power4", "ea[h2]+gate", ..."""
+        return mechanism_label(self.kind, self.variant, self.power, n_ea_heads=self.n_ea_heads,
+                               layer_kinds=self.layer_kinds, learn_scale=self.learn_scale, gain_init=self.gain_init,
+                               forget_gate=self.forget_gate)
 
     @property
     def hybrid(self) -> bool:
@@ -146,6 +113,10 @@ def label_of_impl(impl: str) -> str:
 
 @dataclass
 class TextLMConfig:
+    """Everything `ea lm` trains: the text, the model (nn.LMConfig's field names), the optimisation and
+    the runs (kinds x variants x levers x lrs x seeds). Its results key (`run_key`) hashes `setting()`
+    under the field names the first results files were written with (results.TEXT_KEY_NAMES)."""
+
     paths: list[str] = field(default_factory=list)  # files or directories; empty = `corpus`
     corpus: str = "code"  # without paths: "code" (stdlib source) or "prose" (pydoc topics)
     glob: str = "*.py"  # files taken from directories
@@ -154,10 +125,10 @@ class TextLMConfig:
     tokenizer: str = "byte"  # "byte" | "char"
     arch: str = "llama"
     d_model: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    context: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    context_length: int = 128
     batch_size: int = 16
     steps: int = 300
     lrs: tuple[float, ...] = (2e-3,)  # peak lrs; linear warmup over the first 10% of steps, cosine to 10%
@@ -198,20 +169,20 @@ class TextLMConfig:
         return out
 
     def check(self) -> None:
-        if self.tokenizer not in ("byte", "char"):
-            raise ValueError(f"tokenizer must be 'byte' or 'char', got {self.tokenizer!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         runs = self.runs()  # kinds, variants, scales, levers
         labels = [m.label for m in runs]
         if len(set(labels)) != len(labels):
             raise ValueError(f"the runs repeat a mechanism: {labels}")
-        group = self.heads // self.kv_heads if self.kv_heads and self.heads % self.kv_heads == 0 else 1
+        group = self.n_heads // self.n_kv_heads if self.n_kv_heads and self.n_heads % self.n_kv_heads == 0 else 1
         for m in runs:
-            if m.n_ea_heads is not None and not (m.n_ea_heads <= self.heads and m.n_ea_heads % group == 0):
-                raise ValueError(f"ea-heads {m.n_ea_heads}: must be at most heads ({self.heads}) and a multiple of "
-                                 f"heads / kv_heads ({group})")
-            resolve_layer_kinds(m.layer_kinds, self.layers)
+            if m.n_ea_heads is not None and not (m.n_ea_heads <= self.n_heads and m.n_ea_heads % group == 0):
+                raise ValueError(f"ea-heads {m.n_ea_heads}: must be at most n_heads ({self.n_heads}) and a multiple of "
+                                 f"n_heads / n_kv_heads ({group})")
+            resolve_layer_kinds(m.layer_kinds, self.n_layers)
         if self.corpus not in CORPORA:
             raise ValueError(f"corpus must be one of {CORPORA}, got {self.corpus!r}")
         if self.paths and self.corpus != "code":
@@ -226,37 +197,14 @@ class TextLMConfig:
                 raise ValueError(f"{name} has duplicates: {list(values)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.d_model % self.heads or self.heads % self.kv_heads:
-            raise ValueError(f"d_model ({self.d_model}) must divide by heads ({self.heads}), "
-                             f"heads by kv_heads ({self.kv_heads})")
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"d_model ({self.d_model}) must divide by n_heads ({self.n_heads}), "
+                             f"n_heads by n_kv_heads ({self.n_kv_heads})")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        for name in ("max_bytes", "context", "batch_size", "steps", "eval_every", "eval_windows", "layers"):
+        for name in ("max_bytes", "context_length", "batch_size", "steps", "eval_every", "eval_windows", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-def _accept_impls(init):
-    """TextLMConfig(impls=...): the deprecated way to name the runs, converted to kinds and variants."""
-
-    @functools.wraps(init)
-    def __init__(self, *args, impls=None, **kwargs):
-        init(self, *args, **kwargs)
-        if impls is not None:
-            warn_renamed("TextLMConfig", "impls", "kinds and variants", stacklevel=2)
-            self.kinds, self.variants = kinds_from_impls(impls)
-
-    return __init__
-
-
-TextLMConfig.__init__ = _accept_impls(TextLMConfig.__init__)
-
-
-def __getattr__(name: str):
-    if name == "LMConfig":  # the old name of TextLMConfig (nn.LMConfig is the DecoderLM's config)
-        warn_renamed(__name__, "LMConfig", "TextLMConfig", stacklevel=2)
-        return TextLMConfig
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def auto_threads() -> int:
@@ -269,84 +217,6 @@ def auto_threads() -> int:
     return 1 if busy else torch.get_num_threads()
 
 
-# ---------------------------------------------------------------- text
-
-
-def stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def collect_files(paths: list[str], glob: str) -> list[Path]:
-    """Files named in ``paths`` plus ``glob`` matches under directories (site-packages skipped), in
-    a fixed pseudo-random order (crc32 of the relative path) so a byte budget samples widely."""
-    roots = [Path(p) for p in paths] if paths else [stdlib_dir()]
-    files: list[tuple[int, str, Path]] = []
-    for root in roots:
-        if root.is_file():
-            files.append((zlib.crc32(root.name.encode()), root.name, root))
-        elif root.is_dir():
-            for d, subdirs, names in os.walk(root):
-                subdirs[:] = [s for s in subdirs if s not in _SKIP_DIRS]
-                for n in fnmatch.filter(names, glob):
-                    f = Path(d) / n
-                    rel = f.relative_to(root).as_posix()
-                    files.append((zlib.crc32(rel.encode()), rel, f))
-        else:
-            raise FileNotFoundError(f"text path {str(root)!r} does not exist")
-    if not files:
-        raise ValueError(f"no files matching {glob!r} under {[str(r) for r in roots]}")
-    return [f for _, _, f in sorted(files)]
-
-
-def prose_documents() -> list[bytes]:
-    """The "prose" corpus: the help topics of the standard library's ``pydoc_data/topics.py``
-    (English reference text, shipped with every CPython), in a fixed pseudo-random order."""
-    from pydoc_data.topics import topics
-
-    return [topics[k].encode("utf-8") for k in sorted(topics, key=lambda k: (zlib.crc32(k.encode()), k))]
-
-
-def corpus_description(cfg: TextLMConfig) -> str:
-    if cfg.paths:
-        return ", ".join(cfg.paths)
-    if cfg.corpus == "prose":
-        return "prose: Python's pydoc help topics (pydoc_data/topics.py)"
-    return f"code: Python stdlib source ({stdlib_dir()})"
-
-
-def load_text(cfg: TextLMConfig) -> tuple[bytes, bytes, int]:
-    """(train bytes, held-out bytes, number of files read) within ``cfg.max_bytes``."""
-    chunks, total = [], 0
-    if cfg.paths or cfg.corpus == "code":
-        docs = (f.read_bytes() for f in collect_files(cfg.paths, cfg.glob))
-    else:
-        docs = iter(prose_documents())
-    for doc in docs:
-        data = doc[: cfg.max_bytes - total]
-        chunks.append(data)
-        total += len(data)
-        if total >= cfg.max_bytes:
-            break
-    text = b"\n".join(chunks)
-    n_val = int(len(text) * cfg.val_fraction)
-    if len(text) - n_val < cfg.context + 1 or n_val < cfg.context + 1:
-        raise ValueError(f"{len(text)} bytes of text is too little for context {cfg.context}")
-    return text[:-n_val], text[-n_val:], len(chunks)
-
-
-def tokenize(train: bytes, val: bytes, kind: str):
-    """-> (train ids, val ids, vocab size, held-out bytes per token)."""
-    if kind == "byte":
-        t = torch.frombuffer(bytearray(train), dtype=torch.uint8).long()
-        v = torch.frombuffer(bytearray(val), dtype=torch.uint8).long()
-        return t, v, 256, 1.0
-    tr, va = train.decode("utf-8", errors="replace"), val.decode("utf-8", errors="replace")
-    vocab = {c: i + 1 for i, c in enumerate(sorted(set(tr)))}  # 0 = unknown
-    t = torch.tensor([vocab[c] for c in tr])
-    v = torch.tensor([vocab.get(c, 0) for c in va])
-    return t, v, len(vocab) + 1, len(val) / len(va)
-
-
 # ---------------------------------------------------------------- model
 
 
@@ -356,19 +226,19 @@ def model_config(cfg: TextLMConfig, vocab: int):
     if cfg.arch == "qwen3":  # Qwen2 plus RMSNorm of each head's q and k
         from transformers import Qwen3Config
 
-        return Qwen3Config(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.layers,
-                           num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-                           head_dim=cfg.d_model // cfg.heads, intermediate_size=4 * cfg.d_model,
-                           max_position_embeddings=cfg.context, tie_word_embeddings=True,
+        return Qwen3Config(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                           num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                           head_dim=cfg.d_model // cfg.n_heads, intermediate_size=4 * cfg.d_model,
+                           max_position_embeddings=cfg.context_length, tie_word_embeddings=True,
                            bos_token_id=0, eos_token_id=0, pad_token_id=None)
     if cfg.arch == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=cfg.d_model, n_layer=cfg.layers, n_head=cfg.heads,
-                          n_positions=cfg.context, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+        return GPT2Config(vocab_size=vocab, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                          n_positions=cfg.context_length, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
                           bos_token_id=0, eos_token_id=0)
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[cfg.arch]
-    return cls(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.layers,
-               num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-               intermediate_size=4 * cfg.d_model, max_position_embeddings=cfg.context,
+    return cls(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+               intermediate_size=4 * cfg.d_model, max_position_embeddings=cfg.context_length,
                tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=None)
 
 
@@ -387,7 +257,7 @@ def build_model(cfg: TextLMConfig, vocab: int, impl: str, seed: int, learn_scale
     torch.manual_seed(seed)
     config = copy.deepcopy(model_config(cfg, vocab))  # a fresh config per model: from_config writes into it
     if mech is not None and mech.hybrid:
-        config.ea_layer_kinds = resolve_layer_kinds(mech.layer_kinds, cfg.layers)
+        config.ea_layer_kinds = resolve_layer_kinds(mech.layer_kinds, cfg.n_layers)
         config.n_ea_heads = mech.n_ea_heads
     model = AutoModelForCausalLM.from_config(config, attn_implementation=impl)
     if learn_scale:
@@ -406,15 +276,15 @@ def batches(ids: torch.Tensor, cfg: TextLMConfig, seed: int):
     """Random training windows (B, context), the same sequence for every implementation."""
     g = torch.Generator().manual_seed(seed + 1)
     while True:
-        start = torch.randint(0, len(ids) - cfg.context, (cfg.batch_size,), generator=g)
-        yield torch.stack([ids[s : s + cfg.context] for s in start.tolist()])
+        start = torch.randint(0, len(ids) - cfg.context_length, (cfg.batch_size,), generator=g)
+        yield torch.stack([ids[s : s + cfg.context_length] for s in start.tolist()])
 
 
 def eval_windows(ids: torch.Tensor, cfg: TextLMConfig) -> torch.Tensor:
     """Fixed, evenly spaced held-out windows (N, context)."""
-    n = min(cfg.eval_windows, len(ids) // cfg.context)
-    starts = torch.linspace(0, len(ids) - cfg.context, n).long()
-    return torch.stack([ids[s : s + cfg.context] for s in starts.tolist()])
+    n = min(cfg.eval_windows, len(ids) // cfg.context_length)
+    starts = torch.linspace(0, len(ids) - cfg.context_length, n).long()
+    return torch.stack([ids[s : s + cfg.context_length] for s in starts.tolist()])
 
 
 @torch.no_grad()
@@ -460,7 +330,7 @@ def train_one(cfg: TextLMConfig, mech: Mechanism, impl: str, lr: float, seed: in
 
     def record(step, train_loss):
         val = evaluate(model, val_windows, cfg.batch_size)
-        rows.append(dict(kind=label, attn_implementation=impl, lr=lr, seed=seed, step=step, tokens=step * cfg.batch_size * cfg.context,
+        rows.append(dict(label=label, attn_implementation=impl, lr=lr, seed=seed, step=step, tokens=step * cfg.batch_size * cfg.context_length,
                          train_loss=train_loss, val_loss=val, val_bpb=val * to_bpb,
                          train_seconds=round(train_time, 2)))
         return val
@@ -499,13 +369,15 @@ def train_one(cfg: TextLMConfig, mech: Mechanism, impl: str, lr: float, seed: in
 
 
 def setting(cfg: TextLMConfig) -> dict:
-    """Everything besides (mechanism, lr, seed) that determines a run's numbers."""
-    keep = ("paths", "corpus", "glob", "max_bytes", "val_fraction", "tokenizer", "arch", "d_model", "layers",
-            "heads", "kv_heads", "context", "batch_size", "steps", "eval_every", "eval_windows")
+    """Everything besides (mechanism, lr, seed) that determines a run's numbers, under the names the
+    results files were first written with (results.TEXT_KEY_NAMES: "layers", "context", ...): the
+    `setting` of every record, and part of its key."""
+    keep = ("paths", "corpus", "glob", "max_bytes", "val_fraction", "tokenizer", "arch", "d_model", "n_layers",
+            "n_heads", "n_kv_heads", "context_length", "batch_size", "steps", "eval_every", "eval_windows")
     d = {k: v for k, v in asdict(cfg).items() if k in keep}
     if d["paths"]:
         d.pop("corpus")
-    return d
+    return rename_keys(d, TEXT_KEY_NAMES)
 
 
 def run_key(cfg: TextLMConfig, impl: str, lr: float, seed: int, levers: dict | None = None) -> str:
@@ -514,55 +386,3 @@ def run_key(cfg: TextLMConfig, impl: str, lr: float, seed: int, levers: dict | N
     earlier keys stay as they were)."""
     return config_key({**setting(cfg), "impl": impl, "lr": float(lr), "seed": int(seed),
                        **({"levers": levers} if levers else {})})
-
-
-def run(cfg: TextLMConfig, progress: bool = True, log=print, command: str = "") -> dict:
-    """Train every (seed, lr, mechanism) not yet in OUT/results.jsonl, appending each record as it
-    finishes; then write the summary, curves, plot and report of every run with this setting."""
-    from .text_study import write_outputs
-
-    cfg.check()
-    torch.set_num_threads(cfg.threads or auto_threads())
-    train, val, n_files = load_text(cfg)
-    train_ids, val_ids, vocab, bytes_per_token = tokenize(train, val, cfg.tokenizer)
-    windows = eval_windows(val_ids, cfg)
-    log(f"text: {corpus_description(cfg)}: {n_files} documents, {len(train):,} train / {len(val):,} held-out "
-        f"bytes; {cfg.tokenizer}-level, vocab {vocab}; {len(windows)} held-out windows of {cfg.context}")
-    out = Path(cfg.out)
-    store = ResultsStore(out / RESULTS_FILE)
-    store.repair()
-    done = store.keys()
-    mechs = [(m, hf_implementation(m)) for m in cfg.runs()]
-    todo = [(seed, lr, m, impl) for seed in cfg.seeds for lr in cfg.lrs for m, impl in mechs]
-    skipped = sum(run_key(cfg, impl, lr, seed, m.levers()) in done for seed, lr, m, impl in todo)
-    if skipped:
-        log(f"{skipped} of {len(todo)} runs already in {store.path}: skipped")
-    import transformers
-
-    for seed, lr, mech, impl in todo:
-        key = run_key(cfg, impl, lr, seed, mech.levers())
-        if key in done:
-            continue
-        rows, diagnosis = train_one(cfg, mech, impl, lr, seed, train_ids, windows, vocab, bytes_per_token, progress)
-        last = rows[-1]
-        with serialised(out):
-            store.append(dict(
-                key=key, setting=setting(cfg), kind=mech.label, impl=impl, lr=float(lr), seed=int(seed),
-                mechanism=asdict(mech),
-                val_loss=last["val_loss"], val_bpb=last["val_bpb"], train_seconds=last["train_seconds"],
-                wall_seconds=last["wall_seconds"], curve=rows, diagnosis=diagnosis, vocab=vocab,
-                train_bytes=len(train), val_bytes=len(val), files=n_files, threads=torch.get_num_threads(),
-                torch=torch.__version__, transformers=transformers.__version__,
-            ))
-        done.add(key)
-        log(f"{mech.label} lr={lr:g} seed={seed}: held-out {last['val_bpb']:.4f} bits/byte "
-            f"({last['wall_seconds']:.0f} s) -> {store.path}")
-    summary = dict(config=asdict(cfg), runs=[m.label for m, _ in mechs], vocab=vocab, train_bytes=len(train),
-                   val_bytes=len(val), files=n_files, corpus=corpus_description(cfg),
-                   tokens_per_run=cfg.steps * cfg.batch_size * cfg.context, torch=torch.__version__,
-                   transformers=transformers.__version__, threads=torch.get_num_threads(), command=command)
-    with serialised(out):  # the records as they are now, including those other commands appended meanwhile
-        records = [r for r in store.read() if r.get("setting") == setting(cfg)]
-        return write_outputs(records, summary, out)
-
-from .text_study import format_table  # noqa: E402,F401  (the tables of a summary)

@@ -20,32 +20,27 @@ import torch
 import torch.nn.functional as F
 
 from ..info import machine, versions
-from ..deprecation import rename_keys, renamed_fields
 from ..nn import DecoderLM, LMConfig
 from ..ops import KINDS
 from ..ops.reference import resolve_power
-from .kinds import kind_label, lever_label, parse_layer_kinds, resolve_layer_kinds
-from .results import config_key
+from .kinds import mechanism_label, parse_layer_kinds, resolve_layer_kinds
+from .results import RUN_KEY_NAMES, config_key, current_names, rename_keys
 
 if TYPE_CHECKING:
     from .distributed import Shard
 
-# The results key hashes the config under the field names it had when results files were first
-# written: a renamed field keeps its old name in the hash, so existing results.jsonl files resume.
-_KEY_NAMES = {"kind": "attention"}
 _OPTIONAL_FIELDS = ("power", "qk_norm", "learn_scale")  # left out of to_dict() when off
 # issue #21's options: left out of to_dict() at these (off) values, so earlier configs keep their keys
 _LEVER_DEFAULTS = {"gain_init": 0.0, "n_ea_heads": None, "layer_kinds": None, "forget_gate": False}
 
 
-@renamed_fields(attention="kind")
 @dataclass
 class RunConfig:
     """Everything that determines a run's numbers. `key()` hashes it (the results-file key)."""
 
     task: str
     task_params: dict = field(default_factory=dict)
-    kind: str = "ea"  # the mechanism: "ea" or "dpa" (deprecated name: attention)
+    kind: str = "ea"  # the mechanism: "ea" or "dpa"
     variant: str | None = "saturating"  # EA variant; None for dpa
     power: float | None = None  # degree of variant="power" (None: 4)
     qk_norm: bool = False  # RMSNorm of each head's q and k (EA and DPA)
@@ -113,13 +108,11 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        """The run's mechanism as one label: "dpa", "ea" (saturating) or "ea-<variant>" (stored as
-        "kind" in results records and summary.csv, as before the rename); "ea-power<p>" for the
-        power variant, "+qknorm" / "+gain" when those options are on; issue #21's options as in
-        kinds.lever_label, e.g. "ea[h2]", "ea[ends]", "ea-exp_squared+gain@-1.1513", "dpa+gate"."""
-        label = f"ea-power{self.power:g}" if self.variant == "power" else kind_label(self.kind, self.variant)
-        return lever_label(label, n_ea_heads=self.n_ea_heads, layer_kinds=self.layer_kinds, qk_norm=self.qk_norm,
-                           learn_scale=self.learn_scale, gain_init=self.gain_init, forget_gate=self.forget_gate)
+        """The run's mechanism as one label (kinds.mechanism_label; "label" in results records and
+        summary.csv): "dpa", "ea", "ea-squared", "ea-power4", "ea[h2]", "ea-exp_squared+gain@-1.1513", ..."""
+        return mechanism_label(self.kind, self.variant, self.power, n_ea_heads=self.n_ea_heads,
+                               layer_kinds=self.layer_kinds, qk_norm=self.qk_norm, learn_scale=self.learn_scale,
+                               gain_init=self.gain_init, forget_gate=self.forget_gate)
 
     def to_dict(self) -> dict:
         """The config as a dict; the options added for the real-text study (power, qk_norm,
@@ -136,8 +129,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        """From `to_dict()` output, including that of older versions (records with `attention`)."""
-        d = rename_keys(d, cls.renamed_fields)
+        """From `to_dict()` output, including that of older records (results.RUN_KEY_NAMES: `attention`)."""
+        d = current_names(d, RUN_KEY_NAMES)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -145,7 +138,7 @@ class RunConfig:
         return cls(**d)
 
     def key(self) -> str:
-        return config_key(rename_keys(self.to_dict(), _KEY_NAMES))
+        return config_key(rename_keys(self.to_dict(), RUN_KEY_NAMES))
 
 
 def build(cfg: RunConfig):
@@ -337,7 +330,7 @@ def train_run(
     record = {
         "key": cfg.key(),
         "config": cfg.to_dict(),
-        "kind": cfg.label,
+        "label": cfg.label,
         "task": {"name": task.name, "params": dict(task.params()), "vocab_size": task.vocab_size,
                  "seq_len": task.seq_len, "describe": task.describe()},
         "metrics": metrics,

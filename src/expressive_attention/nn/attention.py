@@ -9,7 +9,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..deprecation import deprecated_alias, reject_unknown, renamed_kwarg, warn_renamed
 from ..ops import KINDS, VARIANTS, BACKENDS, attention
 from ..ops.reference import resolve_power
 
@@ -84,11 +83,8 @@ class MultiheadAttention(nn.Module):
         gain_init: float = 0.0,
         n_ea_heads: int | None = None,
         forget_gate: bool = False,
-        **deprecated,
     ):
         super().__init__()
-        kind = renamed_kwarg(deprecated, "attention", "kind", kind, "ea", "MultiheadAttention")
-        reject_unknown(deprecated, "MultiheadAttention")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         for name, n in (("d_model", d_model), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
             check_positive_int(name, n)
@@ -127,8 +123,6 @@ class MultiheadAttention(nn.Module):
         if forget_gate:  # per-head forget gate logits from the layer input
             self.fgate_proj = nn.Linear(d_model, n_heads, bias=True)
             nn.init.zeros_(self.fgate_proj.bias)
-        self._capture_hook = None  # the deprecated `capture` switch (use a forward pre-hook + qkv())
-        self.captured: tuple[Tensor, Tensor] | None = None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: bool = False,
                log_fgate: Tensor | None = None) -> Tensor:
@@ -218,23 +212,6 @@ class MultiheadAttention(nn.Module):
             y = self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal, log_fgate=log_fgate)  # (B, H, T, E)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
-    attention = deprecated_alias("MultiheadAttention", "attention", "kind")
-
-    @property
-    def capture(self) -> bool:
-        """Deprecated: when True, forward stores (q, k) in `captured`. Register a forward pre-hook that
-        calls `qkv()` instead (as experiments.geometry does)."""
-        return self._capture_hook is not None
-
-    @capture.setter
-    def capture(self, on: bool) -> None:
-        warn_renamed("MultiheadAttention", "capture", "a forward pre-hook calling qkv()", stacklevel=2)
-        if on and self._capture_hook is None:
-            self._capture_hook = self.register_forward_pre_hook(_store_qk, with_kwargs=True)
-        elif not on and self._capture_hook is not None:
-            self._capture_hook.remove()
-            self._capture_hook, self.captured = None, None
-
 
 def check_levers(n_heads: int, n_kv_heads: int, kind: str, n_ea_heads, learn_scale: bool, gain_init) -> None:
     """The options of issue #21 for one layer: ``n_ea_heads`` (None, or 0..n_heads, kind="ea", a
@@ -266,6 +243,3 @@ def qk_of_call(module: MultiheadAttention, args: tuple, kwargs: dict) -> tuple[T
         q, k, _ = module.qkv(bound["x"], bound.get("context"), bound.get("positions"))
     return q.detach(), k.detach()
 
-
-def _store_qk(module, args, kwargs):
-    module.captured = qk_of_call(module, args, kwargs)

@@ -9,7 +9,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..deprecation import rename_keys, renamed_fields
 from ..ops import KINDS
 from .attention import MultiheadAttention, RotaryEmbedding, check_levers, check_positive_int
 from .cache import CACHE_KINDS, KVCache
@@ -17,7 +16,6 @@ from .cache import CACHE_KINDS, KVCache
 POSITIONS = ("learned", "rope")
 
 
-@renamed_fields(attention="kind")
 @dataclass
 class LMConfig:
     vocab_size: int
@@ -27,7 +25,7 @@ class LMConfig:
     n_heads: int = 4
     n_kv_heads: int | None = None  # GQA when smaller than n_heads
     pos: str = "learned"  # "learned" absolute positions or "rope"
-    kind: str = "ea"  # the mechanism: "ea" or "dpa" (deprecated name: attention)
+    kind: str = "ea"  # the mechanism: "ea" or "dpa"
     variant: str = "saturating"  # EA variant: a name of the table in ops/variants.py
     power: float | None = None  # degree of variant="power" (None: 4)
     qk_norm: bool = False  # RMSNorm of each head's q and k (EA and DPA)
@@ -81,8 +79,7 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LMConfig":
-        """From `to_dict()` output, including that of older versions (checkpoints with `attention`)."""
-        d = rename_keys(d, cls.renamed_fields)
+        """From `to_dict()` output."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
