@@ -137,6 +137,8 @@ def score_weights(
     """a = f(s) / (eps + sum_keep f(s)) from scores s (..., L, S); ``keep`` bool broadcastable to
     s (True = take part) or None. Masked keys get 0; a row with no key gets zeros."""
     p = resolve_power(variant, power)
+    if s.shape[-1] == 0:  # no key (S = 0): no weight (and no row maximum to rescale by)
+        return s.new_zeros(s.shape)
     if variant in ("saturating", "squared"):  # today's code path, unchanged
         f = score_fn(s, variant)
         if keep is not None:  # select, never multiply: f * 0 is NaN where a masked key's f is inf
