@@ -325,7 +325,7 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
     if keep is not None:  # (Bm, Hm, S)
         if keep.shape[1] != 1 and p.groups > 1:  # per-query-head padding: one state per query head
             k, v = repeat_kv(k, p.groups), repeat_kv(v, p.groups)
-        k = k * keep[..., None].to(k.dtype)  # a masked key scores (q.0)^2 = 0: exactly removed
+        k = torch.where(keep[..., None], k, 0.0)  # a masked key scores (q.0)^2 = 0: exactly removed (an inf one too)
     if q.is_cpu and plain_eager(q) and fused_cpu.worth_building(p):
         fused_cpu.load_extension()  # its C++ feature helpers (linear_features.native_helpers); None: torch ops
     compiling = torch.compiler.is_compiling()
