@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 WORKERS ?= 2
 
-.PHONY: install ladder test bench clean
+.PHONY: install ladder test fuzz bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ ladder: $(STAMP)
 ## The test suite.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(WORKERS) tests
+
+## The long backend fuzz (nightly-style; `make test` runs a fixed 700 examples): EA_FUZZ_EXAMPLES to change
+## the count (20000: ~20 min on one core). Failures are kept in .hypothesis/ and replayed first next time.
+fuzz: $(STAMP)
+	EA_FUZZ=nightly $(BIN)/python -m pytest -q -n 0 tests/ops/test_fuzz_backends.py --hypothesis-show-statistics
 
 ## EA vs SDPA timings and memory on this machine.
 bench: $(STAMP)
