@@ -26,7 +26,7 @@ ladder: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(WORKERS) tests
 
-## The long backend fuzz (nightly-style; `make test` runs a fixed 700 examples): EA_FUZZ_EXAMPLES to change
+## The long backend fuzz (nightly-style; `make test` runs a fixed 500 examples): EA_FUZZ_EXAMPLES to change
 ## the count (20000: ~20 min on one core). Failures are kept in .hypothesis/ and replayed first next time.
 fuzz: $(STAMP)
 	EA_FUZZ=nightly $(BIN)/python -m pytest -q -n 0 tests/ops/test_fuzz_backends.py --hypothesis-show-statistics

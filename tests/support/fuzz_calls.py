@@ -1,9 +1,9 @@
 """Random attention calls for the backend fuzzer (tests/ops/test_fuzz_backends.py).
 
 A call is described by a plain dict, a *spec* (so that hypothesis prints a failing one in a form that
-can be pasted into an ``@example``): shapes, layouts, mask, dtype, variant, options, value scales,
-non-finite entries. `build(spec)` turns it into the arguments of `expressive_attention`, the same
-numbers every time (they come from ``spec["seed"]``).
+can be pasted into an ``@example``): shapes, layouts, mask, dtype, variant, options, value scales, keys
+nearly orthogonal to the queries (where the linear form cancels), non-finite entries. `build(spec)` turns
+it into the arguments of `expressive_attention`, the same numbers every time (from ``spec["seed"]``).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def specs(draw) -> dict:
         "scale": draw(st.sampled_from((None, None, 1.0, -0.5, 1e-3, 3.0, 2e4))),
         "eps": draw(st.sampled_from((1e-6, 1e-6, 0.0, 0.5))),
         "qk_exp": draw(st.integers(-3, 2)),  # q and k ~ 10^qk_exp: |s| up to ~1e4
+        "orth": draw(st.integers(1, 5)) if draw(st.integers(0, 4)) == 2 else 0,  # keys at cosine ~10^-orth to q
         "v_exp": draw(st.integers(-2, 2)),
         "nonfinite": draw(st.sampled_from(NONFINITE)) if draw(st.integers(0, 4)) == 2 else None,
         "dropout": draw(st.integers(0, 14)) == 7,
@@ -121,6 +122,14 @@ def build(spec: dict) -> tuple[tuple, dict]:
         "k": mag * torch.randn(B, Hkv, S, E, generator=g, dtype=torch.float64),
         "v": 10.0 ** spec["v_exp"] * torch.randn(B, Hkv, S, Ev, generator=g, dtype=torch.float64),
     }
+    if spec.get("orth") and E > 1:  # q along one direction d, every key at cosine +-10^-orth to it
+        d = torch.randn(E, generator=g, dtype=torch.float64)
+        d = d / d.norm()
+        base["q"] = base["q"].norm(dim=-1, keepdim=True) * d
+        w = base["k"] - (base["k"] @ d)[..., None] * d
+        w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        cos = 10.0 ** -spec["orth"] * torch.sign(torch.randn(B, Hkv, S, 1, generator=g, dtype=torch.float64))
+        base["k"] = base["k"].norm(dim=-1, keepdim=True) * (cos * d + (1 - cos * cos).sqrt() * w)
     if spec["nonfinite"]:  # "k:inf" (at a random entry) or "k:inf:6" (at flat index 6 of k)
         name, value, *at = spec["nonfinite"].split(":")
         t = base[name]
