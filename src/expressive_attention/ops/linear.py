@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import fused_cpu
-from ._functorch import fold_vmap, plain_eager
+from ._functorch import fold_vmap, plain_eager, transform_active
 from .backend import Backend
 from .problem import Problem
 from .mask_patterns import key_padding_of
@@ -150,7 +150,9 @@ def causal_forward(q: Tensor, k: Tensor, v: Tensor, state: Tensor, eps: float, c
 # (for one key R = (|q||k|/|s|)^2), c <= 2.1 measured, u = 2^-24 in float32; the keys of a causal row's own
 # chunk go through the quadratic form (s computed first), as accurate as the reference. A float32 call
 # whose largest R_i exceeds this is recomputed in float64 (forward and backward): its error stays below
-# c u FP64_RETRY_ABOVE ~ 6e-5 of max |v| (in float64 the same bound holds up to R ~ 2.6e11).
+# c u FP64_RETRY_ABOVE ~ 6e-5 of max |v|. Where even float64 misses its bound (`beyond_float64`: float64
+# inputs with R above this, float32 ones above ~2.7e11), the call runs on the blocked (quadratic) backend
+# (plain eager calls; under torch.compile or a torch.func transform the float64 retry is all).
 FP64_RETRY_ABOVE = 512.0
 
 
@@ -175,6 +177,19 @@ def needs_float64(q3: Tensor, k3: Tensor, z: Tensor, is_causal: bool, scale: flo
     if z.dtype != torch.float32 or z.numel() == 0:
         return False
     return bool((cancellation_ratio(q3, k3, z, is_causal, scale, chunk) > FP64_RETRY_ABOVE).any())
+
+
+def beyond_float64(q: Tensor, k: Tensor, z: Tensor, is_causal: bool, scale: float, chunk: int) -> bool:
+    """Whether even the float64 form misses the bound: R_i > FP64_RETRY_ABOVE for float64 inputs, or
+    > FP64_RETRY_ABOVE * u32 / u64 (~2.7e11: |s| < 2e-6 |q||k| for every key in a row's state) for inputs
+    that were retried in float64. q (B, H, L, E), k (B, Hkv, S, E) as the sweeps got them, z (N, G, L, 1)."""
+    if z.numel() == 0:
+        return False
+    B, H, L, E = q.shape
+    N = B * k.shape[1]
+    q3, k3 = q.detach().double().reshape(N, H // k.shape[1], L, E), k.detach().double().reshape(N, -1, E)
+    limit = FP64_RETRY_ABOVE * (1.0 if q.dtype == torch.float64 else 2.0**29)
+    return bool((cancellation_ratio(q3, k3, z.double(), is_causal, scale, chunk) > limit).any())
 
 
 class _LinearEA(torch.autograd.Function):
@@ -345,7 +360,11 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
         out, _ = linear_fwd(q, k, v, is_causal, p.scale, p.eps, chunk, workers)
         B, H, L, _ = q.shape
         return out.view(B, H, L, -1).to(q.dtype)
-    return _LinearEA.apply(q, k, v, is_causal, p.scale, p.eps, chunk, workers)[0]
+    out, _, z = _LinearEA.apply(q, k, v, is_causal, p.scale, p.eps, chunk, workers)
+    if plain_eager(q, k, v) and not transform_active() and beyond_float64(q, k, z, is_causal, p.scale, chunk):
+        from . import blocked  # (the quadratic form: s first, then f(s); no cancellation)
+        return blocked.BACKEND.run(p)
+    return out
 
 
 # Sequence length above which backend="auto" runs the linear form on CPU, by torch's thread count
