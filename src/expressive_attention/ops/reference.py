@@ -180,9 +180,12 @@ def reference_attention(
 
 
 def reference_backend(p: "Problem") -> Tensor:
-    """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
+    """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev). Key/value heads are repeated
+    in the compute dtype, so that the backward sums the groups' gradients there (in float16 a group's
+    share can overflow where the sum does not)."""
+    ct = compute_dtype(p.q.dtype)
     return reference_attention(
-        p.q, repeat_kv(p.k, p.groups), repeat_kv(p.v, p.groups), p.mask, p.dropout_p,
+        p.q, repeat_kv(p.k.to(ct), p.groups), repeat_kv(p.v.to(ct), p.groups), p.mask, p.dropout_p,
         p.is_causal, p.scale, variant=p.variant, eps=p.eps, power=p.power,
     )
 
