@@ -101,6 +101,9 @@ EXAMPLES = [
     call(Hkv=2, groups=2, L=3, S=5, E=0, variant="exp_squared", mask="2d", grad=True),
     # the reference's row maximum raised IndexError for S = 0 (exp_squared, power)
     call(L=1, S=0, E=0, Ev=1, ndim=4, dtype="float64", variant="exp_squared", grad=True),
+    # float16 GQA: the reference summed the groups' dk in float16, where one group's share overflowed
+    call(B=2, groups=2, L=7, S=4, E=1, Ev=4, mask="keypad", dtype="float16", eps=0.0, qk_exp=-2, v_exp=2, grad=True,
+         seed=30),
     # tolerances: one key, so d out/dq ~ eps is a difference of terms ~f'/f (gradient_scales); v's rows
     # all equal (expanded): the same in dq; float64, float32 and bfloat16
     call(B=0, L=2, S=2, E=2, Ev=1, ndim=3, layouts=("contiguous", "contiguous", "expanded"), dtype="float64", grad=True),

@@ -9,7 +9,7 @@ import torch
 from expressive_attention import expressive_attention
 from expressive_attention.ops import expressive_weights, score_fn
 from expressive_attention.ops.problem import normalise
-from expressive_attention.ops.reference import causal_mask, reference_attention, repeat_kv
+from expressive_attention.ops.reference import causal_mask, compute_dtype, reference_attention, repeat_kv
 
 C = 16.0  # a backend's error may be C times the baselines' (see Oracle.pairs)
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # of max|v|
@@ -35,8 +35,9 @@ def run_definition(args, kw, dtype=torch.float64, grad=False, seed=0):
     leaves = [t.detach().to(dtype).requires_grad_(grad) for t in args]
     p = normalise(*leaves, kw["attn_mask"], 0.0, kw["is_causal"], kw["scale"], kw["enable_gqa"], kw["variant"],
                   kw["eps"], kw["power"])
-    out = reference_attention(p.q, repeat_kv(p.k, p.groups), repeat_kv(p.v, p.groups), p.mask, 0.0, p.is_causal,
-                              p.scale, variant=p.variant, eps=p.eps, power=p.power).reshape(p.out_shape)
+    ct = compute_dtype(dtype)  # (GQA: the groups' gradients summed there, as the reference backend does)
+    out = reference_attention(p.q, repeat_kv(p.k.to(ct), p.groups), repeat_kv(p.v.to(ct), p.groups), p.mask, 0.0,
+                              p.is_causal, p.scale, variant=p.variant, eps=p.eps, power=p.power).reshape(p.out_shape)
     if not grad:
         return out, None
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
