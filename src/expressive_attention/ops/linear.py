@@ -186,10 +186,10 @@ def beyond_float64(q: Tensor, k: Tensor, z: Tensor, is_causal: bool, scale: floa
     if z.numel() == 0:
         return False
     B, H, L, E = q.shape
-    N = B * k.shape[1]
-    q3, k3 = q.detach().double().reshape(N, H // k.shape[1], L, E), k.detach().double().reshape(N, -1, E)
-    limit = FP64_RETRY_ABOVE * (1.0 if q.dtype == torch.float64 else 2.0**29)
-    return bool((cancellation_ratio(q3, k3, z.double(), is_causal, scale, chunk) > limit).any())
+    N, ct = B * k.shape[1], compute_dtype(q.dtype)  # (float32 holds R up to the limit: no float64 copies)
+    q3, k3 = q.detach().to(ct).reshape(N, H // k.shape[1], L, E), k.detach().to(ct).reshape(N, -1, E)
+    limit = FP64_RETRY_ABOVE * (1.0 if ct == torch.float64 else 2.0**29)
+    return bool((cancellation_ratio(q3, k3, z.to(ct), is_causal, scale, chunk) > limit).any())
 
 
 class _LinearEA(torch.autograd.Function):
