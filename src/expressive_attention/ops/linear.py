@@ -25,6 +25,7 @@ any other full mask is refused and runs on a quadratic backend.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import Tensor
@@ -161,13 +162,13 @@ def cancellation_ratio(q3: Tensor, k3: Tensor, z: Tensor, is_causal: bool, scale
     normalisers z (N, G, L, 1), for the sweeps of `chunk` rows (see FP64_RETRY_ABOVE). A row whose
     eps + den was <= 0 (z set to 1, as for a row that sees no key) but whose state holds a nonzero key
     counts as infinitely ill-conditioned."""
-    kn = k3.square().sum(-1)  # (N, S)
+    kn = torch.linalg.vector_norm(k3, dim=-1).square_()  # (N, S) (one pass, no (N, S, E) temporary)
     if is_causal:  # the state of row i: the keys before its chunk
         starts = torch.arange(q3.shape[2], device=kn.device) // chunk * chunk
         seen = torch.cat([kn.new_zeros(kn.shape[0], 1), kn.cumsum(-1)], -1)[:, starts]
     else:
         seen = kn.sum(-1, keepdim=True)
-    b = (scale * scale) * q3.square().sum(-1) * seen[:, None, :]
+    b = torch.linalg.vector_norm(q3, dim=-1).square_().mul_(scale * scale).mul_(seen[:, None, :])
     z = z.squeeze(-1)
     return b / torch.where(z == 1, 0.0, z)  # (b = 0: 0 / 0 = NaN, not above the bound)
 
@@ -177,6 +178,9 @@ def needs_float64(q3: Tensor, k3: Tensor, z: Tensor, is_causal: bool, scale: flo
     if z.dtype != torch.float32 or z.numel() == 0:
         return False
     return bool((cancellation_ratio(q3, k3, z, is_causal, scale, chunk) > FP64_RETRY_ABOVE).any())
+
+
+_RETRIED = threading.local()  # .flag: the forward this thread just ran was retried in float64
 
 
 def beyond_float64(q: Tensor, k: Tensor, z: Tensor, is_causal: bool, scale: float, chunk: int) -> bool:
@@ -216,6 +220,7 @@ class _LinearEA(torch.autograd.Function):
         else:
             out, z = linear_sweeps.full_forward(q3, k3, v3, eps, chunk, scale, workers)
         if needs_float64(q3, k3, z, is_causal, scale, chunk):  # cancellation: again in float64, stored in float32
+            _RETRIED.flag = True
             out, z = (t.float() for t in _LinearEA._sweep(q, k, v, is_causal, scale, eps, chunk, workers, torch.float64))
         return out, z
 
@@ -360,8 +365,10 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
         out, _ = linear_fwd(q, k, v, is_causal, p.scale, p.eps, chunk, workers)
         B, H, L, _ = q.shape
         return out.view(B, H, L, -1).to(q.dtype)
+    _RETRIED.flag = False
     out, _, z = _LinearEA.apply(q, k, v, is_causal, p.scale, p.eps, chunk, workers)
-    if plain_eager(q, k, v) and not transform_active() and beyond_float64(q, k, z, is_causal, p.scale, chunk):
+    if ((q.dtype == torch.float64 or _RETRIED.flag) and plain_eager(q, k, v) and not transform_active()
+            and beyond_float64(q, k, z, is_causal, p.scale, chunk)):
         from . import blocked  # (the quadratic form: s first, then f(s); no cancellation)
         return blocked.BACKEND.run(p)
     return out
