@@ -97,6 +97,8 @@ EXAMPLES = [
     call(L=1, S=1, E=2, Ev=1, variant="squared", qk_exp=1, orth=4),
     call(L=70, S=70, E=8, variant="squared", mask="causal", qk_exp=1, orth=3),
     call(L=1, S=1, E=2, Ev=1, dtype="float64", variant="squared", orth=5),  # float64 at R = 1e10: 1e-10 off
+    # a weight a ~ 5e-6 (eps dominates) with the linear form's absolute error c u R: dv's scale is sum |dO|
+    call(L=1, S=1, E=6, Ev=1, dtype="float64", variant="squared", qk_exp=-1, orth=4, grad=True),
     # defect 3: E = 0 with exp_squared averages v (f(0) = 1), it gave zeros
     call(Hkv=2, groups=2, L=3, S=5, E=0, variant="exp_squared", mask="2d", grad=True),
     # the reference's row maximum raised IndexError for S = 0 (exp_squared, power)

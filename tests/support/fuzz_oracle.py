@@ -49,7 +49,8 @@ def gradient_scales(p, kw, out) -> list[float]:
     """The size of the terms each gradient (q, k, v) sums (every backward rounds those), which can be far
     above the gradient itself: with one key, out = f v / (eps + f) and d out/dq ~ eps is the difference
     of terms ~ (f'/z) |dO| |v| |k| scale. With T_ij = a_ij |f'/f|(s_ij) = |f'(s_ij)| / z_i:
-    dq_i ~ scale sum_j T_ij |dO_i| (|v_j| + |o_i|) |k_j|, dk_j likewise with |q_i|, dv_j ~ sum_i a_ij |dO_i|."""
+    dq_i ~ scale sum_j T_ij |dO_i| (|v_j| + |o_i|) |k_j|, dk_j likewise with |q_i|, dv_j ~ sum_i |dO_i| (the
+    weights' errors are absolute, of the row's normaliser: the linear form's c u R_i, docs/linear.md)."""
     q, k, v = p.q.detach().double(), repeat_kv(p.k, p.groups).detach().double(), repeat_kv(p.v, p.groups).detach().double()
     a = expressive_weights(q, k, p.mask, p.is_causal, p.scale, variant=p.variant,
                            eps=p.eps, power=p.power)  # (B, H, L, S)
@@ -62,7 +63,7 @@ def gradient_scales(p, kw, out) -> list[float]:
     pair = t * do[..., None] * (vn[:, :, None, :] + o[..., None])  # (B, H, L, S)
     dq = abs(p.scale) * (pair * kn[:, :, None, :]).sum(-1)
     dk = abs(p.scale) * (pair * qn[..., None]).sum(-2) * p.groups
-    dv = (a * do[..., None]).sum(-2) * p.groups
+    dv = do.sum(-1) * p.groups  # sum_i a_ij |dO_i| <= sum_i |dO_i|: a weight's error counts against 1, not a_ij
     return [x.amax().item() if x.numel() else 0.0 for x in (dq, dk, dv)]
 
 
