@@ -11,7 +11,7 @@ WORKERS ?= 2
 PIN     := -c constraints.txt
 LATEST  ?= .venv-latest
 
-.PHONY: install ladder test test-latest lock bench clean
+.PHONY: install ladder test test-latest lock fuzz bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,10 @@ lock:
 	{ echo "# The exact versions the test suite was last green with (make test-latest, then make lock)."; \
 	  echo "# make install / make test / CI install with -c constraints.txt; pyproject keeps the ranges."; \
 	  cat $(LATEST)/versions.txt; } > constraints.txt
+## The long backend fuzz (nightly-style; `make test` runs a fixed 500 examples): EA_FUZZ_EXAMPLES to change
+## the count (20000: ~20 min on one core). Failures are kept in .hypothesis/ and replayed first next time.
+fuzz: $(STAMP)
+	EA_FUZZ=nightly $(BIN)/python -m pytest -q -n 0 tests/ops/test_fuzz_backends.py --hypothesis-show-statistics
 
 ## EA vs SDPA timings and memory on this machine.
 bench: $(STAMP)

@@ -89,3 +89,21 @@ def test_auto_picks_linear_and_gets_it_right():
     got = expressive_attention(q, k, v, is_causal=True, variant="squared")
     want = expressive_attention(q.double(), k.double(), v.double(), is_causal=True, variant="squared", backend="reference")
     assert (got.double() - want).abs().max() < 1e-4 * v.abs().max()
+
+
+@pytest.mark.parametrize("dtype,cos", [(torch.float64, 1e-5), (torch.float32, 1e-7)])
+def test_beyond_float64_runs_the_quadratic_form(dtype, cos, monkeypatch):
+    # float64 inputs with R above the bound (found by the fuzzer: 1e-10 off at R = 1e10), and float32 ones
+    # beyond what the float64 retry covers, run on the blocked backend
+    from expressive_attention.ops import blocked
+
+    q, k, v = (t.to(dtype) for t in near_orthogonal(3, 5, 4, cos=cos, seed=4))
+    ran = []
+    real = blocked.BACKEND.run
+    monkeypatch.setattr(blocked, "BACKEND", blocked.BACKEND.__class__(
+        **{**blocked.BACKEND.__dict__, "run": lambda p: ran.append(1) or real(p)}))
+    got = expressive_attention(q, k, v, variant="squared", backend="linear")
+    want = expressive_attention(q.double(), k.double(), v.double(), variant="squared", backend="reference")
+    assert ran == [1]
+    ref = expressive_attention(q, k, v, variant="squared", backend="reference")  # (float32: off by u sqrt(R) too)
+    assert (got.double() - want).abs().max() <= 4 * (ref.double() - want).abs().max() + 1e-12 * want.abs().max()

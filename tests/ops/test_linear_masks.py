@@ -188,3 +188,20 @@ def test_torch_func_grad_with_a_causal_mask_and_vmap_refusal():
         vmap(lambda q, k, v, m: run(q, k, v, m, "linear"))(qs, ks, vs, masks)
     torch.testing.assert_close(vmap(lambda q, k, v, m: run(q, k, v, m, "auto"))(qs, ks, vs, masks),
                                vmap(lambda q, k, v, m: run(q, k, v, m, "reference"))(qs, ks, vs, masks))
+
+
+@pytest.mark.parametrize("masking", ["causal", "keypad"])
+def test_masked_inf_key_does_not_poison_other_rows(masking):
+    # found by the fuzzer (#24): a masked key was zeroed by k * keep and a later key inside a causal chunk
+    # by f * tril, both inf * 0 = NaN for an inf key; every row that does not see it must stay finite
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 6, 3, generator=g) for _ in range(3))
+    k[0, 0, 3, 0] = float("inf")
+    if masking == "causal":
+        kw, clean = {"is_causal": True}, slice(0, 3)
+    else:
+        kw, clean = {"attn_mask": (torch.arange(6) != 3)[None, None, None]}, slice(0, 6)
+    out = expressive_attention(q, k, v, variant="squared", backend="linear", **kw)
+    ref = expressive_attention(q.double(), k.double(), v.double(), variant="squared", backend="reference", **kw)
+    assert torch.isfinite(out[..., clean, :]).all()
+    torch.testing.assert_close(out[..., clean, :].double(), ref[..., clean, :], atol=1e-5, rtol=1e-5)

@@ -135,3 +135,11 @@ def test_masked_inf_key_does_not_poison_rows_that_never_see_it(variant, masking)
     clean = expressive_attention(q[..., :2, :], k[..., :2, :], v[..., :2, :], variant=variant,
                                  backend="reference", is_causal=True)
     torch.testing.assert_close(out[..., :2, :], clean)
+
+
+@pytest.mark.parametrize("variant", ["saturating", "squared", "power", "exp_squared"])
+def test_weights_and_reference_take_zero_keys(variant):
+    # found by the fuzzer (#24): the row maximum of "power" / "exp_squared" raised IndexError for S = 0
+    q, k, v = torch.randn(2, 3, 4), torch.randn(2, 0, 4), torch.randn(2, 0, 5)
+    assert expressive_weights(q, k, variant=variant).shape == (2, 3, 0)
+    assert torch.equal(reference_attention(q, k, v, variant=variant), torch.zeros(2, 3, 5))

@@ -25,12 +25,13 @@ any other full mask is refused and runs on a quadratic backend.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import Tensor
 
 from . import fused_cpu
-from ._functorch import fold_vmap, plain_eager
+from ._functorch import fold_vmap, plain_eager, transform_active
 from .backend import Backend
 from .problem import Problem
 from .mask_patterns import key_padding_of
@@ -144,7 +145,9 @@ def causal_forward(q: Tensor, k: Tensor, v: Tensor, state: Tensor, eps: float, c
 # (for one key R = (|q||k|/|s|)^2), c <= 2.1 measured, u = 2^-24 in float32; the keys of a causal row's own
 # chunk go through the quadratic form (s computed first), as accurate as the reference. A float32 call
 # whose largest R_i exceeds this is recomputed in float64 (forward and backward): its error stays below
-# c u FP64_RETRY_ABOVE ~ 6e-5 of max |v| (in float64 the same bound holds up to R ~ 2.6e11).
+# c u FP64_RETRY_ABOVE ~ 6e-5 of max |v|. Where even float64 misses its bound (`beyond_float64`: float64
+# inputs with R above this, float32 ones above ~2.7e11), the call runs on the blocked (quadratic) backend
+# (plain eager calls; under torch.compile or a torch.func transform the float64 retry is all).
 FP64_RETRY_ABOVE = 512.0
 
 
@@ -153,13 +156,13 @@ def cancellation_ratio(q3: Tensor, k3: Tensor, z: Tensor, is_causal: bool, scale
     normalisers z (N, G, L, 1), for the sweeps of `chunk` rows (see FP64_RETRY_ABOVE). A row whose
     eps + den was <= 0 (z set to 1, as for a row that sees no key) but whose state holds a nonzero key
     counts as infinitely ill-conditioned."""
-    kn = k3.square().sum(-1)  # (N, S)
+    kn = torch.linalg.vector_norm(k3, dim=-1).square_()  # (N, S) (one pass, no (N, S, E) temporary)
     if is_causal:  # the state of row i: the keys before its chunk
         starts = torch.arange(q3.shape[2], device=kn.device) // chunk * chunk
         seen = torch.cat([kn.new_zeros(kn.shape[0], 1), kn.cumsum(-1)], -1)[:, starts]
     else:
         seen = kn.sum(-1, keepdim=True)
-    b = (scale * scale) * q3.square().sum(-1) * seen[:, None, :]
+    b = torch.linalg.vector_norm(q3, dim=-1).square_().mul_(scale * scale).mul_(seen[:, None, :])
     z = z.squeeze(-1)
     return b / torch.where(z == 1, 0.0, z)  # (b = 0: 0 / 0 = NaN, not above the bound)
 
@@ -169,6 +172,22 @@ def needs_float64(q3: Tensor, k3: Tensor, z: Tensor, is_causal: bool, scale: flo
     if z.dtype != torch.float32 or z.numel() == 0:
         return False
     return bool((cancellation_ratio(q3, k3, z, is_causal, scale, chunk) > FP64_RETRY_ABOVE).any())
+
+
+_RETRIED = threading.local()  # .flag: the forward this thread just ran was retried in float64
+
+
+def beyond_float64(q: Tensor, k: Tensor, z: Tensor, is_causal: bool, scale: float, chunk: int) -> bool:
+    """Whether even the float64 form misses the bound: R_i > FP64_RETRY_ABOVE for float64 inputs, or
+    > FP64_RETRY_ABOVE * u32 / u64 (~2.7e11: |s| < 2e-6 |q||k| for every key in a row's state) for inputs
+    that were retried in float64. q (B, H, L, E), k (B, Hkv, S, E) as the sweeps got them, z (N, G, L, 1)."""
+    if z.numel() == 0:
+        return False
+    B, H, L, E = q.shape
+    N, ct = B * k.shape[1], compute_dtype(q.dtype)  # (float32 holds R up to the limit: no float64 copies)
+    q3, k3 = q.detach().to(ct).reshape(N, H // k.shape[1], L, E), k.detach().to(ct).reshape(N, -1, E)
+    limit = FP64_RETRY_ABOVE * (1.0 if ct == torch.float64 else 2.0**29)
+    return bool((cancellation_ratio(q3, k3, z.to(ct), is_causal, scale, chunk) > limit).any())
 
 
 class _LinearEA(torch.autograd.Function):
@@ -195,6 +214,7 @@ class _LinearEA(torch.autograd.Function):
         else:
             out, z = linear_sweeps.full_forward(q3, k3, v3, eps, chunk, scale, workers)
         if needs_float64(q3, k3, z, is_causal, scale, chunk):  # cancellation: again in float64, stored in float32
+            _RETRIED.flag = True
             out, z = (t.float() for t in _LinearEA._sweep(q, k, v, is_causal, scale, eps, chunk, workers, torch.float64))
         return out, z
 
@@ -319,7 +339,7 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
     if keep is not None:  # (Bm, Hm, S)
         if keep.shape[1] != 1 and p.groups > 1:  # per-query-head padding: one state per query head
             k, v = repeat_kv(k, p.groups), repeat_kv(v, p.groups)
-        k = k * keep[..., None].to(k.dtype)  # a masked key scores (q.0)^2 = 0: exactly removed
+        k = torch.where(keep[..., None], k, 0.0)  # a masked key scores (q.0)^2 = 0: exactly removed (an inf one too)
     if q.is_cpu and plain_eager(q) and fused_cpu.worth_building(p):
         fused_cpu.load_extension()  # its C++ feature helpers (linear_features.native_helpers); None: torch ops
     compiling = torch.compiler.is_compiling()
@@ -339,7 +359,13 @@ def linear_attention(p: Problem, chunk: int | None = None, workers: int | None =
         out, _ = linear_fwd(q, k, v, is_causal, p.scale, p.eps, chunk, workers)
         B, H, L, _ = q.shape
         return out.view(B, H, L, -1).to(q.dtype)
-    return _LinearEA.apply(q, k, v, is_causal, p.scale, p.eps, chunk, workers)[0]
+    _RETRIED.flag = False
+    out, _, z = _LinearEA.apply(q, k, v, is_causal, p.scale, p.eps, chunk, workers)
+    if ((q.dtype == torch.float64 or _RETRIED.flag) and plain_eager(q, k, v) and not transform_active()
+            and beyond_float64(q, k, z, is_causal, p.scale, chunk)):
+        from . import blocked  # (the quadratic form: s first, then f(s); no cancellation)
+        return blocked.BACKEND.run(p)
+    return out
 
 
 # Sequence length above which backend="auto" runs the linear form on CPU, by torch's thread count

@@ -189,14 +189,14 @@ def _causal_forward(q, k, v, st: SplitState, eps, chunk, scale, out: Tensor, zs:
     N, G, L, E = q.shape
     Ev = v.shape[-1]
     ws, phi = Buffers(), _phi_builder(E)
-    tril = causal_tril(min(chunk, L), q.dtype, q.device)
+    future = causal_tril(min(chunk, L), torch.bool, q.device).logical_not_()  # keys after the row
     for c0 in range(0, L, chunk):
         c1 = min(L, c0 + chunk)
         n = c1 - c0
         qc = _scaled_rows(q, scale, c0, c1, ws)
         kc, vc = k[:, c0:c1], v[:, c0:c1]
         f = _scores(qc, kc, ws).square_()
-        f.view(N, G, n, n).mul_(tril[:n, :n])
+        f.view(N, G, n, n).masked_fill_(future[:n, :n], 0.0)  # (not * 0: a later inf key must not give NaN)
         num = torch.bmm(f, vc, out=ws.take("num", q, N, G * n, Ev))
         num.baddbmm_(phi(qc), st.sv)
         den = f.sum(-1).add_(_gram_rows(qc, st.gram, ws).mul_(qc).sum(-1))  # (N, G*n)

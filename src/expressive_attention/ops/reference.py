@@ -123,6 +123,8 @@ def score_weights(
     """a = f(s) / (eps + sum_keep f(s)) from scores s (..., L, S); ``keep`` bool broadcastable to
     s (True = take part) or None. Masked keys get 0; a row with no key gets zeros."""
     p = resolve_power(variant, power)
+    if s.shape[-1] == 0:  # no key (S = 0): no weight (and no row maximum to rescale by)
+        return s.new_zeros(s.shape)
     if not VARIANT_TABLE[variant].row_scaled:  # saturating, squared
         f = score_fn(s, variant, p)
         if keep is not None:  # select, never multiply: f * 0 is NaN where a masked key's f is inf
@@ -164,11 +166,14 @@ def reference_attention(
 
 
 def reference_backend(p: "Problem") -> Tensor:
-    """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
+    """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev). Key/value heads are repeated
+    in the compute dtype, so that the backward sums the groups' gradients there (in float16 a group's
+    share can overflow where the sum does not)."""
     if p.log_fgate is not None:
         return gated_reference_attention(p)
+    ct = compute_dtype(p.q.dtype)
     return reference_attention(
-        p.q, repeat_kv(p.k, p.groups), repeat_kv(p.v, p.groups), p.mask, p.dropout_p,
+        p.q, repeat_kv(p.k.to(ct), p.groups), repeat_kv(p.v.to(ct), p.groups), p.mask, p.dropout_p,
         p.is_causal, p.scale, variant=p.variant, eps=p.eps, power=p.power,
     )
 
@@ -229,9 +234,9 @@ def gated_score_weights(
 
 def gated_reference_attention(p: "Problem") -> Tensor:
     """The reference with a forget gate (``p.log_fgate`` (B, H, L), L == S): materialised."""
-    q, k, v = p.q, repeat_kv(p.k, p.groups), repeat_kv(p.v, p.groups)
+    ct = compute_dtype(p.q.dtype)
+    q, k, v = p.q, repeat_kv(p.k.to(ct), p.groups), repeat_kv(p.v.to(ct), p.groups)  # (as reference_backend)
     L, S = q.shape[-2], k.shape[-2]
-    ct = compute_dtype(q.dtype)
     s = p.scale * (q.to(ct) @ k.to(ct).transpose(-2, -1))
     keep = causal_mask(L, S, q.device) if p.is_causal else None
     if p.mask is not None:
