@@ -23,6 +23,7 @@ Budget: the "ci" profile (the default; derandomized, no database) runs 500 examp
 ``EA_FUZZ=nightly`` (``make fuzz``) runs a random search with hypothesis's database in .hypothesis/;
 EA_FUZZ_EXAMPLES sets the count of either. A failure found there goes into EXAMPLES below.
 """
+import dataclasses
 import os
 
 import pytest
@@ -30,6 +31,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 
 from expressive_attention import expressive_attention
 from expressive_attention.ops import BACKENDS
+from expressive_attention.ops.dispatch import refusal
 from expressive_attention.ops.problem import normalise
 
 from fuzz_calls import build, specs
@@ -65,11 +67,14 @@ def check(spec: dict) -> None:
     want_shape = (*args[0].shape[:-1], args[2].shape[-1])  # SDPA's: (..., Hq, L, Ev)
     oracle = None if spec["dropout"] or 0 in want_shape else Oracle(p, args, kw, grad)
     event("gradients compared" if oracle and grad else "values only")
+    # the problem as the backends see it: with gradients where this call takes them (flex refuses those on CPU)
+    p_run = dataclasses.replace(p, q=p.q.detach().requires_grad_()) if grad else p
     for name in names:
-        reason = None if name == "auto" else BACKENDS[name].unsupported(p)
+        reason = None if name == "auto" else refusal(BACKENDS[name], p_run)
         event(f"{name}: {f'refused ({reason[:50]})' if reason else 'compared' if oracle else 'ran'}")
         if reason is not None:
-            check_refusal(lambda name=name: expressive_attention(*args, backend=name, **kw), ValueError,
+            leaves = [t.detach().requires_grad_(grad) for t in args]
+            check_refusal(lambda name=name: expressive_attention(*leaves, backend=name, **kw), ValueError,
                           f"backend={name!r} cannot run this call: {reason}")
             continue
         out, grads = run(args, kw, name, None, grad)

@@ -113,6 +113,18 @@ def _run_degenerate(p: Problem) -> Tensor | None:
     return None
 
 
+def refusal(backend: Backend, p: Problem) -> str | None:
+    """Why `backend`, asked for by name, cannot run `p` (what the ValueError says), or None."""
+    reason = backend.unsupported(p)
+    if reason is None and not backend.functorch and under_functorch(p.q, p.k, p.v):
+        ok = sorted(n for n, b in BACKENDS.items() if b.functorch)
+        reason = f"it does not support torch.func transforms (grad, vmap, ...); backends that do: {ok}"
+    if reason is not None and not backend.implements(p.variant):
+        ok = sorted(n for n, b in BACKENDS.items() if b.implements(p.variant))
+        reason = f"{reason}; backends that implement it: {ok} (or 'auto')"
+    return reason
+
+
 def run_backend(name: str, p: Problem) -> Tensor:
     if name == "auto":
         out = _run_degenerate(p)
@@ -120,14 +132,8 @@ def run_backend(name: str, p: Problem) -> Tensor:
     if name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
     backend = BACKENDS[name]
-    reason = backend.unsupported(p)
-    if reason is None and not backend.functorch and under_functorch(p.q, p.k, p.v):
-        ok = sorted(n for n, b in BACKENDS.items() if b.functorch)
-        reason = f"it does not support torch.func transforms (grad, vmap, ...); backends that do: {ok}"
+    reason = refusal(backend, p)
     if reason is not None:
-        if not backend.implements(p.variant):
-            ok = sorted(n for n, b in BACKENDS.items() if b.implements(p.variant))
-            reason = f"{reason}; backends that implement it: {ok} (or 'auto')"
         raise ValueError(f"backend={name!r} cannot run this call: {reason}")
     out = _run_degenerate(p)  # every backend agrees (and kernels never see a 0-sized dim)
     return backend.run(p) if out is None else out

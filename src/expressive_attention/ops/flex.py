@@ -17,9 +17,11 @@ nothing else).
 
 Where it runs: CUDA, forward and backward (compiled: flex's Triton kernels); CPU, forward only
 (FlexAttention has no backward on CPU in torch 2.13: calls that need gradients are refused with the
-reason). `EA_FLEX_COMPILE=0` runs flex eagerly (its unfused reference path: it materialises the scores;
-for debugging and the CPU tests), `1` (the default) through `torch.compile`. On CPU it is slower than
-`auto` (see docs/bench/flex-cpu.md); "auto" never picks it there.
+reason). `EA_FLEX_COMPILE=1` runs flex through `torch.compile` (the default on CUDA), `0` eagerly (its
+unfused reference path: it materialises the scores; the default on CPU). On CPU compiling is opt-in: torch
+2.13's CPU inductor fails to compile some flex graphs (a C++ compile error at L = 6, causal, found by the
+fuzzer) and has no float64 (float64 always runs eagerly), and every new shape compiles anew. Either way
+flex on CPU is slower than `auto` (see docs/bench/flex-cpu.md); "auto" never picks it there.
 """
 from __future__ import annotations
 
@@ -47,9 +49,13 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEVICES = ("cuda", "cpu")
 
 
-def compile_enabled() -> bool:
-    """Run flex through torch.compile (`EA_FLEX_COMPILE`, default 1)."""
-    return os.environ.get("EA_FLEX_COMPILE", "1") != "0"
+def compile_enabled(q: Tensor) -> bool:
+    """Run flex through torch.compile for these inputs: `EA_FLEX_COMPILE` (1 / 0), by default on CUDA only;
+    never for float64 on CPU (the CPU inductor has no float64 flex)."""
+    if q.is_cpu and q.dtype == torch.float64:
+        return False
+    flag = os.environ.get("EA_FLEX_COMPILE")
+    return (not q.is_cpu) if flag is None else flag != "0"
 
 
 @functools.cache
@@ -116,7 +122,7 @@ def _eps_key_score_mod(variant: str, power: float | None, S: int, log_eps: float
 def flex_ea(p: Problem) -> Tensor:
     """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
     q, k, v = (p.q, p.k, p.v) if p.requires_grad else (p.q.detach(), p.k.detach(), p.v.detach())
-    compiled = compile_enabled()
+    compiled = compile_enabled(q)
     fn = _compiled() if compiled else flex_attention
     kw = dict(scale=p.scale, enable_gqa=p.groups > 1)
     if compiled and q.is_cpu and p.eps > 0:  # no return_lse there: eps is one more key (see the top)
