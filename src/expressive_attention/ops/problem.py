@@ -292,10 +292,8 @@ def _normalise_4d(
     power = resolve_power(variant, power)
     if scale is not None:
         check_scores_fit(query, key, float(scale))
-    # positional: keywords cost ~1 us more (fields: q k v mask is_causal scale variant eps dropout_p out_shape power)
-    return Problem(query, key, value, attn_mask, bool(is_causal),
-                   _resolved_scale(scale, E),
-                   variant, float(eps), float(dropout_p), (B, H, L, Ev), power)
+    return Problem(q=query, k=key, v=value, mask=attn_mask, is_causal=bool(is_causal), scale=_resolved_scale(scale, E),
+                   variant=variant, eps=float(eps), dropout_p=float(dropout_p), out_shape=(B, H, L, Ev), power=power)
 
 
 def check_log_fgate(log_fgate, query: Tensor, key: Tensor) -> None:
