@@ -161,24 +161,32 @@ def test_cuda_policy_table_and_self_check(monkeypatch):
 
     from expressive_attention.ops import cuda_policy, triton_ea
 
-    monkeypatch.setattr(triton_ea, "BACKEND", SimpleNamespace(unsupported=lambda p: None))
+    triton = SimpleNamespace(unsupported=lambda p: None, run=triton_ea.triton_attention)
     monkeypatch.setattr(cuda_policy, "_CHECKED", {})
-    monkeypatch.setattr(cuda_policy, "_run_self_check", lambda d, v, t: (True, ""))
+    monkeypatch.setattr(cuda_policy, "_run_self_check", lambda d, v, t, run: (True, ""))
     assert cuda_policy.CUDA_TABLE == {} and cuda_policy.DEFAULT == "triton"  # the placeholder, until measured
-    assert cuda_policy.prefers_triton(_fake_cuda_problem())
+    assert cuda_policy.prefers_triton(_fake_cuda_problem(), triton)
     monkeypatch.setattr(cuda_policy, "CUDA_TABLE", {("saturating", "fwdbwd"): ((4096, "triton"), (16384, "flex"))})
-    assert cuda_policy.prefers_triton(_fake_cuda_problem(L=4096))
-    assert not cuda_policy.prefers_triton(_fake_cuda_problem(L=8192))
-    assert cuda_policy.prefers_triton(_fake_cuda_problem(L=8192, grad=False))  # no fwd entry: the default
+    assert cuda_policy.prefers_triton(_fake_cuda_problem(L=4096), triton)
+    assert not cuda_policy.prefers_triton(_fake_cuda_problem(L=8192), triton)
+    assert cuda_policy.prefers_triton(_fake_cuda_problem(L=8192, grad=False), triton)  # no fwd entry: the default
     # a failing self-check: flex, with one warning naming it, and the verdict cached
     calls = []
-    monkeypatch.setattr(cuda_policy, "_run_self_check", lambda d, v, t: calls.append(v) or (False, "dq differs"))
+    monkeypatch.setattr(cuda_policy, "_run_self_check",
+                        lambda d, v, t, run: calls.append((v, run)) or (False, "dq differs"))
     with pytest.warns(RuntimeWarning, match="self-check.*exp_squared.*dq differs.*'flex'"):
-        assert not cuda_policy.prefers_triton(_fake_cuda_problem("exp_squared"))
-    assert not cuda_policy.prefers_triton(_fake_cuda_problem("exp_squared")) and calls == ["exp_squared"]
+        assert not cuda_policy.prefers_triton(_fake_cuda_problem("exp_squared"), triton)
+    assert not cuda_policy.prefers_triton(_fake_cuda_problem("exp_squared"), triton)
+    assert calls == [("exp_squared", triton_ea.triton_attention)]  # the check runs the backend's own kernels
     # a call triton cannot run never asks the check
-    monkeypatch.setattr(triton_ea, "BACKEND", SimpleNamespace(unsupported=lambda p: "no exp_odd"))
-    assert not cuda_policy.prefers_triton(_fake_cuda_problem("exp_odd")) and calls == ["exp_squared"]
+    cannot = SimpleNamespace(unsupported=lambda p: "no exp_odd", run=triton_ea.triton_attention)
+    assert not cuda_policy.prefers_triton(_fake_cuda_problem("exp_odd"), cannot) and len(calls) == 1
+    # the triton backend's own prefer rule is this one, with itself
+    monkeypatch.setattr(cuda_policy, "_CHECKED", {})
+    monkeypatch.setattr(cuda_policy, "CUDA_TABLE", {})
+    monkeypatch.setattr(cuda_policy, "_run_self_check", lambda d, v, t, run: calls.append((v, run)) or (True, ""))
+    monkeypatch.setattr(triton_ea, "BACKEND", SimpleNamespace(unsupported=lambda p: None, run=triton_ea.triton_attention))
+    assert triton_ea._prefer(_fake_cuda_problem("squared")) and calls[-1] == ("squared", triton_ea.triton_attention)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="auto's CUDA choice needs a CUDA device (none here)")

@@ -1,6 +1,7 @@
 """Calls of `expressive_attention` / `normalise` as keyword arguments, shared by the tests of the fast
-paths (`problem._normalise_4d`, the decode shortcut of "auto"): valid calls in several layouts and
-a catalogue of bad ones, each of which must reach the general path's error unchanged. (Importable as
+paths (`problem._normalise_4d`, the decode shortcut of "auto"; tests/ops/test_argument_checks_agree.py
+runs every case through all three checks): valid calls in several layouts and a catalogue of bad
+ones, each of which must reach the general path's error unchanged. (Importable as
 `call_cases`: pytest's `pythonpath` setting puts tests/support on sys.path.)"""
 from decimal import Decimal
 

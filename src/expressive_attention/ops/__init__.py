@@ -1,9 +1,9 @@
 """Functional expressive attention: the reference definition, the backend table and the fast backends.
 
-Layers: variants.py (the variant table), problem.py (checks -> `Problem`), reference.py (the definition),
-one module per backend (reference, blocked, fused_cpu, triton_ea, linear, flex; each declares `BACKEND`),
-backend.py (what a backend declares), dispatch.py (the table and "auto"; cuda_policy.py: "auto" on CUDA),
-functional.py (the public calls).
+Layers, lowest first: variants.py (the variant table), problem.py (checks -> `Problem`), backend.py (what a
+backend declares), reference.py (the definition), one module per backend (reference, blocked, fused_cpu,
+triton_ea, linear, flex; each declares `BACKEND`; cuda_policy.py: "auto" on CUDA, below triton_ea),
+dispatch.py (the table and "auto"), functional.py (the public calls).
 """
 from .backend import Backend
 from .dispatch import BACKENDS, choose_backend, register_backend

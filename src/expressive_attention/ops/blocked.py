@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ._functorch import fold_vmap
 from .backend import Backend
+from .blocked_gate import gated_blocked_attention
 from .reference import compute_dtype, eps_over_r, row_scaled_f
 from .tile_compile import run_tile, use_compiled
 from .variants import EXP_VARIANTS, VARIANT_TABLE
@@ -273,11 +274,10 @@ def _backward(dout, q, k, v, out, z, mask, is_causal, scale, variant, groups, po
 
 def blocked_attention(p: "Problem") -> Tensor:
     """Backend entry point: a checked 4-D `Problem` -> output (B, H, L, Ev)."""
-    if p.log_fgate is not None:  # the forget gate: blocked_gate.py
-        from .blocked_gate import gated_blocked_attention
-
-        return gated_blocked_attention(p)
     B, H, L, _ = p.q.shape
+    if p.log_fgate is not None:  # the forget gate: blocked_gate.py, in the same row blocks
+        blocks = [(i0, i1, send) for i0, i1, send, _ in _row_blocks(B * H, L, p.k.shape[-2], p.is_causal)]
+        return gated_blocked_attention(p, blocks)
     compiled = p.variant in COMPILED_VARIANTS and use_compiled(B * H * L * p.k.shape[-2], p.q, p.k, p.v)
     return _BlockedEA.apply(p.q, p.k, p.v, p.mask, p.is_causal, p.scale, p.variant, p.eps, p.groups, p.power,
                             compiled)[0]

@@ -21,7 +21,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._functorch import under_functorch
-from .blocked import _row_blocks
 from .reference import compute_dtype, gated_score_weights, repeat_kv
 
 if TYPE_CHECKING:
@@ -77,17 +76,17 @@ def _g(s: Tensor, keep: Tensor | None, log_d: Tensor, variant: str, power, log_r
 
 
 class _GatedBlocked(torch.autograd.Function):
-    """(q (B, H, L, E), k, v (B, H, S, *) repeated to the query heads, log_fgate (B, H, L), mask, ...) -> out."""
+    """(q (B, H, L, E), k, v (B, H, S, *) repeated to the query heads, log_fgate (B, H, L), mask, the row
+    blocks, ...) -> out."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_fgate, mask, is_causal, scale, variant, eps, power):
+    def forward(ctx, q, k, v, log_fgate, mask, blocks, is_causal, scale, variant, eps, power):
         B, H, L, _ = q.shape
-        S = k.shape[2]
         c = log_fgate.cumsum(-1)
         out = q.new_zeros(B, H, L, v.shape[-1])
         z = q.new_ones(B, H, L, 1)
         log_r = q.new_zeros(B, H, L, 1)
-        for i0, i1, send, _ in _row_blocks(B * H, L, S, is_causal):
+        for i0, i1, send in blocks:
             keep = _keep(mask, is_causal, i0, i1, send, q.device)
             s = torch.matmul(q[..., i0:i1, :], k[..., :send, :].transpose(-1, -2)).mul_(scale)
             g, _, lr = _g(s, keep, c[..., i0:i1, None] - c[..., None, :send], variant, power, None, False)
@@ -96,21 +95,19 @@ class _GatedBlocked(torch.autograd.Function):
             out[..., i0:i1, :] = torch.matmul(g, v[..., :send, :]).div_(zb)
             z[..., i0:i1, :], log_r[..., i0:i1, :] = zb, lr
         ctx.save_for_backward(q, k, v, c, mask, out, z, log_r)
-        ctx.args = (is_causal, scale, variant, power)
+        ctx.args = (blocks, is_causal, scale, variant, power)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, c, mask, out, z, log_r = ctx.saved_tensors
-        is_causal, scale, variant, power = ctx.args
-        B, H, L, _ = q.shape
-        S = k.shape[2]
+        blocks, is_causal, scale, variant, power = ctx.args
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dc = torch.zeros_like(c)
         dout = dout.to(q.dtype)
         delta = (dout * out).sum(-1, keepdim=True)  # (B, H, L, 1)
-        for i0, i1, send, _ in _row_blocks(B * H, L, S, is_causal):
+        for i0, i1, send in blocks:
             keep = _keep(mask, is_causal, i0, i1, send, q.device)
             qb, kb, vb = q[..., i0:i1, :], k[..., :send, :], v[..., :send, :]
             s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale)
@@ -126,7 +123,7 @@ class _GatedBlocked(torch.autograd.Function):
             dc[..., i0:i1] += dld.sum(-1)
             dc[..., :send] -= dld.sum(-2)
         dlog_fgate = dc.flip(-1).cumsum(-1).flip(-1)  # C = cumsum(log_fgate): the reverse cumulative sum
-        return dq, dk, dv, dlog_fgate, None, None, None, None, None, None
+        return dq, dk, dv, dlog_fgate, None, None, None, None, None, None, None
 
 
 def _gated_block(q, k, v, c_rows, c_keys, keep, scale, variant, eps, power):
@@ -137,34 +134,32 @@ def _gated_block(q, k, v, c_rows, c_keys, keep, scale, variant, eps, power):
     return torch.matmul(a, v)
 
 
-def _gated_autograd(p: "Problem", q, k, v, lf) -> Tensor:
+def _gated_autograd(p: "Problem", q, k, v, lf, blocks) -> Tensor:
     """The fallback: plain autograd per block, each under activation checkpointing when there is
     more than one (backward then recomputes one (block, S) tile at a time)."""
     from torch.utils.checkpoint import checkpoint
 
-    B, H, L, _ = q.shape
-    S = k.shape[2]
     c = lf.cumsum(-1)  # (B, H, L): log D_ij = c_i - c_j
-    blocks = list(_row_blocks(B * H, L, S, p.is_causal))
     grad = p.requires_grad and len(blocks) > 1  # one block: its tile is all there is to keep anyway
     outs = []  # with L == S every block has keys to see, so the blocks cover every row
-    for i0, i1, send, _ in blocks:
+    for i0, i1, send in blocks:
         args = (q[..., i0:i1, :], k[..., :send, :], v[..., :send, :], c[..., i0:i1], c[..., :send],
                 _keep(p.mask, p.is_causal, i0, i1, send, q.device), p.scale, p.variant, p.eps, p.power)
         outs.append(checkpoint(_gated_block, *args, use_reentrant=False) if grad else _gated_block(*args))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
-def gated_blocked_attention(p: "Problem") -> Tensor:
-    """Backend entry point (blocked, with ``p.log_fgate``): a checked 4-D `Problem` -> (B, H, L, Ev).
+def gated_blocked_attention(p: "Problem", blocks: list[tuple[int, int, int]]) -> Tensor:
+    """Backend entry point (blocked, with ``p.log_fgate``): a checked 4-D `Problem` -> (B, H, L, Ev),
+    ``blocks`` the (i0, i1, send) of blocked.py's row blocks (query rows [i0, i1) see keys [0, send)).
     GQA: k and v are repeated to the query heads (O(S) memory, no (L, S) buffer)."""
     ct = compute_dtype(p.q.dtype)
     q, k, v = p.q.to(ct), repeat_kv(p.k, p.groups).to(ct), repeat_kv(p.v, p.groups).to(ct)
     lf = p.log_fgate.to(ct)
     if p.variant not in FUSED_VARIANTS or under_functorch(p.q, p.k, p.v, p.log_fgate):
-        out = _gated_autograd(p, q, k, v, lf)
+        out = _gated_autograd(p, q, k, v, lf, blocks)
     else:
         lf = lf.expand(q.shape[:-1])
-        out = _GatedBlocked.apply(q, k, v, lf, p.mask, p.is_causal, p.scale, p.variant, p.eps, p.power)
+        out = _GatedBlocked.apply(q, k, v, lf, p.mask, blocks, p.is_causal, p.scale, p.variant, p.eps, p.power)
     return out.to(p.q.dtype)
 

@@ -5,6 +5,8 @@ else `blocked`. `prefers_triton` is False where the Triton kernels cannot run th
 not implement, float64, head dims over 256, no triton installed), where the table below says flex is
 faster, and where the kernels fail their self-check on this device: one small forward + backward per
 (device, variant, dtype) against the reference, run once per process on first use (`triton_self_check`).
+The triton backend's `prefer` calls it with its own `Backend` (this module imports no backend module but
+the reference, so triton_ea.py can import it).
 
 CUDA_TABLE is a PLACEHOLDER: no GPU has been lent to this project yet, so nothing here is measured. The
 first run of `benchmarks/gpu_check.sh` times triton-EA and flex-EA side by side (`ea bench gpu`: forward
@@ -22,6 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import Tensor
+
+    from .backend import Backend
     from .problem import Problem
 
 # (variant, "fwd" | "fwdbwd") -> ((L_max, backend), ...) in increasing L_max; the first L_max >= L decides.
@@ -45,9 +52,11 @@ def table_choice(p: "Problem") -> str:
     return DEFAULT
 
 
-def triton_self_check(device: torch.device, variant: str, dtype: torch.dtype) -> bool:
-    """True when the Triton kernels give the reference's values and gradients on a small causal GQA problem
-    on `device` (once per process per (device, variant, dtype); a failure warns once, naming it)."""
+def triton_self_check(device: torch.device, variant: str, dtype: torch.dtype,
+                      run: Callable[[Problem], Tensor]) -> bool:
+    """True when the Triton kernels (`run`, the backend's entry point) give the reference's values and
+    gradients on a small causal GQA problem on `device` (once per process per (device, variant, dtype); a
+    failure warns once, naming it)."""
     key = (str(device), variant, dtype)
     if key in _CHECKED:
         return _CHECKED[key]
@@ -55,7 +64,7 @@ def triton_self_check(device: torch.device, variant: str, dtype: torch.dtype) ->
         return True  # never run a check while tracing or capturing a CUDA graph: assume it passes
     with _lock:
         if key not in _CHECKED:
-            ok, why = _run_self_check(device, variant, dtype)
+            ok, why = _run_self_check(device, variant, dtype, run)
             _CHECKED[key] = ok
             if not ok:
                 warnings.warn(f"expressive_attention: the Triton kernels failed their self-check on {device} "
@@ -64,10 +73,9 @@ def triton_self_check(device: torch.device, variant: str, dtype: torch.dtype) ->
     return _CHECKED[key]
 
 
-def _run_self_check(device, variant: str, dtype: torch.dtype) -> tuple[bool, str]:
+def _run_self_check(device, variant: str, dtype: torch.dtype, run: Callable[[Problem], Tensor]) -> tuple[bool, str]:
     from .problem import normalise
     from .reference import reference_backend
-    from .triton_ea import triton_attention
 
     tol = 2e-3 if dtype == torch.float32 else 3e-2
     try:
@@ -75,11 +83,11 @@ def _run_self_check(device, variant: str, dtype: torch.dtype) -> tuple[bool, str
         q, k, v = (torch.randn(1, h, 77, 32, generator=g).to(device, dtype) for h in (4, 2, 2))
         do = torch.randn(1, 4, 77, 32, generator=g).to(device, dtype)
         outs, grads = [], []
-        for run, cast in ((triton_attention, lambda t: t), (reference_backend, lambda t: t.float())):
+        for attend, cast in ((run, lambda t: t), (reference_backend, lambda t: t.float())):
             leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
             with torch.enable_grad():
                 p = normalise(*leaves, None, 0.0, True, None, True, variant, 1e-6)
-                out = run(p)
+                out = attend(p)
                 grads.append(torch.autograd.grad(out, leaves, cast(do)))
             outs.append(out.float())
         pairs = [(outs[0], outs[1]), *((a.float(), b.float()) for a, b in zip(*grads))]
@@ -92,15 +100,13 @@ def _run_self_check(device, variant: str, dtype: torch.dtype) -> tuple[bool, str
         return False, f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
 
-def prefers_triton(p: "Problem") -> bool:
-    """"auto"'s rule for the Triton backend: a CUDA call the table gives to triton and the kernels pass
-    their self-check for (whether triton can run the call at all is its `supports`, asked after this)."""
+def prefers_triton(p: "Problem", backend: Backend) -> bool:
+    """"auto"'s rule for the Triton backend (`backend`, triton_ea.BACKEND): a CUDA call the table gives to
+    triton, that the backend can run, and that the kernels pass their self-check for."""
     if not p.q.is_cuda:
         return False
     if table_choice(p) != "triton":
         return False
-    from .triton_ea import BACKEND
-
-    if BACKEND.unsupported(p) is not None:
+    if backend.unsupported(p) is not None:  # never run the self-check for a call triton cannot take
         return False
-    return triton_self_check(p.q.device, p.variant, p.q.dtype)
+    return triton_self_check(p.q.device, p.variant, p.q.dtype, backend.run)

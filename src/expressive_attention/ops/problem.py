@@ -14,12 +14,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .reference import f_at_zero, repeat_kv
-from .variants import VARIANTS, check_variant, resolve_power
+from .variants import VARIANTS, check_variant, f_at_zero, resolve_power
 
 __all__ = ["Problem", "VARIANTS", "check_mask", "check_options", "check_qkv", "check_tensor", "check_variant",
-           "mask_to_4d", "normalise", "repeat_kv", "to_4d"]
+           "compute_dtype", "mask_to_4d", "normalise", "repeat_kv", "to_4d"]
 __all__ += ["check_log_fgate", "with_log_fgate"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores and sums are accumulated in float32 (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """(B, Hkv, S, E) -> (B, Hkv * groups, S, E): query head h uses key/value head h // groups."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 @dataclass(slots=True)
@@ -172,8 +181,6 @@ def check_scores_fit(q: Tensor, k: Tensor, scale: float) -> None:
     would return NaN. Bound |s_ij| <= |scale| max_i |q_i| max_j |k_j| (Cauchy-Schwarz) and refuse."""
     if abs(scale) <= SCALE_CHECKED_ABOVE or q.numel() == 0 or k.numel() == 0:
         return
-    from .reference import compute_dtype
-
     ct = compute_dtype(q.dtype)
     qn = torch.linalg.vector_norm(q.detach().to(ct), dim=-1).max().item()
     kn = torch.linalg.vector_norm(k.detach().to(ct), dim=-1).max().item()
@@ -285,10 +292,8 @@ def _normalise_4d(
     power = resolve_power(variant, power)
     if scale is not None:
         check_scores_fit(query, key, float(scale))
-    # positional: keywords cost ~1 us more (fields: q k v mask is_causal scale variant eps dropout_p out_shape power)
-    return Problem(query, key, value, attn_mask, bool(is_causal),
-                   _resolved_scale(scale, E),
-                   variant, float(eps), float(dropout_p), (B, H, L, Ev), power)
+    return Problem(q=query, k=key, v=value, mask=attn_mask, is_causal=bool(is_causal), scale=_resolved_scale(scale, E),
+                   variant=variant, eps=float(eps), dropout_p=float(dropout_p), out_shape=(B, H, L, Ev), power=power)
 
 
 def check_log_fgate(log_fgate, query: Tensor, key: Tensor) -> None:

@@ -33,19 +33,16 @@ Every fast backend is tested against this function. It materialises the (L, S) m
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .backend import Backend
+from .problem import Problem, compute_dtype, repeat_kv
 from .variants import DEFAULT_POWER, VARIANT_TABLE, VARIANTS, check_variant, rescaled, resolve_power
 
 __all__ = ["DEFAULT_POWER", "VARIANTS", "check_variant", "compute_dtype", "expressive_weights", "reference_attention",
            "resolve_power", "row_scaled_f", "score_fn", "score_weights"]
-
-if TYPE_CHECKING:
-    from .problem import Problem
 
 
 def score_fn(s: Tensor, variant: str, power: float | None = None) -> Tensor:
@@ -54,12 +51,6 @@ def score_fn(s: Tensor, variant: str, power: float | None = None) -> Tensor:
     `score_weights`)."""
     p = resolve_power(variant, power)
     return VARIANT_TABLE[variant].f(s, p)
-
-
-def f_at_zero(variant: str, power: float | None = None) -> float:
-    """f(0) of ``variant``: 0 for the polynomial ones, 1 for "exp_squared". With E = 0 every score is
-    0, so the rows attend to nothing when f(0) = 0 and average v over the allowed keys otherwise."""
-    return float(score_fn(torch.zeros((), dtype=torch.float64), variant, power))
 
 
 def row_scaled_f(s: Tensor, keep: Tensor | None, variant: str, power: float | None):
@@ -77,16 +68,6 @@ def eps_over_r(eps: float, log_r: Tensor) -> Tensor:
     if eps > 0:
         return (math.log(eps) - log_r).exp()
     return torch.zeros_like(log_r)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scores and sums are accumulated in float32 (float64 stays float64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def repeat_kv(x: Tensor, groups: int) -> Tensor:
-    """(B, Hkv, S, E) -> (B, Hkv * groups, S, E): query head h uses key/value head h // groups."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def causal_mask(L: int, S: int, device=None) -> Tensor:

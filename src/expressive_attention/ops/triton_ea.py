@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .backend import Backend
+from .cuda_policy import prefers_triton
 from .problem import Problem
 
 try:
@@ -583,9 +584,7 @@ def supports(p: Problem) -> "str | None":
 
 
 def _prefer(p: Problem) -> bool:
-    from .cuda_policy import prefers_triton  # the measured table and the self-check (cuda_policy.py)
-
-    return prefers_triton(p)
+    return prefers_triton(p, BACKEND)  # the measured table and the self-check (cuda_policy.py)
 
 
 # "auto" takes it on CUDA only, where cuda_policy.prefers_triton holds (else flex): Triton's CPU interpreter

@@ -120,6 +120,12 @@ def resolve_power(variant: str, power) -> float | None:
     return float(power)
 
 
+def f_at_zero(variant: str, power: float | None = None) -> float:
+    """f(0) of ``variant``: 0 for the polynomial ones, 1 for "exp_squared". With E = 0 every score is
+    0, so the rows attend to nothing when f(0) = 0 and average v over the allowed keys otherwise."""
+    return float(VARIANT_TABLE[variant].f(torch.zeros((), dtype=torch.float64), resolve_power(variant, power)))
+
+
 def variant_label(variant: str, power=None) -> str:
     """A variant with its parameters as one word: its name, or "power<p>" (e.g. "power4") for "power"."""
     p = resolve_power(variant, power)
