@@ -36,7 +36,7 @@ test-latest:
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip
 	$(LATEST)/bin/pip install -q "$(TORCH)"
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" "$(TORCH)"  # torch stays $(TORCH)
 	$(LATEST)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' > $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pytest -q -n $(WORKERS) tests
 
