@@ -93,6 +93,8 @@ def call(**kw) -> dict:
 
 # Regression cases: the probe and what the fuzzer found, kept as explicit calls.
 EXAMPLES = [
+    # flex on CPU in bfloat16: the inf in query row 34 turned row 33 into NaN (now computed in float32)
+    call(groups=2, L=76, S=27, E=1, Ev=1, dtype="bfloat16", variant="squared", nonfinite="q:inf"),
     # defect 2: the reference gave NaN in rows 0, 1, which never see the inf key 2 (inf * 0)
     call(mask="causal", nonfinite="k:inf:6"),
     # the linear form had the same inf * 0 (k * keep, f * tril inside a causal chunk)
