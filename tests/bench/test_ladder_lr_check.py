@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from ladder_records import synthetic_record  # tests/support
 
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "ladder_lr_check.py"
 _spec = importlib.util.spec_from_file_location("ladder_lr_check", SCRIPT)
@@ -12,23 +13,16 @@ _spec.loader.exec_module(lr_check)
 lr_rule_gaps, lr_rule_lines = lr_check.lr_rule_gaps, lr_check.lr_rule_lines
 
 
-def _record(kind, seed, steps, d_model, params, tok, seq, axes, point):
-    return {"key": f"{kind}{seed}{steps}{d_model}", "label": kind, "steps": steps, "params": params,
-            "config": {"seed": seed, "d_model": d_model},
-            "metrics": {"token_acc": tok, "seq_acc": seq},
-            "ladder": {"preset": "syn", "family": "fam", "rung": 0, "rung_label": "K=2", "axes": axes, "point": point}}
-
-
 def test_lr_rule_gaps_each_kind_at_its_better_lr():
     """DPA is better at lr 3e-3 (0.80 vs 0.60), EA at 1e-3 (0.90 vs 0.85): the same-lr gap at 1e-3 is
     +0.30, the better-lr gap +0.10; axis points (here a 4050-step run) are ignored."""
     recs = []
     for s, j in enumerate((-0.01, 0.0, 0.01)):
         for kind, lr, acc in (("dpa", 1e-3, 0.6), ("dpa", 3e-3, 0.8), ("ea", 1e-3, 0.9), ("ea", 3e-3, 0.85)):
-            r = _record(kind, s, 100, 64, 100_000, acc + j * (1 + lr * 100), 0.0, ["budget"], {})
+            r = synthetic_record(kind, s, 100, 64, 100_000, acc + j * (1 + lr * 100), 0.0, ["budget"], {})
             r["config"]["lr"] = lr
             recs.append(r)
-        far = _record("dpa", s, 900, 64, 100_000, 0.99, 1.0, ["budget"], {"steps": 900})
+        far = synthetic_record("dpa", s, 900, 64, 100_000, 0.99, 1.0, ["budget"], {"steps": 900})
         far["config"]["lr"] = 3e-3
         recs.append(far)
     (row,) = lr_rule_gaps(recs, preregistered_lr=1e-3)
@@ -47,7 +41,7 @@ def test_lr_rule_gaps_each_kind_at_its_better_lr():
 def test_the_script_prints_the_table_of_records_files(tmp_path, capsys):
     import json
 
-    recs = [_record(kind, s, 100, 64, 1, acc + 0.01 * s, 0.0, [], {}) for s in range(3)
+    recs = [synthetic_record(kind, s, 100, 64, 1, acc + 0.01 * s, 0.0, [], {}) for s in range(3)
             for kind, acc in (("dpa", 0.5), ("ea", 0.7))]
     for r in recs:
         r["config"]["lr"] = 1e-3

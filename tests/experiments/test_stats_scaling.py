@@ -11,6 +11,7 @@ from expressive_attention.experiments.scaling import (
     scaling_section,
 )
 from expressive_attention.experiments.stats import contrast_interval, equivalent_factor, gap_interval
+from ladder_records import synthetic_record  # tests/support
 
 
 def test_gap_interval_hand_computed_equal_variances():
@@ -70,13 +71,6 @@ def test_equivalent_factor_interpolates_in_log_x():
         equivalent_factor([300, 100], [0.5, 0.6], 0.8, 100)
 
 
-def _record(kind, seed, steps, d_model, params, tok, seq, axes, point):
-    return {"key": f"{kind}{seed}{steps}{d_model}", "label": kind, "steps": steps, "params": params,
-            "config": {"seed": seed, "d_model": d_model},
-            "metrics": {"token_acc": tok, "seq_acc": seq},
-            "ladder": {"preset": "syn", "family": "fam", "rung": 0, "rung_label": "K=2", "axes": axes, "point": point}}
-
-
 def _synthetic():
     """Budget 100/300/900 steps at d_model 64; size d_model 32/64/128 at 100 steps; 3 seeds.
     DPA token 0.5/0.7/0.9 along the budget, EA 0.8/0.85/0.9; EA at 100% sequence accuracy at 100 steps,
@@ -88,11 +82,11 @@ def _synthetic():
         for steps, (d, e) in budget.items():
             axes = ["budget", "size"] if steps == 100 else ["budget"]
             point = {} if steps == 100 else {"steps": steps}
-            recs.append(_record("dpa", s, steps, 64, 100_000, d + j, 1.0 if steps == 900 else 0.2, axes, point))
-            recs.append(_record("ea", s, steps, 64, 100_000, e + j, 1.0, axes, point))
+            recs.append(synthetic_record("dpa", s, steps, 64, 100_000, d + j, 1.0 if steps == 900 else 0.2, axes, point))
+            recs.append(synthetic_record("ea", s, steps, 64, 100_000, e + j, 1.0, axes, point))
         for dm, (d, e, params) in size.items():
-            recs.append(_record("dpa", s, 100, dm, params, d + j, 0.0, ["size"], {"d_model": dm}))
-            recs.append(_record("ea", s, 100, dm, params, e + j, 0.5, ["size"], {"d_model": dm}))
+            recs.append(synthetic_record("dpa", s, 100, dm, params, d + j, 0.0, ["size"], {"d_model": dm}))
+            recs.append(synthetic_record("ea", s, 100, dm, params, e + j, 0.5, ["size"], {"d_model": dm}))
     return recs
 
 

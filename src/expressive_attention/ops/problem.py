@@ -162,14 +162,16 @@ def check_mask(attn_mask, is_causal: bool, query: Tensor, S: int) -> None:
         )
     if attn_mask.device != query.device:
         raise ValueError("attn_mask must be on the same device as query")
-    target = (*query.shape[:-1], S)
+    check_broadcastable("attn_mask", attn_mask, (*query.shape[:-1], S), "(..., L, S)")
+
+
+def check_broadcastable(name: str, t: Tensor, target: tuple[int, ...], what: str) -> None:
+    """`t` broadcasts to exactly `target` (described as `what` in the error), else a ValueError naming `name`."""
     try:
-        if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
+        if torch.broadcast_shapes(t.shape, target) != torch.Size(target):
             raise RuntimeError
     except RuntimeError:
-        raise ValueError(
-            f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to (..., L, S) = {target}"
-        ) from None
+        raise ValueError(f"{name} of shape {tuple(t.shape)} is not broadcastable to {what} = {target}") from None
 
 
 # Scales up to this size skip the overflow check below (which reads q and k once).
@@ -308,14 +310,7 @@ def check_log_fgate(log_fgate, query: Tensor, key: Tensor) -> None:
     L, S = query.shape[-2], key.shape[-2]
     if L != S:
         raise ValueError(f"log_fgate is for self-attention: it needs as many queries as keys, got L={L}, S={S}")
-    target = tuple(query.shape[:-1])
-    try:
-        if torch.broadcast_shapes(log_fgate.shape, target) != torch.Size(target):
-            raise RuntimeError
-    except RuntimeError:
-        raise ValueError(
-            f"log_fgate of shape {tuple(log_fgate.shape)} is not broadcastable to query's (..., Hq, L) = {target}"
-        ) from None
+    check_broadcastable("log_fgate", log_fgate, tuple(query.shape[:-1]), "query's (..., Hq, L)")
 
 
 def log_fgate_to_3d(log_fgate: Tensor, query: Tensor) -> Tensor:
