@@ -244,7 +244,7 @@ _OPT = {"batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "betas": (0.9, 0.95)
 def _families(size: str) -> dict[str, Family]:
     """The preset's families from the task package's ladders (tasks/ladders.py, the one source of rungs)."""
     rungs = ladder_rungs(size)
-    fams = {name: Family(name, rungs[name]) for name in ("pointer", "lagged_digits", "recall")}
+    fams = {name: Family(name, r) for name, r in rungs.items() if name != "multitask"}  # every ladder of tasks/
     p, r, d = rungs["pointer"], rungs["recall"], rungs["lagged_digits"]
     fams["multitask"] = Family("multitask", rungs["multitask"],
                                labels=[f"T{a['T']} K{b['K']} N{c['N']}" for a, b, c in zip(p, r, d)])
