@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import signal
+import threading
 import sys
 import tempfile
 import traceback
@@ -164,8 +165,18 @@ class PoolExecutor:
     def run(self, jobs: Sequence[Job], finish: Finish, progress: bool = True) -> None:
         ctx = mp.get_context("spawn")
         progress_q = ctx.Queue()
-        pool = ctx.Pool(self.workers, initializer=_init_worker,
-                        initargs=(progress_q, self.threads, self.imports, tuple(sys.path), True))
+        # The workers are started with SIGINT ignored (an ignored signal stays ignored across exec, and Python
+        # then installs no KeyboardInterrupt handler): a Ctrl-C that reaches a worker still starting up, before
+        # its initializer, would otherwise kill it, and the pool would start a replacement that terminate()
+        # can miss (a sweep that never ends). Ctrl-C is the parent's to handle.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            pool = ctx.Pool(self.workers, initializer=_init_worker,
+                            initargs=(progress_q, self.threads, self.imports, tuple(sys.path), True))
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
         bars = RunBars({j.index: j.label for j in jobs}, progress)
         try:
             pending = [pool.apply_async(_run_point, (j.index, j.config, j.checkpoint)) for j in jobs]
