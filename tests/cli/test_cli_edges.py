@@ -175,6 +175,13 @@ def test_duplicate_keys_are_never_written(tmp_path):
     assert len(keys) == len(set(keys)) == 6 and res["ran"] == 6
 
 
+def _default_sigint():
+    """In the child before exec: SIGINT at its default, as in a terminal. A process that ignores SIGINT passes
+    that on to its children (an ignored signal survives exec, and Python then installs no KeyboardInterrupt
+    handler), and a test run may ignore it: e.g. an xdist worker after some in-process Ray or pool test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_ends_with_one_line_saying_how_to_resume(tmp_path):
     # Serial (--workers 1): the run that blocks is in the process that gets the signal, so the test is
     # deterministic. With a process pool, two full-suite runs under load saw the sweep outlive Ctrl-C by
@@ -183,7 +190,8 @@ def test_ctrl_c_ends_with_one_line_saying_how_to_resume(tmp_path):
     pf = _preset_file(tmp_path, steps=20, hang=True)  # rung 1 finishes, the later runs block until the signal
     log = open(tmp_path / "log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "expressive_attention.cli", *_ladder_args(pf, out)],  # serial
-                            env=ENV, stdout=log, stderr=log, start_new_session=True)
+                            env=ENV, stdout=log, stderr=log, start_new_session=True,
+                            preexec_fn=_default_sigint)
     try:
         store, deadline = ResultsStore(out), time.time() + 300
         while time.time() < deadline and proc.poll() is None and not (store.path.exists() and store.read()):
