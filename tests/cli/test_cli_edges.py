@@ -176,42 +176,69 @@ def test_duplicate_keys_are_never_written(tmp_path):
 
 
 def _default_sigint():
-    """In the child before exec: SIGINT at its default, as in a terminal. A process that ignores SIGINT passes
-    that on to its children (an ignored signal survives exec, and Python then installs no KeyboardInterrupt
-    handler), and a test run may ignore it: e.g. an xdist worker after some in-process Ray or pool test."""
+    """In the child before exec: SIGINT at its default and not blocked, as in a terminal. Both survive exec:
+    a process that ignores SIGINT passes that on (Python then installs no KeyboardInterrupt handler), and one
+    whose thread has SIGINT blocked passes on the mask (the signal would stay pending for ever); a test run
+    may do either (an xdist worker after some in-process Ray, pool or multiprocessing test)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_ends_with_one_line_saying_how_to_resume(tmp_path):
-    # Serial (--workers 1): the run that blocks is in the process that gets the signal, so the test is
-    # deterministic. With a process pool, two full-suite runs under load saw the sweep outlive Ctrl-C by
-    # > 60 s (open: the pool's shutdown; see the session note), so the pool's Ctrl-C is not asserted here.
-    out = tmp_path / "out"
-    pf = _preset_file(tmp_path, steps=20, hang=True)  # rung 1 finishes, the later runs block until the signal
-    log = open(tmp_path / "log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "expressive_attention.cli", *_ladder_args(pf, out)],  # serial
-                            env=ENV, stdout=log, stderr=log, start_new_session=True,
-                            preexec_fn=_default_sigint)
+def _sigint_state(pid: int) -> dict[str, bool]:
+    """Whether `pid` blocks, ignores and catches SIGINT (Linux: the masks of /proc/PID/status)."""
+    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+    bit = 1 << (signal.SIGINT - 1)
+    return {name: bool(int(fields[key], 16) & bit)
+            for name, key in (("blocked", "SigBlk"), ("ignored", "SigIgn"), ("caught", "SigCgt"))}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["serial", "pool"])
+def test_ctrl_c_ends_with_one_line_saying_how_to_resume(tmp_path, workers):
+    # The signal goes to a run known to be blocked (the task creates `blocked` when it starts to wait for it),
+    # after rung 1 has finished: deterministic however loaded the machine. Serial: the run is in the process
+    # that gets the signal; pool: it is in a worker (which ignores SIGINT) and the parent ends the pool. The
+    # sweep runs with PYTHONFAULTHANDLER set: if it outlives the signal, SIGABRT makes it print every thread's
+    # stack into the log that the failure shows (where it was, not only that it hung).
+    out, blocked, log_path = tmp_path / "out", tmp_path / "blocked", tmp_path / "log"
+    pf = _preset_file(tmp_path, steps=20, hang=str(blocked))  # rung 1 finishes, later runs block until the signal
+    log = open(log_path, "w")
+    args = [*_ladder_args(pf, out)]
+    args[args.index("--workers") + 1] = workers
+    proc = subprocess.Popen([sys.executable, "-m", "expressive_attention.cli", *args],
+                            env={**ENV, "PYTHONFAULTHANDLER": "1"}, stdout=log, stderr=log,
+                            start_new_session=True, preexec_fn=_default_sigint)
+
+    def tail() -> str:
+        return log_path.read_text()[-4000:]
+
     try:
         store, deadline = ResultsStore(out), time.time() + 300
-        while time.time() < deadline and proc.poll() is None and not (store.path.exists() and store.read()):
+        while time.time() < deadline and proc.poll() is None and not (
+                blocked.exists() and store.path.exists() and len(store.read()) >= 2):
             time.sleep(0.05)
-        assert proc.poll() is None, (tmp_path / "log").read_text()[-2000:]
+        assert proc.poll() is None and blocked.exists(), tail()
+        state = _sigint_state(proc.pid)  # Python's own KeyboardInterrupt handler, nothing masking it
+        assert state == {"blocked": False, "ignored": False, "caught": True}, state
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
         try:
             status = proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            pytest.fail("the sweep did not end within 120 s of Ctrl-C; its output:\n" + (tmp_path / "log").read_text()[-3000:])
-        assert status == 130
+            state = _sigint_state(proc.pid)
+            os.kill(proc.pid, signal.SIGABRT)  # faulthandler: every thread's stack into the log
+            proc.wait(timeout=30)
+            pytest.fail(f"the sweep did not end within 120 s of Ctrl-C (SIGINT {state}); its output:\n{tail()}")
+        assert status == 130, f"exit status {status}; its output:\n{tail()}"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-    text = (tmp_path / "log").read_text()
+    text = log_path.read_text()
     assert "Traceback" not in text, text[-3000:]
     last = text.strip().splitlines()[-1]
     assert last.startswith("ea ladder: interrupted.") and "run the same command again to resume" in last
     assert str(out / "results.jsonl") in last
+    assert len(ResultsStore(out).read()) == 2  # rung 1's runs kept; nothing of the interrupted ones
 
 
 def test_info_lists_versions_backends_and_build_folder(capsys):
