@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +9,7 @@ from expressive_attention import reference_attention
 from expressive_attention.experiments.geometry import BINS, attention_geometry, attention_weights, suppression
 from expressive_attention.experiments.report import verdicts
 from expressive_attention.nn import DecoderLM, LMConfig
-from expressive_attention.tasks import make_task
+from expressive_attention.tasks import eval_generator, make_task
 
 torch.set_num_threads(1)
 
@@ -83,3 +84,57 @@ def test_verdicts_on_synthetic_ladders():
            _row(2, "dpa", 0.8, 0.1), _row(2, "ea", 0.9, 0.2), _row(3, "dpa", 0.5, 0.0), _row(3, "ea", 0.9, 0.1)]
     v = verdicts(dip)["f"]["ea"]
     assert v["widening"] == "mostly" and v["dips"] == ["r2"] and v["max_gap_at"] == "r3"
+
+
+@pytest.mark.parametrize("options", [
+    {"layer_kinds": ("dpa", "ea")},             # per-layer hybrid: layer 0 is softmax
+    {"kind": "ea", "n_ea_heads": 1},            # per-head hybrid
+    {"kind": "ea", "forget_gate": True},        # the forget gate
+    {"kind": "dpa", "forget_gate": True},
+    {"kind": "ea", "learn_scale": True, "gain_init": 0.7},
+], ids=["layer_kinds", "n_ea_heads", "ea+gate", "dpa+gate", "learned_gain"])
+def test_geometry_measures_the_weights_each_layer_runs(options):
+    """Issue #21's options change the weights: the geometry must see the layer's own (not cfg.kind's)."""
+    from expressive_attention.nn import MultiheadAttention
+    from expressive_attention.nn.attention import weights_of_call
+
+    torch.manual_seed(0)
+    task = make_task("pointer", T=4, seq_len=16)
+    cfg = {"kind": "ea", **options}
+    model = DecoderLM(LMConfig(vocab_size=task.vocab_size, context_length=16, d_model=16, n_layers=2, n_heads=2,
+                               **cfg)).double()
+    if options.get("forget_gate"):
+        for m in model.modules():  # a gate far from 0.5, so that ignoring it would show
+            if isinstance(m, MultiheadAttention):
+                torch.nn.init.normal_(m.fgate_proj.weight, std=2.0)
+    seen = []
+
+    def check(m, args, kwargs):  # the weights reproduce the layer's own output on random values
+        q, k, a = weights_of_call(m, args, kwargs)
+        v = torch.randn(k.shape[0], k.shape[1], k.shape[2], 5, dtype=k.dtype)
+        log_fgate = m.log_fgate(args[0]) if m.forget_gate else None
+        want = m.attend(q, k, v, is_causal=True, log_fgate=log_fgate)
+        got = a @ v.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        assert torch.all(a.triu(1) == 0)
+        seen.append((q, k, a))
+
+    x, _, _ = task.sample(3, eval_generator(0))  # what attention_geometry(seed=0) feeds the model
+    hooks = [m.register_forward_pre_hook(check, with_kwargs=True) for m in model.modules()
+             if isinstance(m, MultiheadAttention)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2
+    if "layer_kinds" in options or options.get("kind") == "dpa":  # softmax layers: rows sum to 1
+        a0 = seen[0][2]
+        torch.testing.assert_close(a0.sum(-1), torch.ones_like(a0.sum(-1)))
+    stats = attention_geometry(model, task, n_sequences=3, seed=0)
+    for st, (q, k, a) in zip(stats, seen):  # its histograms are those of the weights the layer runs
+        kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        cos = F.normalize(q, dim=-1) @ F.normalize(kk, dim=-1).transpose(-1, -2)
+        keep = torch.ones_like(a, dtype=torch.bool).tril()
+        w = a[keep].numpy()
+        want = np.histogram(cos[keep].numpy(), BINS, weights=w)[0] / w.sum()
+        np.testing.assert_allclose(st["attention"], want, rtol=1e-6, atol=1e-9)

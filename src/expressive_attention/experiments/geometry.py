@@ -18,7 +18,7 @@ import torch
 
 from ..extras import has, install_hint
 from ..nn import DecoderLM, MultiheadAttention
-from ..nn.attention import qk_of_call
+from ..nn.attention import weights_of_call
 from ..ops import KINDS, expressive_weights
 from ..ops.reference import causal_mask, repeat_kv
 from ..tasks import eval_generator
@@ -54,8 +54,8 @@ def attention_geometry(model: DecoderLM, task, n_sequences: int = 128, seed: int
     mods = [m for m in model.modules() if isinstance(m, MultiheadAttention)]
     was = model.training
     model.eval()
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # (q, k) per layer, in call order
-    hooks = [m.register_forward_pre_hook(lambda m, a, kw: captured.append(qk_of_call(m, a, kw)), with_kwargs=True)
+    captured: list[tuple[torch.Tensor, ...]] = []  # (q, k, weights) per layer, in call order
+    hooks = [m.register_forward_pre_hook(lambda m, a, kw: captured.append(weights_of_call(m, a, kw)), with_kwargs=True)
              for m in mods]
     try:
         x, _, _ = task.sample(n_sequences, eval_generator(seed))
@@ -64,10 +64,9 @@ def attention_geometry(model: DecoderLM, task, n_sequences: int = 128, seed: int
         for h in hooks:
             h.remove()
         model.train(was)
-    cfg = model.cfg
     out = []
-    for layer, (q, k) in enumerate(captured):
-        a = attention_weights(q, k, cfg.kind, cfg.variant, cfg.eps, cfg.power)  # (B, H, T, T)
+    for layer, (q, k, a) in enumerate(captured):  # a: (B, H, T, T), the layer's own mechanism (its kind,
+        # head split, forget gate and learned gain included)
         kk = repeat_kv(k, q.shape[1] // k.shape[1])
         cos = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(kk, dim=-1).transpose(-1, -2)
         T = q.shape[-2]

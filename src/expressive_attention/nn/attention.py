@@ -155,6 +155,13 @@ class MultiheadAttention(nn.Module):
             is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1], kind=kind, **extra,
         )
 
+    def weights(self, q: Tensor, k: Tensor, log_fgate: Tensor | None = None) -> Tensor:
+        """The causal attention weights (B, H, T, T) this layer gives q (B, H, T, E) and k (B, Hkv, T, E):
+        its own `attend` (kind, head split, forget gate, backend) on one-hot values, so A @ I = A."""
+        B, Hkv, T, _ = k.shape
+        eye = torch.eye(T, dtype=q.dtype, device=q.device).expand(B, Hkv, T, T)
+        return self.attend(q, k, eye, is_causal=True, log_fgate=log_fgate)
+
     def log_fgate(self, x: Tensor) -> Tensor:
         """The forget gate's per-step log gates (B, H, T) for the layer input x (B, T, C), in float32
         (float64 for a float64 model)."""
@@ -235,11 +242,12 @@ def check_levers(n_heads: int, n_kv_heads: int, kind: str, n_ea_heads, learn_sca
                          "it does nothing without it")
 
 
-def qk_of_call(module: MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
-    """The (q, k) a forward call of `module` with these arguments computes (detached): for a
-    forward pre-hook registered with `with_kwargs=True`."""
+def weights_of_call(module: MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, k, causal weights) of a forward call of `module` with these arguments (detached; the weights
+    as `module.weights` gives them, forget gate included): for a forward pre-hook registered with
+    `with_kwargs=True` on a causal self-attention call."""
     bound = dict(zip(("x", "context"), args), **kwargs)
     with torch.no_grad():
         q, k, _ = module.qkv(bound["x"], bound.get("context"), bound.get("positions"))
-    return q.detach(), k.detach()
-
+        log_fgate = module.log_fgate(bound["x"]) if module.forget_gate else None
+        return q.detach(), k.detach(), module.weights(q, k, log_fgate)
