@@ -133,3 +133,54 @@ def test_packed_state_with_odd_head_dims_matches_full_forward(head_dim, n_kv_hea
     F = head_dim * (head_dim + 1) // 2
     assert caches[0].state.shape == (2 * (n_kv_heads or 4), F, head_dim + 1)
     assert RecurrentEAState.state_bytes(cfg, 70) == 2 * (n_kv_heads or 4) * F * (head_dim + 1) * 4
+
+
+def _orthogonal_steps(dtype, T=40, big=300.0):
+    """q, k, v (1, 1, T, 8): keys of norm `big` and queries nearly orthogonal to them (|s| ~ 1e-3), so the
+    feature form's terms (|q||k|)^2 are ~1e8 times the s^2 they sum to: R ~ 1e8 on every row."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.zeros(1, 1, T, 8, dtype=torch.float64)
+    k[..., 0] = big
+    k[..., 1:] = torch.randn(1, 1, T, 7, generator=g, dtype=torch.float64) * 1e-3
+    q = torch.zeros(1, 1, T, 8, dtype=torch.float64)
+    q[..., 1] = big
+    q[..., 0] = torch.randn(1, 1, T, generator=g, dtype=torch.float64) * 1e-3
+    v = torch.randn(1, 1, T, 8, generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _layer():
+    from expressive_attention.nn import MultiheadAttention
+    return MultiheadAttention(8, 1, kind="ea", variant="squared")
+
+
+@pytest.mark.parametrize("prefill", [0, 25])
+def test_cancellation_in_a_float32_state_warns_once_with_the_bound(prefill):
+    """The recurrent cache cannot retry in float64 (it keeps no keys): it must say so when the bound is large."""
+    from expressive_attention import reference_attention
+
+    q, k, v = _orthogonal_steps(torch.float32)
+    st = RecurrentEAState(_layer())
+    outs = []
+    with pytest.warns(RuntimeWarning, match=r"recurrent cache: .*cancellation ratio R = .*cache='kv'") as rec:
+        if prefill:
+            outs.append(st.attend(q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill]))
+        outs += [st.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]) for t in range(prefill, q.shape[2])]
+    assert len([w for w in rec if "recurrent cache" in str(w.message)]) == 1  # once per layer state
+    assert st.max_ratio > 1e6
+    got = torch.cat(outs, dim=2).double()
+    ref = reference_attention(q.double(), k.double(), v.double(), is_causal=True, variant="squared", eps=st.eps)
+    err = (got - ref).abs().amax()
+    assert err <= 2.1 * 2.0**-24 * st.max_ratio * v.abs().max() + 1e-6  # within the bound it reports
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float64, 300.0), (torch.float32, 1.0)])
+def test_no_cancellation_warning_for_a_float64_state_or_ordinary_inputs(dtype, scale, recwarn):
+    q, k, v = _orthogonal_steps(dtype) if scale != 1.0 else [torch.randn(1, 1, 40, 8) for _ in range(3)]
+    st = RecurrentEAState(_layer())
+    st.attend(q[:, :, :20], k[:, :, :20], v[:, :, :20])
+    for t in range(20, 40):
+        st.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+    assert not [w for w in recwarn if "recurrent cache" in str(w.message)]
+    if dtype == torch.float32:
+        assert 0 < st.max_ratio < 512  # random inputs: R of order E, far below the bound

@@ -9,6 +9,12 @@ O(H E^2 Ev) whatever the context length. The prompt is prefilled with the chunke
     model.generate(idx, n, cache="recurrent")   # or cache="auto": chosen when smaller than a KV cache
 
 Inference only: the state update is not differentiable here (train with backend="linear").
+
+Accuracy: a float32 state carries the feature form's cancellation error, up to ~2.1 u R_i max|v| for
+R_i = scale^2 |q_i|^2 (sum of |k_j|^2 in the state) / z_i (docs/linear.md, "Accuracy in float32"). The
+linear backend recomputes such calls in float64; the cache keeps no keys to recompute from, so it tracks
+sum |k_j|^2 and warns (once per layer state) when a step's R_i exceeds the backend's retry bound. A float64
+model keeps a float64 state (bound u64 R); `cache="kv"` keeps the keys and is exact.
 """
 from __future__ import annotations
 
@@ -17,8 +23,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..ops.linear import add_to_state, causal_forward, chunk_for, new_state, read_state, with_ones
-from ..ops.linear_features import n_features
+from ..diagnostics import warn
+from ..ops.linear import FP64_RETRY_ABOVE, add_to_state, causal_forward, chunk_for, new_state, normalise_rows, with_ones
+from ..ops.linear_features import n_features, read_num
 from ..ops.reference import compute_dtype
 from .cache import register_cache_kind
 
@@ -39,7 +46,10 @@ class RecurrentEAState:
         self.scale = layer.head_dim**-0.5  # the layer calls attention with scale=None = 1/sqrt(E)
         self.eps = float(layer.eps)
         self.state: Tensor | None = None  # (B * Hkv, F, Ev+1), float32 (float64 for float64 models)
+        self.key_sq: Tensor | None = None  # (B * Hkv,) sum of |k_j|^2 over the keys in the state
         self.length = 0
+        self.max_ratio = 0.0  # the largest cancellation ratio R_i met so far (see the module's docstring)
+        self.warned = False
 
     @classmethod
     def for_layer(cls, layer) -> "RecurrentEAState":
@@ -61,6 +71,7 @@ class RecurrentEAState:
         N = B * Hkv
         if self.state is None:
             self.state = new_state(N, E, Ev, ct, q.device)
+            self.key_sq = torch.zeros(N, dtype=torch.float64, device=q.device)
         elif self.state.shape != (N, n_features(E), Ev + 1):
             raise ValueError(
                 f"batch/heads changed mid-sequence: state holds {tuple(self.state.shape)}, new tokens "
@@ -69,13 +80,38 @@ class RecurrentEAState:
         q3 = q.to(ct).reshape(N, H // Hkv, T, E)
         k3 = k.to(ct).reshape(N, T, E)
         v3 = v.to(ct).reshape(N, T, Ev)
+        kn = torch.linalg.vector_norm(k3, dim=-1).double().square()  # (N, T)
         if T == 1:  # one token: add it to the state first, then read (phi(q).phi(k) = (q.k)^2)
             add_to_state(self.state, k3, with_ones(v3))
-            out = read_state(self.state, q3.view(N, H // Hkv, E) * self.scale, self.eps)  # (N, G, Ev)
+            self.key_sq += kn[:, 0]
+            num = read_num(self.state, q3.view(N, H // Hkv, E) * self.scale)
+            out, z = normalise_rows(num, Ev, self.eps)  # (N, G, Ev), (N, G, 1)
+            seen = self.key_sq[:, None, None, None]  # (N, 1, 1, 1): every key is in the state
         else:  # a prompt or several tokens: the chunked causal form from the current state
-            out, _ = causal_forward(q3, k3, v3, self.state, self.eps, chunk_for(q3), self.scale)
+            chunk = chunk_for(q3)
+            out, z = causal_forward(q3, k3, v3, self.state, self.eps, chunk, self.scale)
+            # a row's state: the keys before it, less its own chunk's (those are summed exactly, as s^2)
+            before = torch.cat([kn.new_zeros(N, 1), kn.cumsum(-1)], -1)[:, torch.arange(T, device=kn.device) // chunk * chunk]
+            seen = (self.key_sq[:, None] + before)[:, None, :, None]  # (N, 1, T, 1)
+            self.key_sq += kn.sum(-1)
+        if ct == torch.float32:
+            self._check_cancellation(q3.view(N, H // Hkv, T, E), z.view(N, H // Hkv, T, 1), seen)
         self.length += T
         return out.view(B, H, T, Ev).to(q.dtype)
+
+    def _check_cancellation(self, q: Tensor, z: Tensor, seen: Tensor) -> None:
+        """Warn once when a row's R = scale^2 |q|^2 seen / z exceeds the linear backend's retry bound."""
+        qn = torch.linalg.vector_norm(q, dim=-1, keepdim=True).double().square() * self.scale**2
+        r = qn * seen / torch.where(z == 1, 0.0, z.double())  # a row with no key in its state: 0/0 = NaN
+        r = float(torch.nan_to_num(r, nan=0.0).max()) if r.numel() else 0.0
+        self.max_ratio = max(self.max_ratio, r)
+        if r > FP64_RETRY_ABOVE and not self.warned:
+            self.warned = True
+            warn(f"recurrent cache: a decoding step met cancellation ratio R = {r:.3g} > {FP64_RETRY_ABOVE:g} "
+                 f"(queries nearly orthogonal to large keys); the float32 state's output may be off by up to "
+                 f"~{2.1 * 2.0**-24 * r:.2g} x max|v| (the linear backend would recompute this call in float64, "
+                 "the cache keeps no keys). For exact outputs use cache='kv' or a float64 model; see "
+                 "docs/linear.md, 'Accuracy in float32'.")
 
     def nbytes(self) -> int:
         """Bytes this layer's state takes now (independent of the context length)."""
