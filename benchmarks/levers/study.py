@@ -3,6 +3,8 @@
     python benchmarks/levers/study.py stage1 QUEUE [--out runs/levers]   # the screen + the ladder stage
     python benchmarks/levers/study.py select [--out runs/levers]         # lrs, gaps, ladder leads, Pareto
     python benchmarks/levers/study.py final QUEUE [--out runs/levers]    # append the final stage's jobs
+    python benchmarks/levers/study.py report [--out runs/levers]         # the final stage's table, the verdict
+    python benchmarks/levers/study.py size QUEUE [--out runs/levers]     # append the size step's jobs
 
 Each job line is one `ea` command (benchmarks/levers/worker.sh runs a queue); every `ea lm` / `ea ladder`
 call skips the runs its --out already holds, so a queue resumes. The rules below are docs/levers.md's.
@@ -12,7 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # the package, also when not installed
+from expressive_attention.experiments.stats import gap_interval  # noqa: E402
 
 # id, run label, `ea lm` / `ea ladder` flags (every mechanism of the study, in the protocol's order)
 MECHANISMS = [
@@ -37,6 +43,9 @@ LRS = ("2e-3", "4e-3", "1e-3")  # the screen's order
 TARGET_RUNGS = {"pointer": "T=16", "lagged_digits": "N=5"}  # the ladder lead the target keeps (>= KEEP)
 KEEP = 0.75
 FINALISTS = 3
+SEEDS = (0, 1, 2)
+WITHIN = 0.01  # the target's text margin: 1200-step 3-seed mean within 0.01 bits/byte of the best softmax's
+SIZE = "--d-model 256"  # the size step: d_model 256, 1200 steps, 3 seeds, the d_model-128 lrs
 
 
 def _records(path: Path) -> list[dict]:
@@ -116,6 +125,81 @@ def final_jobs(res: dict, out: str) -> list[str]:
     return jobs
 
 
+def stage_runs(out: Path, folder: str, res: dict) -> dict:
+    """{corpus: {label: {seed: bits/byte}}} of the runs in OUT/<corpus>-<folder> at each mechanism's selected lr."""
+    runs: dict = {c: {} for c in CORPORA}
+    for c in CORPORA:
+        for r in _records(out / f"{c}-{folder}" / "results.jsonl"):
+            m = _label(r)
+            if m in res["lr"][c] and float(r["lr"]) == res["lr"][c][m] and r["seed"] in SEEDS:
+                runs[c].setdefault(m, {})[r["seed"]] = float(r["val_bpb"])
+    return runs
+
+
+def final(out: Path, res: dict | None = None) -> dict:
+    """The final stage: per corpus and step count, each finalist's 3-seed bits/byte and its gap to the best
+    softmax (Welch 95% interval); the target check per finalist; the size step's finalist (smallest mean
+    1200-step gap) once the 1200-step runs are complete."""
+    res = res or select(out)
+    if not res["finalists"]:
+        return {"complete": False, "rows": {}, "target": {}, "size_candidate": None}
+    names = [*res["finalists"]]
+    rows: dict = {}
+    complete = True
+    for steps in (300, 1200):
+        runs = stage_runs(out, str(steps), res)
+        for c in CORPORA:
+            bar = runs[c].get(res["best_softmax"][c], {})
+            for m in [*names, res["best_softmax"][c]]:
+                got = runs[c].get(m, {})
+                complete &= len(got) == len(SEEDS)
+                vals = [got[s] for s in SEEDS if s in got]
+                row = {"n": len(vals), "mean": statistics.mean(vals) if vals else None,
+                       "std": statistics.stdev(vals) if len(vals) > 1 else None, "gap": None}
+                if m in names and len(vals) > 1 and len(bar) > 1:
+                    row["gap"] = gap_interval(vals, [bar[s] for s in SEEDS if s in bar])
+                rows[(steps, c, m)] = row
+    target = {}
+    for m in names:
+        gaps = [rows[(1200, c, m)]["gap"] for c in CORPORA]
+        text_ok = all(g is not None and g.estimate <= WITHIN for g in gaps) if all(gaps) else None
+        ladder_ok = all(v >= KEEP for v in res["kept"][m].values())
+        target[m] = {"text": text_ok, "ladder": ladder_ok, "met": bool(text_ok) and ladder_ok}
+    size_candidate = None
+    if complete:
+        size_candidate = min(names, key=lambda m: statistics.mean(rows[(1200, c, m)]["gap"].estimate for c in CORPORA))
+    return {"complete": complete, "rows": rows, "target": target, "size_candidate": size_candidate}
+
+
+def size_jobs(res: dict, fin: dict, out: str) -> list[str]:
+    """The size step: the size candidate and the best softmax at d_model 256, 1200 steps, 3 seeds, both corpora,
+    at their d_model-128 lrs (no re-tuning)."""
+    m0 = fin["size_candidate"]
+    return [f"lm --threads 1 --corpus {c} --lr {res['lr'][c][m]:g} --seeds {s} --steps 1200 --eval-every 100 "
+            f"{SIZE} --out {out}/{c}-1200-d256 {FLAGS[m]}"
+            for c in CORPORA for m in (m0, res["best_softmax"][c]) for s in SEEDS]
+
+
+def final_table(res: dict, fin: dict) -> list[str]:
+    """Per corpus and step count: mean ± std over seeds, and each finalist's gap to the best softmax with its
+    95% Welch interval; then the target check."""
+    lines = ["| corpus | steps | mechanism | lr | seeds | bits/byte (mean ± std) | gap to best softmax [95% CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for c in CORPORA:
+        for steps in (300, 1200):
+            for m in [*res["finalists"], res["best_softmax"][c]]:
+                r = fin["rows"][(steps, c, m)]
+                bpb = "-" if r["mean"] is None else f"{r['mean']:.3f}" + ("" if r["std"] is None else f" ± {r['std']:.3f}")
+                gap = "(the bar)" if m == res["best_softmax"][c] else ("-" if r["gap"] is None else r["gap"].fmt())
+                lines.append(f"| {c} | {steps} | {m} | {res['lr'][c][m]:g} | {r['n']} | {bpb} | {gap} |")
+    lines += ["", "| candidate | text: within 0.01 at 1200 steps, both corpora | ladder: >= 75% kept on both rungs | target |",
+              "|---|---|---|---|"]
+    for m, t in fin["target"].items():
+        text = "-" if t["text"] is None else ("yes" if t["text"] else "no")
+        lines.append(f"| {m} | {text} | {'yes' if t['ladder'] else 'no'} | {'MET' if t['met'] else 'not met'} |")
+    return lines
+
+
 def table(res: dict) -> list[str]:
     """The Pareto table: screen bits/byte per corpus (selected lr), mean gap to the best softmax, ladder
     token accuracy and the kept fraction of the paper's EA's lead."""
@@ -139,7 +223,7 @@ def table(res: dict) -> list[str]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=("stage1", "select", "final"))
+    ap.add_argument("step", choices=("stage1", "select", "final", "report", "size"))
     ap.add_argument("queue", nargs="?", help="the queue folder (stage1, final)")
     ap.add_argument("--out", default="runs/levers")
     a = ap.parse_args(argv)
@@ -148,12 +232,26 @@ def main(argv=None) -> None:
         print("\n".join(table(res)))
         print(f"\nbest softmax: {res['best_softmax']}; complete: {res['complete']}; finalists: {res['finalists']}")
         return
+    if a.step == "report":
+        res = select(Path(a.out))
+        if not res["finalists"]:
+            raise SystemExit("the screen or the ladder stage is not complete: no finalists yet")
+        fin = final(Path(a.out), res)
+        print("\n".join(final_table(res, fin)))
+        print(f"\nfinal stage complete: {fin['complete']}; size-step candidate: {fin['size_candidate']}")
+        return
     if a.queue is None:
         ap.error(f"{a.step} needs the queue folder")
     q = Path(a.queue)
     q.mkdir(parents=True, exist_ok=True)
     if a.step == "stage1":
         jobs = stage1_jobs(a.out)
+    elif a.step == "size":
+        res = select(Path(a.out))
+        fin = final(Path(a.out), res)
+        if not fin["complete"]:
+            raise SystemExit("the final stage is not complete: no size-step candidate yet")
+        jobs = size_jobs(res, fin, a.out)
     else:
         res = select(Path(a.out))
         if not res["complete"]:

@@ -69,3 +69,45 @@ def test_no_finalists_while_a_mechanism_is_missing(tmp_path):
     assert not res["complete"] and res["finalists"] is None
     with pytest.raises(SystemExit, match="not complete"):
         study.main(["final", str(tmp_path / "q"), "--out", str(tmp_path)])
+
+
+def _final_records(tmp_path: Path, res: dict, drop_seed: int | None = None) -> None:
+    """Finalists' and the best softmax's 300/1200-step runs: at 1200 steps ea-power6 is 0.005 behind the
+    best softmax (within 0.01), ea-power4 0.02 behind, ea[h2] 0.05 behind; seeds spread by +-0.002."""
+    behind = {"ea-power6": 0.005, "ea-power4": 0.02, "ea[h2]": 0.05, "dpa+gate": 0.0}
+    for steps, base in ((300, 2.0), (1200, 1.5)):
+        for c in study.CORPORA:
+            _write(tmp_path / f"{c}-{steps}", [
+                {"kind": m, "lr": res["lr"][c][m], "seed": s, "val_bpb": base + d + 0.002 * (s - 1)}
+                for m, d in behind.items() for s in study.SEEDS if s != drop_seed] + [
+                {"kind": "dpa", "lr": 4e-3, "seed": 0, "val_bpb": 9.9}])  # another lr: not the selected one
+
+
+def test_final_stage_table_target_and_size_step(tmp_path):
+    out = _records(tmp_path)
+    res = study.select(out)
+    _final_records(out, res)
+    fin = study.final(out, res)
+    assert fin["complete"]
+    g = fin["rows"][(1200, "prose", "ea-power6")]["gap"]
+    assert g.estimate == pytest.approx(0.005) and g.n == (3, 3)
+    assert fin["target"]["ea-power6"] == {"text": True, "ladder": True, "met": True}
+    assert fin["target"]["ea-power4"]["text"] is False and not fin["target"]["ea-power4"]["met"]
+    assert fin["size_candidate"] == "ea-power6"
+    jobs = study.size_jobs(res, fin, "OUT")
+    assert len(jobs) == 2 * 2 * 3  # corpora x (candidate + best softmax) x seeds
+    assert ("lm --threads 1 --corpus code --lr 0.002 --seeds 2 --steps 1200 --eval-every 100 --d-model 256 "
+            "--out OUT/code-1200-d256 --kinds ea --variants power6") in jobs
+    table = study.final_table(res, fin)
+    assert any(r.startswith("| prose | 1200 | ea-power6 | 0.002 | 3 | 1.505 ± 0.002 | +0.005 [") for r in table)
+    assert "| ea-power6 | yes | yes | MET |" in table
+
+
+def test_no_size_step_while_the_final_stage_is_incomplete(tmp_path):
+    out = _records(tmp_path)
+    res = study.select(out)
+    _final_records(out, res, drop_seed=2)
+    fin = study.final(out, res)
+    assert not fin["complete"] and fin["size_candidate"] is None
+    with pytest.raises(SystemExit, match="final stage is not complete"):
+        study.main(["size", str(tmp_path / "q"), "--out", str(out)])
