@@ -94,6 +94,7 @@ def select(out: Path) -> dict:
     gap = {m: statistics.mean(bpb[c][m] - bpb[c][best_softmax[c]] for c in CORPORA)
            for m in FLAGS if all(m in bpb[c] and best_softmax[c] for c in CORPORA)}
     mean = {f: {m: statistics.mean(v) for m, v in d.items()} for f, d in lad.items()}
+    sd = {f: {m: statistics.stdev(v) if len(v) > 1 else 0.0 for m, v in d.items()} for f, d in lad.items()}
     kept = {}
     for m in {m for d in mean.values() for m in d}:
         fr = {}
@@ -109,7 +110,7 @@ def select(out: Path) -> dict:
         ok = [m for m in CANDIDATES if all(v >= KEEP for v in kept[m].values())]
         order = sorted(ok, key=gap.get) + sorted((m for m in CANDIDATES if m not in ok), key=gap.get)
         finalists = order[:FINALISTS]
-    return dict(lr=sel, bpb=bpb, best_softmax=best_softmax, gap=gap, ladder=mean, kept=kept, complete=complete,
+    return dict(lr=sel, bpb=bpb, best_softmax=best_softmax, gap=gap, ladder=mean, ladder_sd=sd, kept=kept, complete=complete,
                 finalists=finalists)
 
 
@@ -202,9 +203,9 @@ def final_table(res: dict, fin: dict) -> list[str]:
 
 def table(res: dict) -> list[str]:
     """The Pareto table: screen bits/byte per corpus (selected lr), mean gap to the best softmax, ladder
-    token accuracy and the kept fraction of the paper's EA's lead."""
+    token accuracy (mean ± std over seeds) and the kept fraction of the paper's EA's lead."""
     lines = ["| id | mechanism | prose bits/byte (lr) | code bits/byte (lr) | gap to best softmax | pointer T=16 "
-             "(kept) | lagged_digits N=5 (kept) | recall K=2 |", "|---|---|---|---|---|---|---|---|"]
+             "± std (kept) | lagged_digits N=5 ± std (kept) | recall K=2 ± std |", "|---|---|---|---|---|---|---|---|"]
     rows = [*MECHANISMS, ("ref", "ea", ""), ("ref", "ea-exp_squared", "")]
     for i, m, _ in rows:
         cells = []
@@ -216,7 +217,8 @@ def table(res: dict) -> list[str]:
         for f in (*TARGET_RUNGS, "recall"):
             acc = res["ladder"].get(f, {}).get(m)
             k = res["kept"].get(m, {}).get(f)
-            cells.append("-" if acc is None else f"{acc:.3f}" + ("" if k is None else f" ({k:.0%})"))
+            sd = res["ladder_sd"].get(f, {}).get(m, 0.0)
+            cells.append("-" if acc is None else f"{acc:.3f} ± {sd:.3f}" + ("" if k is None else f" ({k:.0%})"))
         lines.append(f"| {i} | {m} | " + " | ".join(cells) + " |")
     return lines
 
