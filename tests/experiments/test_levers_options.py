@@ -26,7 +26,8 @@ G0 = -1.1513  # 0.5 ln 0.1, about
 def test_parsing():
     assert parse_scale("fixed") == (False, 0.0) and parse_scale("learned") == (True, 0.0)
     assert parse_scale("learned@-1.1513") == (True, -1.1513)
-    assert parse_gate("on") and not parse_gate("off")
+    assert parse_gate("on") == (True, 0.0) and parse_gate("off") == (False, 0.0)
+    assert parse_gate("on@4") == (True, 4.0) and parse_gate("on@-0.5") == (True, -0.5)
     assert parse_ea_heads("all") is None and parse_ea_heads("2") == 2 and parse_ea_heads("0") == 0
     assert parse_layer_kinds("all") is None and parse_layer_kinds("ends") == "ends"
     assert parse_layer_kinds("dpa-ea-ea-dpa") == "dpa-ea-ea-dpa"
@@ -36,6 +37,7 @@ def test_parsing():
     assert resolve_layer_kinds("dpa-ea", 2) == ("dpa", "ea") and resolve_layer_kinds(None, 3) is None
     assert parse_variant("power6") == ("power", 6.0) and parse_variant("exp_squared") == ("exp_squared", None)
     for bad, fn in (("learned@x", parse_scale), ("sometimes", parse_scale), ("maybe", parse_gate),
+                    ("on@x", parse_gate), ("on@inf", parse_gate), ("off@4", parse_gate),
                     ("two", parse_ea_heads), ("-1", parse_ea_heads), ("ea-softmax", parse_layer_kinds),
                     ("middle", parse_layer_kinds), ("cubic", parse_variant)):
         with pytest.raises(ValueError):
@@ -85,6 +87,7 @@ def test_runconfig_keys_unchanged_when_off():
     (dict(layer_kinds="ends"), ">= 3 layers"),
     (dict(layer_kinds="bogus"), "layer-kinds"),
     (dict(gain_init=-1.0), "learn_scale=True"),
+    (dict(gate_bias_init=4.0), "forget_gate=True"),
 ])
 def test_runconfig_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -210,3 +213,22 @@ def test_lm_cli_every_flag_and_resume(tmp_path, capsys, monkeypatch):
     assert "| dpa+gain@-1.1513+gate |" in printed
     monkeypatch.setattr(text_study, "train_one", lambda *a, **k: pytest.fail("a finished run was redone"))
     assert main(argv) == 0  # resume: every run is in results.jsonl
+
+
+def test_gate_bias_init_in_configs_labels_and_flags():
+    base = dict(task="pointer", task_params={"T": 4}, steps=5)
+    plain = RunConfig(**base, forget_gate=True)
+    on4 = RunConfig(**base, forget_gate=True, gate_bias_init=4)
+    assert "gate_bias_init" not in plain.to_dict() and on4.to_dict()["gate_bias_init"] == 4.0
+    assert RunConfig(**base, forget_gate=True, gate_bias_init=0.0).key() == plain.key()  # 0: the key of before
+    assert on4.key() != plain.key() and RunConfig.from_dict(on4.to_dict()) == on4
+    assert (plain.label, on4.label) == ("ea+gate", "ea+gate@4")
+    assert mechanism_label("dpa", forget_gate=True, gate_bias_init=-1.5) == "dpa+gate@-1.5"
+    from expressive_attention.tasks import make_task
+    model = build_model(on4, make_task("pointer", T=4))
+    assert all(torch.equal(b.attn.fgate_proj.bias, torch.full((4,), 4.0)) for b in model.blocks)
+    from argparse import Namespace
+
+    from expressive_attention.cli.args import lever_options
+    args = Namespace(scales=None, gate=["off", "on", "on@4"], ea_heads=None, layer_kinds=None)
+    assert lever_options(args)["gate"] == [{}, {"forget_gate": True}, {"forget_gate": True, "gate_bias_init": 4.0}]

@@ -154,3 +154,12 @@ def test_score_gain_init():
     want = expressive_attention(q * math.exp(g0), k, v, is_causal=True, scale=1.0, enable_gqa=True,
                                 variant="exp_squared")
     torch.testing.assert_close(out, want.transpose(1, 2))
+
+
+def test_add_forget_gate_with_an_initial_bias():
+    model = build(GATED_EA)
+    eah.add_forget_gate(model, bias_init=4.0)
+    for m in modules(model):
+        assert torch.equal(getattr(m, eah.FGATE_MODULE).bias, torch.full((4,), 4.0))
+    with pytest.raises(ValueError, match="bias_init must be a finite float"):
+        eah.add_forget_gate(build(GATED_EA), bias_init=float("inf"))

@@ -127,6 +127,8 @@ def test_gain_init():
     (dict(kind="dpa", n_ea_heads=2), "applies to kind='ea'"),
     (dict(gain_init=-1.0), "initial log gain of learn_scale"),
     (dict(learn_scale=True, gain_init=float("inf")), "finite"),
+    (dict(gate_bias_init=4.0), "initial bias of forget_gate=True"),
+    (dict(forget_gate=True, gate_bias_init=float("nan")), "gate_bias_init must be a finite float"),
 ])
 def test_module_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -157,6 +159,7 @@ def test_layer_kinds_in_the_model():
     (dict(kind="dpa", n_ea_heads=2), "applies to EA layers"),
     (dict(n_kv_heads=2, n_ea_heads=1), "multiple of the GQA group size"),
     (dict(gain_init=0.5), "initial log gain"),
+    (dict(gate_bias_init=4.0), "initial bias of forget_gate"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -190,3 +193,23 @@ def test_recurrent_cache_refuses_hybrid_and_gated_models():
         from expressive_attention.nn.recurrent import RecurrentEAState
 
         assert RecurrentEAState.state_bytes(lm.cfg, 100) is None
+
+
+def test_gate_bias_init_sets_the_gate_at_init_and_survives_the_model_init():
+    m = mha(forget_gate=True, gate_bias_init=4.0)
+    assert torch.equal(m.fgate_proj.bias, torch.full((4,), 4.0, dtype=torch.float64))
+    inp = x()
+    g = m.log_fgate(inp).exp()  # sigmoid(w.x + 4): every step keeps most of the past at init (bias 0: ~1/2)
+    assert g.min() > 0.9 and g.mean() > 0.97
+    assert 0.3 < mha(forget_gate=True).log_fgate(inp).exp().mean() < 0.7
+    lm = DecoderLM(LMConfig(vocab_size=11, n_layers=2, forget_gate=True, gate_bias_init=4.0))
+    assert all(torch.equal(b.attn.fgate_proj.bias, torch.full((4,), 4.0)) for b in lm.blocks)
+    torch.manual_seed(0)
+    a = DecoderLM(LMConfig(vocab_size=11, n_layers=2, forget_gate=True))
+    torch.manual_seed(0)
+    b = DecoderLM(LMConfig(vocab_size=11, n_layers=2, forget_gate=True, gate_bias_init=4.0))
+    sa, sb = a.state_dict(), b.state_dict()
+    for name in sa:  # the same weights but the gate's bias (no random numbers drawn for it)
+        assert torch.equal(sa[name], sb[name]) == (not name.endswith("fgate_proj.bias")), name
+    ids = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(a(ids), b(ids))  # a gate that halves the past vs one that keeps it

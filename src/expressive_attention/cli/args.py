@@ -63,9 +63,10 @@ def add_lever_options(parser: argparse.ArgumentParser) -> None:
                              "gain exp(g_h), g_h = 0 at init), learned@G (g_h = G at init; with exp_squared, "
                              "exp(beta s^2) with beta = exp(2 g_h): learned@-1.1513 starts at beta = 0.1) "
                              "(default: fixed)")
-    parser.add_argument("--gate", type=csv_of(choices=("off", "on")), default=None,
-                        help="forget gate (Forgetting Transformer) in every layer, for dpa and ea alike: off, on, "
-                             "or off,on for both (default: off)")
+    parser.add_argument("--gate", type=csv_of(), default=None,
+                        help="forget gate (Forgetting Transformer) in every layer, for dpa and ea alike: off, on "
+                             "(bias 0 at init: 1/2 per step), on@B (bias B at init: sigmoid(B) per step, e.g. on@4 "
+                             "= 0.982), or a list such as off,on,on@4, each its own run (default: off)")
     parser.add_argument("--ea-heads", type=csv_of(), default=None,
                         help="EA runs only: all (every head EA) or M (EA on the first M query heads of each EA "
                              "layer, softmax on the rest; a multiple of heads / kv heads), e.g. all,2 "
@@ -85,11 +86,15 @@ def lever_options(args) -> dict[str, list[dict]]:
         learn, g = parse_scale(s)
         return {} if not learn else ({"learn_scale": True} | ({"gain_init": g} if g else {}))
 
+    def gate(s):
+        on, b = parse_gate(s)
+        return {} if not on else ({"forget_gate": True} | ({"gate_bias_init": b} if b else {}))
+
     out: dict[str, list[dict]] = {}
     if args.scales is not None:
         out["scale"] = [scale(s) for s in args.scales]
     if args.gate is not None:
-        out["gate"] = [{"forget_gate": True} if parse_gate(g) else {} for g in args.gate]
+        out["gate"] = [gate(g) for g in args.gate]
     if args.ea_heads is not None:
         out["ea_heads"] = [{} if (m := parse_ea_heads(h)) is None else {"n_ea_heads": m} for h in args.ea_heads]
     if args.layer_kinds is not None:

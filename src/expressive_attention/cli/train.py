@@ -65,6 +65,7 @@ FIELDS: dict[str, tuple] = {
     "n_ea_heads": (_int, "EA on the first N query heads of each EA layer, softmax on the rest"),
     "layer_kinds": (str, "per-layer kinds: ends, first, last, or ea/dpa per layer joined by '-'"),
     "forget_gate": (_bool, "data-dependent forget gate (FoX) in every layer: true or false"),
+    "gate_bias_init": (_float, "the forget gate's initial bias (0: 1/2 per step at init; 4: 0.982)"),
     "d_model": (positive_int, "model width"),
     "n_layers": (positive_int, "layers"),
     "n_heads": (positive_int, "attention heads"),

@@ -42,7 +42,8 @@ def parse_variant(spec: str) -> tuple[str, float | None]:
 #   --scales fixed,learned,learned@G   the score scale: 1/sqrt(E), times a learned per-head gain exp(g_h)
 #                                      (g_h = 0 at init), or with g_h = G at init (learned sharpness:
 #                                      G = 0.5 ln(beta_0) for exp(beta s^2); beta_0 = 0.1: G = -1.1513)
-#   --gate off,on                      a data-dependent forget gate (FoX) in every layer
+#   --gate off,on,on@B                 a data-dependent forget gate (FoX) in every layer; on@B: its bias
+#                                      starts at B (sigmoid(B) per step at init; on = on@0 = 1/2)
 #   --ea-heads all,M                   EA on the first M query heads of each EA layer, softmax on the rest
 #   --layer-kinds all,ends,first,last,dpa-ea-ea-dpa
 #                                      per-layer mechanism: ends = softmax in the first and the last layer,
@@ -70,10 +71,18 @@ def parse_scale(spec: str) -> tuple[bool, float]:
                      f"got {spec!r}")
 
 
-def parse_gate(spec: str) -> bool:
-    if spec not in GATES:
-        raise ValueError(f"gate must be one of {GATES}, got {spec!r}")
-    return spec == "on"
+def parse_gate(spec: str) -> tuple[bool, float]:
+    """A --gate value -> (forget_gate, gate_bias_init): "off", "on" (bias 0) or "on@B" (B a float)."""
+    if spec in GATES:
+        return spec == "on", 0.0
+    if spec.startswith("on@"):
+        try:
+            b = float(spec[len("on@"):])
+        except ValueError:
+            b = float("nan")
+        if math.isfinite(b):
+            return True, b
+    raise ValueError(f"gate must be off, on or on@B (B the gate's initial bias, e.g. on@4), got {spec!r}")
 
 
 def parse_ea_heads(spec: str) -> int | None:
@@ -124,11 +133,13 @@ def resolve_layer_kinds(pattern: str | None, n_layers: int) -> tuple[str, ...] |
 
 def mechanism_label(kind: str, variant: str | None = None, power: float | None = None, *,
                     n_ea_heads: int | None = None, layer_kinds: str | None = None, qk_norm: bool = False,
-                    learn_scale: bool = False, gain_init: float = 0.0, forget_gate: bool = False) -> str:
+                    learn_scale: bool = False, gain_init: float = 0.0, forget_gate: bool = False,
+                    gate_bias_init: float = 0.0) -> str:
     """A run's mechanism as one label, in tables, plots and records: "dpa", "ea" (saturating, the
     default variant) or "ea-<variant>" ("ea-power4": the power variant with its degree, 4 when None),
     then the options: "[h2]" (EA on 2 heads), "[ends]" / "[dpa-ea-ea-dpa]" (per-layer kinds),
-    "+qknorm", "+gain" / "+gain@-1.15" (learned gain, its initial log gain when not 0), "+gate"."""
+    "+qknorm", "+gain" / "+gain@-1.15" (learned gain, its initial log gain when not 0), "+gate" / "+gate@4"
+    (the forget gate, its initial bias when not 0)."""
     if kind == "dpa":
         label = "dpa"
     else:
@@ -140,7 +151,9 @@ def mechanism_label(kind: str, variant: str | None = None, power: float | None =
     label += "+qknorm" if qk_norm else ""
     if learn_scale:
         label += "+gain" + (f"@{gain_init:g}" if gain_init else "")
-    return label + ("+gate" if forget_gate else "")
+    if forget_gate:
+        label += "+gate" + (f"@{gate_bias_init:g}" if gate_bias_init else "")
+    return label
 
 
 # (colour, marker) of a mechanism's label in the plots: "dpa", then every EA variant of the table in its

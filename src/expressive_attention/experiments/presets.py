@@ -344,7 +344,7 @@ def check_grid(grid: list[GridPoint]) -> None:
                 tasks[tkey] = make_task(c.task, **c.task_params)
             task = tasks[tkey]
             mkey = (task.vocab_size, task.seq_len, c.d_model, c.n_heads, c.pos, c.kind, c.variant, c.n_ea_heads,
-                    c.layer_kinds, c.forget_gate, c.learn_scale, c.gain_init)
+                    c.layer_kinds, c.forget_gate, c.gate_bias_init, c.learn_scale, c.gain_init)
             if mkey not in models:
                 models.add(mkey)
                 build_model(c if c.layer_kinds is not None else dataclasses.replace(c, n_layers=1), task)

@@ -38,7 +38,7 @@ SCALES = ("fixed", "learned")  # the score scale: 1/sqrt(E), or times a learned 
 class Mechanism:
     """One run's attention: kind, EA variant (and degree), learned score gain or not; issue #21's
     levers: the gain's initial log value, EA heads of a hybrid layer, per-layer kinds (a pattern,
-    see kinds.parse_layer_kinds), forget gate."""
+    see kinds.parse_layer_kinds), forget gate (and its initial bias)."""
 
     kind: str
     variant: str | None
@@ -48,13 +48,14 @@ class Mechanism:
     n_ea_heads: int | None = None
     layer_kinds: str | None = None
     forget_gate: bool = False
+    gate_bias_init: float = 0.0
 
     @property
     def label(self) -> str:
         """The mechanism's label (kinds.mechanism_label): "dpa", "ea", "ea-power4", "ea[h2]+gate", ..."""
         return mechanism_label(self.kind, self.variant, self.power, n_ea_heads=self.n_ea_heads,
                                layer_kinds=self.layer_kinds, learn_scale=self.learn_scale, gain_init=self.gain_init,
-                               forget_gate=self.forget_gate)
+                               forget_gate=self.forget_gate, gate_bias_init=self.gate_bias_init)
 
     @property
     def hybrid(self) -> bool:
@@ -69,6 +70,8 @@ class Mechanism:
             out["n_ea_heads"] = self.n_ea_heads
         if self.layer_kinds is not None:
             out["layer_kinds"] = self.layer_kinds
+        if self.gate_bias_init:
+            out["gate_bias_init"] = self.gate_bias_init
         return out
 
 
@@ -137,7 +140,7 @@ class TextLMConfig:
     kinds: tuple[str, ...] = ("dpa", "ea")
     variants: tuple[str, ...] = ("saturating",)  # EA variants, each its own run (see parse_variant)
     scales: tuple[str, ...] = ("fixed",)  # "fixed", "learned" (per-head gain), "learned@G" (initial log gain G)
-    gates: tuple[str, ...] = ("off",)  # forget gate "off" / "on", each its own run
+    gates: tuple[str, ...] = ("off",)  # forget gate "off" / "on" / "on@B" (initial bias B), each its own run
     ea_heads: tuple[str, ...] = ("all",)  # EA runs: "all" or M (EA on the first M heads, softmax on the rest)
     layer_kinds: tuple[str, ...] = ("all",)  # EA runs: "all", "ends", "first", "last" or e.g. "dpa-ea-ea-ea"
     seeds: tuple[int, ...] = (0,)
@@ -161,11 +164,11 @@ class TextLMConfig:
         mechs = [(k, v, None if k == "dpa" else next(powers)) for k, v in base]
         out: list[Mechanism] = []
         for learn, g in scales:
-            for gate in gates:
+            for gate, gb in gates:
                 for k, v, p in mechs:
                     for h in heads if k == "ea" else [None]:
                         for lk in layers if k == "ea" else [None]:
-                            out.append(Mechanism(k, v, p, learn, g, h, lk, gate))
+                            out.append(Mechanism(k, v, p, learn, g, h, lk, gate, gb))
         return out
 
     def check(self) -> None:
@@ -263,7 +266,7 @@ def build_model(cfg: TextLMConfig, vocab: int, impl: str, seed: int, learn_scale
     if learn_scale:
         ea_hf.add_score_gain(model, init=mech.gain_init if mech is not None else 0.0)
     if mech is not None and mech.forget_gate:
-        ea_hf.add_forget_gate(model)
+        ea_hf.add_forget_gate(model, bias_init=mech.gate_bias_init)
     if impl != "sdpa":
         ea_hf.verify(model)  # EA (or the gained softmax) really runs in every layer
     return model

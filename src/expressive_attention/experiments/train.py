@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 _OPTIONAL_FIELDS = ("power", "qk_norm", "learn_scale")  # left out of to_dict() when off
 # issue #21's options: left out of to_dict() at these (off) values, so earlier configs keep their keys
-_LEVER_DEFAULTS = {"gain_init": 0.0, "n_ea_heads": None, "layer_kinds": None, "forget_gate": False}
+_LEVER_DEFAULTS = {"gain_init": 0.0, "n_ea_heads": None, "layer_kinds": None, "forget_gate": False,
+                   "gate_bias_init": 0.0}
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RunConfig:
     n_ea_heads: int | None = None  # EA on the first n_ea_heads heads of each EA layer, softmax on the rest
     layer_kinds: str | None = None  # per-layer kinds: "ends", "first", "last" or e.g. "dpa-ea" (kinds.py)
     forget_gate: bool = False  # data-dependent forget gate (FoX) in every layer (EA and DPA)
+    gate_bias_init: float = 0.0  # the forget gate's initial bias (0: 1/2 per step at init; 4: 0.982)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -88,6 +90,9 @@ class RunConfig:
         if self.gain_init and not self.learn_scale:
             raise ValueError(f"gain_init={self.gain_init!r} is the initial log gain of learn_scale=True")
         self.gain_init = float(self.gain_init)
+        if self.gate_bias_init and not self.forget_gate:
+            raise ValueError(f"gate_bias_init={self.gate_bias_init!r} is the initial bias of forget_gate=True")
+        self.gate_bias_init = float(self.gate_bias_init)
         if self.steps is not None and self.tokens is not None:
             raise ValueError("give steps or tokens, not both")
         if self.steps is None and self.tokens is None:
@@ -112,7 +117,8 @@ class RunConfig:
         summary.csv): "dpa", "ea", "ea-squared", "ea-power4", "ea[h2]", "ea-exp_squared+gain@-1.1513", ..."""
         return mechanism_label(self.kind, self.variant, self.power, n_ea_heads=self.n_ea_heads,
                                layer_kinds=self.layer_kinds, qk_norm=self.qk_norm, learn_scale=self.learn_scale,
-                               gain_init=self.gain_init, forget_gate=self.forget_gate)
+                               gain_init=self.gain_init, forget_gate=self.forget_gate,
+                               gate_bias_init=self.gate_bias_init)
 
     def to_dict(self) -> dict:
         """The config as a dict; the options added for the real-text study (power, qk_norm,
@@ -155,7 +161,8 @@ def build_model(cfg: RunConfig, task) -> DecoderLM:
                   n_layers=cfg.n_layers, n_heads=cfg.n_heads, pos=cfg.pos, kind=cfg.kind,
                   variant=cfg.variant or "saturating", power=cfg.power, qk_norm=cfg.qk_norm,
                   learn_scale=cfg.learn_scale, gain_init=cfg.gain_init, n_ea_heads=cfg.n_ea_heads,
-                  layer_kinds=resolve_layer_kinds(cfg.layer_kinds, cfg.n_layers), forget_gate=cfg.forget_gate)
+                  layer_kinds=resolve_layer_kinds(cfg.layer_kinds, cfg.n_layers), forget_gate=cfg.forget_gate,
+                  gate_bias_init=cfg.gate_bias_init)
     return DecoderLM(lm)
 
 

@@ -53,6 +53,7 @@ How the pieces fit (transformers 5.x):
 from __future__ import annotations
 
 import contextlib
+import math
 import functools
 from collections import Counter
 from dataclasses import dataclass
@@ -300,13 +301,15 @@ def _log_fgate(module: torch.nn.Module, name: str, query: Tensor, key: Tensor) -
     return g
 
 
-def add_forget_gate(model: PreTrainedModel) -> int:
+def add_forget_gate(model: PreTrainedModel, bias_init: float = 0.0) -> int:
     """Add a forget gate (Forgetting Transformer) to every attention module of ``model``
     (idempotent); returns how many modules have one. Each gets ``fgate_proj`` = Linear(hidden_size,
-    num_attention_heads) with bias (weights normal(0, config.initializer_range), bias 0, as FoX's
-    reference code initialises it) and a forward pre-hook that stores
+    num_attention_heads) with bias (weights normal(0, config.initializer_range), bias ``bias_init``: 0 as
+    FoX's reference code initialises it, i.e. 1/2 per step at init; e.g. 4: 0.982) and a forward pre-hook that stores
     log_fgate = logsigmoid(fgate_proj(hidden_states)) (float32, (B, H, L)) for the attention call;
     names registered with ``forget_gate=True`` use it. Call it before building the optimizer."""
+    if isinstance(bias_init, bool) or not isinstance(bias_init, (int, float)) or not math.isfinite(bias_init):
+        raise ValueError(f"bias_init must be a finite float, got {bias_init!r}")
     heads, hidden = model.config.num_attention_heads, model.config.hidden_size
     std = getattr(model.config, "initializer_range", 0.02)
     p = next(model.parameters())
@@ -315,7 +318,7 @@ def add_forget_gate(model: PreTrainedModel) -> int:
         if getattr(m, FGATE_MODULE, None) is None:
             proj = torch.nn.Linear(hidden, heads, bias=True, device=p.device)
             torch.nn.init.normal_(proj.weight, 0.0, std)
-            torch.nn.init.zeros_(proj.bias)
+            torch.nn.init.constant_(proj.bias, float(bias_init))
             m.add_module(FGATE_MODULE, proj)
             m.register_forward_pre_hook(_store_log_fgate, with_kwargs=True)
     return len(mods)

@@ -59,9 +59,12 @@ class MultiheadAttention(nn.Module):
     ``forget_gate`` a data-dependent forget gate (Forgetting Transformer, arXiv 2503.02130) for EA
     and DPA alike: log_fgate = logsigmoid(W x_t + b), one gate per head from the layer input x
     (``fgate_proj``, a Linear(d_model, n_heads) with bias; initialised as the other Linears of a
-    model, i.e. bias 0, as in FoX's reference code); weights f(s_ij) D_ij with
+    model, i.e. bias 0, as in FoX's reference code, unless ``gate_bias_init`` says otherwise); weights f(s_ij) D_ij with
     D_ij = prod_{t=j+1..i} sigmoid(W x_t + b) (see `ops.expressive_attention`). Self-attention only;
     not with a decoding cache (generate with cache=None).
+    ``gate_bias_init`` the forget gate's initial bias b (default 0: every step multiplies the past's
+    weight by sigmoid(0) = 1/2 at init, a half-life of one token); e.g. 4 gives sigmoid(4) = 0.982 per step,
+    a half-life of ~38 tokens (xLSTM initialises its forget gates at 3-6).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class MultiheadAttention(nn.Module):
         gain_init: float = 0.0,
         n_ea_heads: int | None = None,
         forget_gate: bool = False,
+        gate_bias_init: float = 0.0,
     ):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -101,7 +105,7 @@ class MultiheadAttention(nn.Module):
         power = resolve_power(variant, power) if kind == "ea" else None
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
-        check_levers(n_heads, n_kv_heads, kind, n_ea_heads, learn_scale, gain_init)
+        check_levers(n_heads, n_kv_heads, kind, n_ea_heads, learn_scale, gain_init, forget_gate, gate_bias_init)
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, d_model // n_heads
         self.kind, self.variant, self.eps, self.backend = kind, variant, eps, backend
         self.power = power
@@ -120,9 +124,15 @@ class MultiheadAttention(nn.Module):
         self.gain_init = float(gain_init)
         self.n_ea_heads = None if n_ea_heads is None else int(n_ea_heads)
         self.forget_gate = bool(forget_gate)
+        self.gate_bias_init = float(gate_bias_init)
         if forget_gate:  # per-head forget gate logits from the layer input
             self.fgate_proj = nn.Linear(d_model, n_heads, bias=True)
-            nn.init.zeros_(self.fgate_proj.bias)
+            self.reset_gate_bias()
+
+    def reset_gate_bias(self) -> None:
+        """The forget gate's bias at its initial value ``gate_bias_init`` (a model's weight init calls it
+        after zeroing every Linear's bias)."""
+        nn.init.constant_(self.fgate_proj.bias, self.gate_bias_init)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: bool = False,
                log_fgate: Tensor | None = None) -> Tensor:
@@ -220,9 +230,11 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def check_levers(n_heads: int, n_kv_heads: int, kind: str, n_ea_heads, learn_scale: bool, gain_init) -> None:
+def check_levers(n_heads: int, n_kv_heads: int, kind: str, n_ea_heads, learn_scale: bool, gain_init,
+                 forget_gate: bool = False, gate_bias_init=0.0) -> None:
     """The options of issue #21 for one layer: ``n_ea_heads`` (None, or 0..n_heads, kind="ea", a
-    multiple of the GQA group size) and ``gain_init`` (finite; not 0 only with ``learn_scale``)."""
+    multiple of the GQA group size), ``gain_init`` (finite; not 0 only with ``learn_scale``) and
+    ``gate_bias_init`` (finite; not 0 only with ``forget_gate``)."""
     if n_ea_heads is not None:
         if isinstance(n_ea_heads, bool) or not isinstance(n_ea_heads, int):
             raise ValueError(f"n_ea_heads must be None or an int, got {n_ea_heads!r}")
@@ -237,6 +249,12 @@ def check_levers(n_heads: int, n_kv_heads: int, kind: str, n_ea_heads, learn_sca
                 f"{group}, so that the key/value heads split between EA and softmax with their query heads")
     if isinstance(gain_init, bool) or not isinstance(gain_init, (int, float)) or not math.isfinite(gain_init):
         raise ValueError(f"gain_init must be a finite float, got {gain_init!r}")
+    if (isinstance(gate_bias_init, bool) or not isinstance(gate_bias_init, (int, float))
+            or not math.isfinite(gate_bias_init)):
+        raise ValueError(f"gate_bias_init must be a finite float, got {gate_bias_init!r}")
+    if gate_bias_init != 0 and not forget_gate:
+        raise ValueError(f"gate_bias_init={gate_bias_init!r} is the initial bias of forget_gate=True; "
+                         "it does nothing without it")
     if gain_init != 0 and not learn_scale:
         raise ValueError(f"gain_init={gain_init!r} is the initial log gain of learn_scale=True; "
                          "it does nothing without it")

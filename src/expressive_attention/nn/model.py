@@ -42,6 +42,7 @@ class LMConfig:
     n_ea_heads: int | None = None  # hybrid layers: the first n_ea_heads heads EA, the rest softmax
     layer_kinds: tuple[str, ...] | None = None  # per-layer kind ("ea"/"dpa"), overriding `kind`
     forget_gate: bool = False  # data-dependent forget gate (FoX) in every layer
+    gate_bias_init: float = 0.0  # the forget gate's initial bias (0: sigmoid(0) = 1/2 per step at init)
 
     def __post_init__(self):
         if self.pos not in POSITIONS:
@@ -69,7 +70,7 @@ class LMConfig:
         if n_kv >= 1 and self.n_heads % n_kv == 0:  # else MultiheadAttention says what is wrong
             for k in kinds:
                 check_levers(self.n_heads, n_kv, k, self.n_ea_heads if k == "ea" else None, self.learn_scale,
-                             self.gain_init)
+                             self.gain_init, self.forget_gate, self.gate_bias_init)
 
     def layer_kind(self, i: int) -> str:
         """The mechanism of layer i: ``layer_kinds[i]``, or ``kind`` for every layer."""
@@ -111,6 +112,8 @@ class Block(nn.Module):
             levers["n_ea_heads"] = cfg.n_ea_heads
         if cfg.forget_gate:
             levers["forget_gate"] = True
+        if cfg.gate_bias_init:
+            levers["gate_bias_init"] = cfg.gate_bias_init
         self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.attn = MultiheadAttention(
             cfg.d_model, cfg.n_heads, cfg.n_kv_heads, kind=kind, variant=cfg.variant,
@@ -147,6 +150,9 @@ class DecoderLM(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith(("attn.out_proj.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        for block in self.blocks:  # _init zeroed every bias: the forget gate's starts at gate_bias_init
+            if block.attn.forget_gate:
+                block.attn.reset_gate_bias()
 
     def _init(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
