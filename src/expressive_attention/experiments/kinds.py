@@ -53,6 +53,17 @@ LAYER_PATTERNS = ("ends", "first", "last")
 GATES = ("off", "on")
 
 
+def _value_after(spec: str, prefix: str) -> float | None:
+    """The finite float of "<prefix>X" (e.g. "learned@-1.15" with prefix "learned@"), else None."""
+    if not spec.startswith(prefix):
+        return None
+    try:
+        x = float(spec[len(prefix):])
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
 def parse_scale(spec: str) -> tuple[bool, float]:
     """A --scales value -> (learn_scale, gain_init): "fixed", "learned" or "learned@G" (G the initial
     log gain g_h, a float)."""
@@ -60,13 +71,8 @@ def parse_scale(spec: str) -> tuple[bool, float]:
         return False, 0.0
     if spec == "learned":
         return True, 0.0
-    if spec.startswith("learned@"):
-        try:
-            g = float(spec[len("learned@"):])
-        except ValueError:
-            g = float("nan")
-        if math.isfinite(g):
-            return True, g
+    if (g := _value_after(spec, "learned@")) is not None:
+        return True, g
     raise ValueError(f"scales must be fixed, learned or learned@G (G the initial log gain, e.g. learned@-1.1513), "
                      f"got {spec!r}")
 
@@ -75,13 +81,8 @@ def parse_gate(spec: str) -> tuple[bool, float]:
     """A --gate value -> (forget_gate, gate_bias_init): "off", "on" (bias 0) or "on@B" (B a float)."""
     if spec in GATES:
         return spec == "on", 0.0
-    if spec.startswith("on@"):
-        try:
-            b = float(spec[len("on@"):])
-        except ValueError:
-            b = float("nan")
-        if math.isfinite(b):
-            return True, b
+    if (b := _value_after(spec, "on@")) is not None:
+        return True, b
     raise ValueError(f"gate must be off, on or on@B (B the gate's initial bias, e.g. on@4), got {spec!r}")
 
 
