@@ -111,3 +111,13 @@ def test_no_size_step_while_the_final_stage_is_incomplete(tmp_path):
     assert not fin["complete"] and fin["size_candidate"] is None
     with pytest.raises(SystemExit, match="final stage is not complete"):
         study.main(["size", str(tmp_path / "q"), "--out", str(out)])
+
+
+def test_the_docs_table_is_the_committed_records():
+    """docs/levers.md's screen + ladder table is what `study.py select` makes of docs/records/levers."""
+    root = Path(__file__).parents[2]
+    res = study.select(root / "docs" / "records" / "levers")
+    assert res["complete"] and res["finalists"] == ["ea-power4", "ea-exp_squared+gate", "ea+gate"]
+    doc = (root / "docs" / "levers.md").read_text()
+    section = doc.split("## The screen and the ladder stage")[1]
+    assert "\n".join(study.table(res)) in section
