@@ -109,6 +109,13 @@ def test_no_size_step_while_the_final_stage_is_incomplete(tmp_path):
     _final_records(out, res, drop_seed=2)
     fin = study.final(out, res)
     assert not fin["complete"] and fin["size_candidate"] is None
+    # power6 (ladder kept) still has 2 seeds: its gap is computed, so the rule can already be read;
+    # with no 1200-step runs at all the verdict is pending for a candidate that keeps the ladder lead
+    _write(out / "prose-1200", [])
+    fin = study.final(out, res)
+    assert fin["target"]["ea-power6"]["met"] is None and "pending" in "\n".join(study.final_table(res, fin))
+    res["kept"]["ea-power6"] = {"pointer": 0.5, "lagged_digits": 0.9}  # below 75% on one rung: cannot be met
+    assert study.final(out, res)["target"]["ea-power6"]["met"] is False
     with pytest.raises(SystemExit, match="final stage is not complete"):
         study.main(["size", str(tmp_path / "q"), "--out", str(out)])
 
