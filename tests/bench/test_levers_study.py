@@ -128,3 +128,13 @@ def test_the_docs_table_is_the_committed_records():
     doc = (root / "docs" / "levers.md").read_text()
     section = doc.split("## The screen and the ladder stage")[1]
     assert "\n".join(study.table(res)) in section
+
+
+def test_one_complete_corpus_outside_the_margin_decides_the_text_rule(tmp_path):
+    out = _records(tmp_path)
+    res = study.select(out)
+    _final_records(out, res)
+    (out / "code-1200" / "results.jsonl").write_text("")  # code's 1200-step runs not run yet
+    fin = study.final(out, res)
+    assert fin["target"]["ea-power4"]["text"] is False  # prose: +0.02 with all seeds, outside 0.01
+    assert fin["target"]["ea-power6"]["text"] is None and fin["target"]["ea-power6"]["met"] is None  # +0.005: code decides
