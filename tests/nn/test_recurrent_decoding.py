@@ -184,3 +184,19 @@ def test_no_cancellation_warning_for_a_float64_state_or_ordinary_inputs(dtype, s
     assert not [w for w in recwarn if "recurrent cache" in str(w.message)]
     if dtype == torch.float32:
         assert 0 < st.max_ratio < 512  # random inputs: R of order E, far below the bound
+
+
+def test_off_host_decode_steps_read_the_ratio_once_every_check_every_tokens(recwarn):
+    """On a GPU a host read syncs the device: decode steps keep the maximum on the device and read it back
+    once every CHECK_EVERY tokens (exercised here on CPU through the same method)."""
+    from expressive_attention.nn.recurrent import CHECK_EVERY
+
+    st = RecurrentEAState(_layer())
+    big = torch.tensor([[[1e6]]])
+    for _ in range(CHECK_EVERY - 1):  # tokens 1 .. CHECK_EVERY - 1
+        st._check_cancellation(big, on_host=False)
+        st.length += 1
+    assert not [w for w in recwarn if "recurrent cache" in str(w.message)]  # not read back yet
+    st._check_cancellation(big, on_host=False)  # the CHECK_EVERY-th token
+    assert len([w for w in recwarn if "recurrent cache" in str(w.message)]) == 1
+    assert st.max_ratio == 1e6

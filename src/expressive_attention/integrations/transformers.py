@@ -53,7 +53,6 @@ How the pieces fit (transformers 5.x):
 from __future__ import annotations
 
 import contextlib
-import math
 import functools
 from collections import Counter
 from dataclasses import dataclass
@@ -62,7 +61,7 @@ import torch
 from torch import Tensor
 
 from ..ops import attention, expressive_attention, expressive_weights
-from ..ops.problem import check_variant, repeat_kv
+from ..ops.problem import check_finite_float, check_variant, repeat_kv
 from ..ops.reference import resolve_power
 from ..ops.variants import DEFAULT_VARIANT, default_instances
 
@@ -308,8 +307,7 @@ def add_forget_gate(model: PreTrainedModel, bias_init: float = 0.0) -> int:
     FoX's reference code initialises it, i.e. 1/2 per step at init; e.g. 4: 0.982) and a forward pre-hook that stores
     log_fgate = logsigmoid(fgate_proj(hidden_states)) (float32, (B, H, L)) for the attention call;
     names registered with ``forget_gate=True`` use it. Call it before building the optimizer."""
-    if isinstance(bias_init, bool) or not isinstance(bias_init, (int, float)) or not math.isfinite(bias_init):
-        raise ValueError(f"bias_init must be a finite float, got {bias_init!r}")
+    check_finite_float("bias_init", bias_init)
     heads, hidden = model.config.num_attention_heads, model.config.hidden_size
     std = getattr(model.config, "initializer_range", 0.02)
     p = next(model.parameters())
@@ -355,10 +353,7 @@ def add_score_gain(model: PreTrainedModel, init: float = 0.0) -> int:
     modules have one. Used by names registered with ``learn_scale=True``; call it before building
     the optimizer. E.g. ``init = 0.5 * math.log(0.1)`` with variant="exp_squared": exp(beta_h s^2)
     with a learned sharpness beta_h = exp(2 g_h) starting at 0.1."""
-    import math
-
-    if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
-        raise ValueError(f"init must be a finite float (the initial log gain), got {init!r}")
+    check_finite_float("init", init, " (the initial log gain)")
     heads = model.config.num_attention_heads
     mods = _attention_modules(model)
     p = next(model.parameters())

@@ -1,7 +1,6 @@
 """Multi-head attention with one switch between expressive attention and dot-product attention."""
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import KINDS, VARIANTS, BACKENDS, attention
+from ..ops.problem import check_finite_float
 from ..ops.reference import resolve_power
 
 
@@ -247,11 +247,8 @@ def check_levers(n_heads: int, n_kv_heads: int, kind: str, n_ea_heads, learn_sca
             raise ValueError(
                 f"n_ea_heads ({n_ea_heads}) must be a multiple of the GQA group size n_heads // n_kv_heads = "
                 f"{group}, so that the key/value heads split between EA and softmax with their query heads")
-    if isinstance(gain_init, bool) or not isinstance(gain_init, (int, float)) or not math.isfinite(gain_init):
-        raise ValueError(f"gain_init must be a finite float, got {gain_init!r}")
-    if (isinstance(gate_bias_init, bool) or not isinstance(gate_bias_init, (int, float))
-            or not math.isfinite(gate_bias_init)):
-        raise ValueError(f"gate_bias_init must be a finite float, got {gate_bias_init!r}")
+    check_finite_float("gain_init", gain_init)
+    check_finite_float("gate_bias_init", gate_bias_init)
     if gate_bias_init != 0 and not forget_gate:
         raise ValueError(f"gate_bias_init={gate_bias_init!r} is the initial bias of forget_gate=True; "
                          "it does nothing without it")

@@ -24,10 +24,15 @@ import torch
 from torch import Tensor
 
 from ..diagnostics import warn
-from ..ops.linear import FP64_RETRY_ABOVE, add_to_state, causal_forward, chunk_for, new_state, normalise_rows, with_ones
+from ..ops.linear import (FP64_RETRY_ABOVE, add_to_state, cancellation_ratio, causal_forward, chunk_for, new_state,
+                          normalise_rows, with_ones)
 from ..ops.linear_features import n_features, read_num
 from ..ops.reference import compute_dtype
 from .cache import register_cache_kind
+
+# On a GPU, reading the cancellation ratio back to the host syncs the device: decode steps read it once every
+# this many tokens (its running maximum stays on the device meanwhile); prompts and CPU calls read it every call.
+CHECK_EVERY = 32
 
 
 class RecurrentEAState:
@@ -46,9 +51,9 @@ class RecurrentEAState:
         self.scale = layer.head_dim**-0.5  # the layer calls attention with scale=None = 1/sqrt(E)
         self.eps = float(layer.eps)
         self.state: Tensor | None = None  # (B * Hkv, F, Ev+1), float32 (float64 for float64 models)
-        self.key_sq: Tensor | None = None  # (B * Hkv,) sum of |k_j|^2 over the keys in the state
+        self.key_sq: Tensor | None = None  # (B * Hkv,) sum of |k_j|^2 over the keys in a float32 state
         self.length = 0
-        self.max_ratio = 0.0  # the largest cancellation ratio R_i met so far (see the module's docstring)
+        self._max_ratio: Tensor | None = None  # the largest cancellation ratio R_i met so far (a 0-d tensor)
         self.warned = False
 
     @classmethod
@@ -71,7 +76,7 @@ class RecurrentEAState:
         N = B * Hkv
         if self.state is None:
             self.state = new_state(N, E, Ev, ct, q.device)
-            self.key_sq = torch.zeros(N, dtype=torch.float64, device=q.device)
+            self.key_sq = torch.zeros(N, dtype=ct, device=q.device)
         elif self.state.shape != (N, n_features(E), Ev + 1):
             raise ValueError(
                 f"batch/heads changed mid-sequence: state holds {tuple(self.state.shape)}, new tokens "
@@ -80,32 +85,37 @@ class RecurrentEAState:
         q3 = q.to(ct).reshape(N, H // Hkv, T, E)
         k3 = k.to(ct).reshape(N, T, E)
         v3 = v.to(ct).reshape(N, T, Ev)
-        kn = torch.linalg.vector_norm(k3, dim=-1).double().square()  # (N, T)
         if T == 1:  # one token: add it to the state first, then read (phi(q).phi(k) = (q.k)^2)
             add_to_state(self.state, k3, with_ones(v3))
-            self.key_sq += kn[:, 0]
             num = read_num(self.state, q3.view(N, H // Hkv, E) * self.scale)
             out, z = normalise_rows(num, Ev, self.eps)  # (N, G, Ev), (N, G, 1)
-            seen = self.key_sq[:, None, None, None]  # (N, 1, 1, 1): every key is in the state
+            causal, chunk = False, 1  # the row sees every key of its state, the new one included
         else:  # a prompt or several tokens: the chunked causal form from the current state
-            chunk = chunk_for(q3)
+            causal, chunk = True, chunk_for(q3)
             out, z = causal_forward(q3, k3, v3, self.state, self.eps, chunk, self.scale)
-            # a row's state: the keys before it, less its own chunk's (those are summed exactly, as s^2)
-            before = torch.cat([kn.new_zeros(N, 1), kn.cumsum(-1)], -1)[:, torch.arange(T, device=kn.device) // chunk * chunk]
-            seen = (self.key_sq[:, None] + before)[:, None, :, None]  # (N, 1, T, 1)
-            self.key_sq += kn.sum(-1)
-        if ct == torch.float32:
-            self._check_cancellation(q3.view(N, H // Hkv, T, E), z.view(N, H // Hkv, T, 1), seen)
+        if ct == torch.float32:  # (a float64 state's bound, u64 R, is the backend's own after its retry)
+            self._check_cancellation(cancellation_ratio(q3, k3, z.view(N, H // Hkv, T, 1), causal, self.scale, chunk,
+                                                        prior=self.key_sq), on_host=T > 1 or q.device.type == "cpu")
+            self.key_sq += torch.linalg.vector_norm(k3, dim=-1).square_().sum(-1)
         self.length += T
         return out.view(B, H, T, Ev).to(q.dtype)
 
-    def _check_cancellation(self, q: Tensor, z: Tensor, seen: Tensor) -> None:
-        """Warn once when a row's R = scale^2 |q|^2 seen / z exceeds the linear backend's retry bound."""
-        qn = torch.linalg.vector_norm(q, dim=-1, keepdim=True).double().square() * self.scale**2
-        r = qn * seen / torch.where(z == 1, 0.0, z.double())  # a row with no key in its state: 0/0 = NaN
-        r = float(torch.nan_to_num(r, nan=0.0).max()) if r.numel() else 0.0
-        self.max_ratio = max(self.max_ratio, r)
-        if r > FP64_RETRY_ABOVE and not self.warned:
+    @property
+    def max_ratio(self) -> float:
+        """The largest cancellation ratio R_i met so far by a float32 state (0 before any; see the module's
+        docstring)."""
+        return 0.0 if self._max_ratio is None else float(self._max_ratio)
+
+    def _check_cancellation(self, r: Tensor, on_host: bool) -> None:
+        """Keep the running maximum of the ratios r (N, G, T) (a row with no key in its state: 0/0 = NaN, not
+        counted) and warn once when it exceeds the linear backend's retry bound; read back to the host when
+        ``on_host`` or once every CHECK_EVERY tokens."""
+        m = torch.nan_to_num(r, nan=0.0).amax() if r.numel() else r.new_zeros(())
+        self._max_ratio = m if self._max_ratio is None else torch.maximum(self._max_ratio, m)
+        if self.warned or not (on_host or (self.length + 1) % CHECK_EVERY == 0):
+            return
+        r = self.max_ratio
+        if r > FP64_RETRY_ABOVE:
             self.warned = True
             warn(f"recurrent cache: a decoding step met cancellation ratio R = {r:.3g} > {FP64_RETRY_ABOVE:g} "
                  f"(queries nearly orthogonal to large keys); the float32 state's output may be off by up to "

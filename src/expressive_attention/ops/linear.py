@@ -151,9 +151,11 @@ def causal_forward(q: Tensor, k: Tensor, v: Tensor, state: Tensor, eps: float, c
 FP64_RETRY_ABOVE = 512.0
 
 
-def cancellation_ratio(q3: Tensor, k3: Tensor, z: Tensor, is_causal: bool, scale: float, chunk: int) -> Tensor:
+def cancellation_ratio(q3: Tensor, k3: Tensor, z: Tensor, is_causal: bool, scale: float, chunk: int,
+                       prior: Tensor | None = None) -> Tensor:
     """R_i (N, G, L) of the rows of q3 (N, G, L, E) against keys k3 (N, S, E) (masked keys zeroed) with
-    normalisers z (N, G, L, 1), for the sweeps of `chunk` rows (see FP64_RETRY_ABOVE). A row whose
+    normalisers z (N, G, L, 1), for the sweeps of `chunk` rows (see FP64_RETRY_ABOVE). ``prior`` (N,): the
+    sum of |k_j|^2 of keys already in the state before k3 (the recurrent cache's), or None. A row whose
     eps + den was <= 0 (z set to 1, as for a row that sees no key) but whose state holds a nonzero key
     counts as infinitely ill-conditioned."""
     kn = torch.linalg.vector_norm(k3, dim=-1).square_()  # (N, S) (one pass, no (N, S, E) temporary)
@@ -162,6 +164,8 @@ def cancellation_ratio(q3: Tensor, k3: Tensor, z: Tensor, is_causal: bool, scale
         seen = torch.cat([kn.new_zeros(kn.shape[0], 1), kn.cumsum(-1)], -1)[:, starts]
     else:
         seen = kn.sum(-1, keepdim=True)
+    if prior is not None:
+        seen = seen + prior[:, None]
     b = torch.linalg.vector_norm(q3, dim=-1).square_().mul_(scale * scale).mul_(seen[:, None, :])
     z = z.squeeze(-1)
     return b / torch.where(z == 1, 0.0, z)  # (b = 0: 0 / 0 = NaN, not above the bound)

@@ -134,6 +134,13 @@ def _is_real(x) -> bool:
     return type(x) is float or isinstance(x, numbers.Real)  # the abc check alone costs ~0.7 us
 
 
+def check_finite_float(name: str, x, what: str = "") -> None:
+    """`x` is a finite int or float (not a bool), else a ValueError naming `name` (``what``: a note after
+    "a finite float", e.g. " (the initial log gain)")."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite float{what}, got {x!r}")
+
+
 def check_options(dropout_p, scale, variant, eps) -> None:
     """The scalar arguments: dropout_p in [0, 1), scale None or finite, eps finite >= 0, a known variant."""
     if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
