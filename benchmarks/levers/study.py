@@ -3,7 +3,7 @@
     python benchmarks/levers/study.py stage1 QUEUE [--out runs/levers]   # the screen + the ladder stage
     python benchmarks/levers/study.py select [--out runs/levers]         # lrs, gaps, ladder leads, Pareto
     python benchmarks/levers/study.py final QUEUE [--out runs/levers]    # append the final stage's jobs
-    python benchmarks/levers/study.py report [--out runs/levers]         # the final stage's table, the verdict
+    python benchmarks/levers/study.py report [--out runs/levers]         # final stage, verdict, size step, Pareto
     python benchmarks/levers/study.py size QUEUE [--out runs/levers]     # append the size step's jobs
 
 Each job line is one `ea` command (benchmarks/levers/worker.sh runs a queue); every `ea lm` / `ea ladder`
@@ -210,6 +210,98 @@ def final_table(res: dict, fin: dict) -> list[str]:
     return lines
 
 
+def size_step(out: Path, res: dict, fin: dict) -> dict:
+    """The size step (OUT/<corpus>-1200-d256): per corpus, the size candidate's and the best softmax's 3-seed
+    bits/byte at d_model 256 and the candidate's gap (Welch 95% interval), beside its d_model-128 gap. Whether
+    the gap "shrinks or grows with size" is read off the two gaps' estimates and intervals (descriptive: the
+    protocol fixed no rule for it)."""
+    m0 = fin["size_candidate"]
+    if m0 is None:
+        return {"candidate": None, "rows": {}, "complete": False}
+    runs = stage_runs(out, "1200-d256", res)
+    rows, complete = {}, True
+    for c in CORPORA:
+        bar = runs[c].get(res["best_softmax"][c], {})
+        for m in (m0, res["best_softmax"][c]):
+            got = runs[c].get(m, {})
+            complete &= len(got) == len(SEEDS)
+            vals = [got[s] for s in SEEDS if s in got]
+            row = {"n": len(vals), "mean": statistics.mean(vals) if vals else None,
+                   "std": statistics.stdev(vals) if len(vals) > 1 else None, "gap": None, "gap128": None}
+            if m == m0:
+                row["gap128"] = fin["rows"][(1200, c, m)]["gap"]
+                if len(vals) > 1 and len(bar) > 1:
+                    row["gap"] = gap_interval(vals, [bar[s] for s in SEEDS if s in bar])
+            rows[(c, m)] = row
+    return {"candidate": m0, "rows": rows, "complete": complete}
+
+
+def _fmt_bpb(r: dict) -> str:
+    return "-" if r["mean"] is None else f"{r['mean']:.3f}" + ("" if r["std"] is None else f" ± {r['std']:.3f}")
+
+
+def size_table(res: dict, sz: dict) -> list[str]:
+    """The size step: d_model 256 beside d_model 128 (1200 steps, 3 seeds, the d_model-128 lrs)."""
+    lines = ["| corpus | mechanism | lr | seeds | d_model 256: bits/byte (mean ± std) | gap at d_model 256 [95% CI] "
+             "| gap at d_model 128 [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for c in CORPORA:
+        for m in (sz["candidate"], res["best_softmax"][c]):
+            r = sz["rows"][(c, m)]
+            if m == sz["candidate"]:
+                gaps = ["-" if g is None else g.fmt() for g in (r["gap"], r["gap128"])]
+            else:
+                gaps = ["(the bar)", "(the bar)"]
+            lines.append(f"| {c} | {m} | {res['lr'][c][m]:g} | {r['n']} | {_fmt_bpb(r)} | " + " | ".join(gaps) + " |")
+    return lines
+
+
+def pareto_front(points: dict) -> set:
+    """The labels no other label dominates; points: {label: (text gap, kept on pointer, kept on lagged)}, a
+    smaller gap and larger kept fractions being better (dominated = no better anywhere, worse somewhere)."""
+    def better(a, b):  # a dominates b
+        ge = a[0] <= b[0] and all(x >= y for x, y in zip(a[1:], b[1:]))
+        return ge and a != b
+    return {m for m, p in points.items() if not any(better(q, p) for n, q in points.items() if n != m)}
+
+
+def pareto_table(res: dict, fin: dict, sz: dict | None = None) -> list[str]:
+    """The protocol's Pareto table: every mechanism's text gap to the best softmax (screen: seed 0; final stage:
+    3-seed means at 300 and 1200 steps, and the size step's, where run) against its ladder kept fractions.
+    "front": not dominated on (screen gap, kept on pointer, kept on lagged_digits), the measures every
+    mechanism has."""
+    points = {m: (res["gap"][m], *(res["kept"].get(m, {}).get(f, 0.0) for f in TARGET_RUNGS))
+              for _, m, _ in MECHANISMS if m in res["gap"]}
+    front = pareto_front(points)
+    lines = ["| id | mechanism | screen gap prose / code (seed 0) | 300 steps: gap prose / code (3 seeds) "
+             "| 1200 steps: gap prose / code (3 seeds) | d_model 256: gap prose / code | pointer T=16 kept "
+             "| lagged_digits N=5 kept | front |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def pair(get):
+        vals = [get(c) for c in CORPORA]
+        return "-" if all(v is None for v in vals) else " / ".join("-" if v is None else f"{v:+.3f}" for v in vals)
+
+    for i, m, _ in MECHANISMS:
+        scr = pair(lambda c: res["bpb"][c][m] - res["bpb"][c][res["best_softmax"][c]]
+                   if m in res["bpb"][c] and res["best_softmax"][c] else None)
+        staged = []
+        for steps in (300, 1200):
+            if m in SOFTMAX and all(res["best_softmax"][c] == m for c in CORPORA):
+                staged.append("(the bar)" if fin.get("rows") else "-")
+                continue
+            staged.append(pair(lambda c: (fin.get("rows", {}).get((steps, c, m)) or {}).get("gap") and
+                               fin["rows"][(steps, c, m)]["gap"].estimate))
+        if sz and sz.get("candidate") == m:
+            staged.append(pair(lambda c: sz["rows"][(c, m)]["gap"] and sz["rows"][(c, m)]["gap"].estimate))
+        elif sz and sz.get("candidate") and all(res["best_softmax"][c] == m for c in CORPORA):
+            staged.append("(the bar)")
+        else:
+            staged.append("-")
+        kept = ["-" if res["kept"].get(m, {}).get(f) is None else f"{res['kept'][m][f]:.0%}" for f in TARGET_RUNGS]
+        lines.append(f"| {i} | {m} | {scr} | " + " | ".join(staged) + " | " + " | ".join(kept) +
+                     f" | {'yes' if m in front else ''} |")
+    return lines
+
+
 def table(res: dict) -> list[str]:
     """The Pareto table: screen bits/byte per corpus (selected lr), mean gap to the best softmax, ladder
     token accuracy (mean ± std over seeds) and the kept fraction of the paper's EA's lead."""
@@ -250,6 +342,11 @@ def main(argv=None) -> None:
         fin = final(Path(a.out), res)
         print("\n".join(final_table(res, fin)))
         print(f"\nfinal stage complete: {fin['complete']}; size-step candidate: {fin['size_candidate']}")
+        sz = size_step(Path(a.out), res, fin)
+        if sz["candidate"]:
+            print("\nsize step (d_model 256, 1200 steps):\n" + "\n".join(size_table(res, sz)))
+            print(f"\nsize step complete: {sz['complete']}")
+        print("\nPareto table:\n" + "\n".join(pareto_table(res, fin, sz)))
         return
     if a.queue is None:
         ap.error(f"{a.step} needs the queue folder")

@@ -138,3 +138,49 @@ def test_one_complete_corpus_outside_the_margin_decides_the_text_rule(tmp_path):
     fin = study.final(out, res)
     assert fin["target"]["ea-power4"]["text"] is False  # prose: +0.02 with all seeds, outside 0.01
     assert fin["target"]["ea-power6"]["text"] is None and fin["target"]["ea-power6"]["met"] is None  # +0.005: code decides
+
+
+def test_size_step_rows_beside_the_d_model_128_gap(tmp_path):
+    out = _records(tmp_path)
+    res = study.select(out)
+    _final_records(out, res)
+    fin = study.final(out, res)
+    assert study.size_step(out, res, {**fin, "size_candidate": None})["candidate"] is None
+    # d_model 256: power6 0.004 behind on prose; code has only two seeds of power6 so far
+    _write(out / "prose-1200-d256", [{"kind": m, "lr": res["lr"]["prose"][m], "seed": s, "val_bpb": 1.4 + d + 0.002 * s}
+                                     for m, d in (("ea-power6", 0.004), ("dpa+gate", 0.0)) for s in study.SEEDS])
+    _write(out / "code-1200-d256", [{"kind": m, "lr": res["lr"]["code"][m], "seed": s, "val_bpb": 1.4 + d + 0.002 * s}
+                                    for m, d in (("ea-power6", 0.03), ("dpa+gate", 0.0)) for s in study.SEEDS
+                                    if (m, s) != ("ea-power6", 2)])
+    sz = study.size_step(out, res, fin)
+    assert sz["candidate"] == "ea-power6" and not sz["complete"]
+    r = sz["rows"][("prose", "ea-power6")]
+    assert r["n"] == 3 and r["gap"].estimate == pytest.approx(0.004) and r["gap128"].estimate == pytest.approx(0.005)
+    assert sz["rows"][("code", "ea-power6")]["n"] == 2
+    assert sz["rows"][("code", "ea-power6")]["gap"].estimate == pytest.approx(0.03 + 0.001 - 0.002)  # seeds 0, 1 vs 0-2
+    table = study.size_table(res, sz)
+    assert table[2].startswith("| prose | ea-power6 | 0.002 | 3 | 1.406 ± 0.002 | +0.004 [")
+    assert "(the bar)" in table[3] and len(table) == 2 + 2 * len(study.CORPORA)
+    pareto = study.pareto_table(res, fin, sz)
+    row = next(x for x in pareto if "| ea-power6 |" in x)
+    assert "| +0.005 / +0.005 | +0.004 / +0.029 |" in row  # 1200 steps at d_model 128, then 256
+
+
+def test_pareto_front_and_table(tmp_path):
+    assert study.pareto_front({"a": (0.1, 1.0, 1.0), "b": (0.0, 0.0, 0.0), "c": (0.2, 0.5, 1.0),
+                               "d": (0.1, 1.0, 1.0)}) == {"a", "b", "d"}  # c: a is better everywhere; ties stay
+    out = _records(tmp_path)
+    res = study.select(out)
+    table = study.pareto_table(res, {})  # before the final stage: screen and ladder only
+    assert len(table) == 2 + len(study.MECHANISMS)
+    odd = next(x for x in table if "| ea-exp_odd |" in x)
+    assert odd.startswith("| C5 | ea-exp_odd | -0.080 / -0.080 | - | - | - | 0% | 0% |")
+    # the odd control: the best text (-0.08), no lead; ea-power6 +0.07, 75% / 75%: both on the front;
+    # ea[first] (+0.14, 50%) is behind ea-power6 on all three measures
+    assert odd.endswith("| yes |") and next(x for x in table if "| ea-power6 |" in x).endswith("| yes |")
+    assert next(x for x in table if "| ea[first] |" in x).endswith("|  |")
+    _final_records(out, res)
+    fin = study.final(out, res)
+    table = study.pareto_table(res, fin)
+    assert "| S1 | dpa+gate | +0.000 / +0.000 | (the bar) | (the bar) | - |" in "\n".join(table)
+    assert "| C1 | ea-power4 | +0.120 / +0.120 | +0.020 / +0.020 | +0.020 / +0.020 | - | 88% | 88% |" in "\n".join(table)
