@@ -181,11 +181,12 @@ def final(out: Path, res: dict | None = None) -> dict:
 
 def size_jobs(res: dict, fin: dict, out: str) -> list[str]:
     """The size step: the size candidate and the best softmax at d_model 256, 1200 steps, 3 seeds, both corpora,
-    at their d_model-128 lrs (no re-tuning)."""
+    at their d_model-128 lrs (no re-tuning); seed by seed, candidate then softmax, so that a partial step
+    already has matched pairs."""
     m0 = fin["size_candidate"]
     return [f"lm --threads 1 --corpus {c} --lr {res['lr'][c][m]:g} --seeds {s} --steps 1200 --eval-every 100 "
             f"{SIZE} --out {out}/{c}-1200-d256 {FLAGS[m]}"
-            for c in CORPORA for m in (m0, res["best_softmax"][c]) for s in SEEDS]
+            for c in CORPORA for s in SEEDS for m in (m0, res["best_softmax"][c])]
 
 
 def final_table(res: dict, fin: dict) -> list[str]:
