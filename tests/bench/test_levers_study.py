@@ -184,3 +184,20 @@ def test_pareto_front_and_table(tmp_path):
     table = study.pareto_table(res, fin)
     assert "| S1 | dpa+gate | +0.000 / +0.000 | (the bar) | (the bar) | - |" in "\n".join(table)
     assert "| C1 | ea-power4 | +0.120 / +0.120 | +0.020 / +0.020 | +0.020 / +0.020 | - | 88% | 88% |" in "\n".join(table)
+
+
+def test_the_docs_final_size_and_pareto_tables_are_the_committed_records():
+    """docs/levers.md's final-stage, size-step and Pareto tables, and docs/real-text.md's Pareto table, are what
+    `study.py report` makes of docs/records/levers (regenerated at every snapshot of the records)."""
+    root = Path(__file__).parents[2]
+    out = root / "docs" / "records" / "levers"
+    res = study.select(out)
+    fin = study.final(out, res)
+    sz = study.size_step(out, res, fin)
+    levers = (root / "docs" / "levers.md").read_text().split("## Final stage")[1]
+    assert "\n".join(study.final_table(res, fin)) in levers
+    if sz["candidate"]:
+        assert "\n".join(study.size_table(res, sz)) in levers
+    pareto = "\n".join(study.pareto_table(res, fin, sz))
+    assert pareto in levers
+    assert pareto in (root / "docs" / "real-text.md").read_text()
