@@ -156,10 +156,12 @@ def test_size_step_rows_beside_the_d_model_128_gap(tmp_path):
     assert sz["candidate"] == "ea-power6" and not sz["complete"]
     r = sz["rows"][("prose", "ea-power6")]
     assert r["n"] == 3 and r["gap"].estimate == pytest.approx(0.004) and r["gap128"].estimate == pytest.approx(0.005)
+    assert r["change"].estimate == pytest.approx(0.004 - 0.005) and r["change"].n == (3, 3, 3, 3)
     assert sz["rows"][("code", "ea-power6")]["n"] == 2
     assert sz["rows"][("code", "ea-power6")]["gap"].estimate == pytest.approx(0.03 + 0.001 - 0.002)  # seeds 0, 1 vs 0-2
     table = study.size_table(res, sz)
     assert table[2].startswith("| prose | ea-power6 | 0.002 | 3 | 1.406 ± 0.002 | +0.004 [")
+    assert " | -0.001 [" in table[2] and table[2].count("[") == 3  # gap at 256, at 128, and its change
     assert "(the bar)" in table[3] and len(table) == 2 + 2 * len(study.CORPORA)
     pareto = study.pareto_table(res, fin, sz)
     row = next(x for x in pareto if "| ea-power6 |" in x)
