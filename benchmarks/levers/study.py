@@ -3,7 +3,7 @@
     python benchmarks/levers/study.py stage1 QUEUE [--out runs/levers]   # the screen + the ladder stage
     python benchmarks/levers/study.py select [--out runs/levers]         # lrs, gaps, ladder leads, Pareto
     python benchmarks/levers/study.py final QUEUE [--out runs/levers]    # append the final stage's jobs
-    python benchmarks/levers/study.py report [--out runs/levers]         # final stage, verdict, size step, Pareto
+    python benchmarks/levers/study.py report [--out runs/levers] [--plot PNG]  # final stage, verdict, size, Pareto
     python benchmarks/levers/study.py size QUEUE [--out runs/levers]     # append the size step's jobs
 
 Each job line is one `ea` command (benchmarks/levers/worker.sh runs a queue); every `ea lm` / `ea ladder`
@@ -309,6 +309,43 @@ def pareto_table(res: dict, fin: dict, sz: dict | None = None) -> list[str]:
     return lines
 
 
+def plot_pareto(res: dict, fin: dict, path: Path) -> None:
+    """The Pareto table as a figure: per target rung, the kept share of the paper's EA's ladder lead against the
+    text gap to the best softmax (filled: the screen, seed 0, mean over corpora; hollow, joined to it: the
+    finalists' 1200-step 3-seed gap); the shaded corner is the target (gap <= WITHIN, kept >= KEEP)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(TARGET_RUNGS), figsize=(11, 4.5), sharey=True)
+    for ax, (f, rung) in zip(axes, TARGET_RUNGS.items()):
+        ax.fill_between([-0.05, WITHIN], KEEP * 100, 160, color="tab:green", alpha=0.12, label="target")
+        for i, m, _ in MECHANISMS:
+            k = res["kept"].get(m, {}).get(f)
+            if k is None or m not in res["gap"]:
+                continue
+            color = "tab:blue" if m in SOFTMAX else ("tab:gray" if m == CONTROL else "tab:red")
+            ax.scatter(res["gap"][m], 100 * k, color=color, zorder=3)
+            ax.annotate(i, (res["gap"][m], 100 * k), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            rows = [fin.get("rows", {}).get((1200, c, m)) for c in CORPORA]
+            if all(r and r["gap"] for r in rows):
+                g = statistics.mean(r["gap"].estimate for r in rows)
+                ax.plot([res["gap"][m], g], [100 * k, 100 * k], color=color, lw=0.8, zorder=2)
+                ax.scatter(g, 100 * k, facecolors="white", edgecolors=color, zorder=3)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(f"{f} {rung}")
+        ax.set_xlabel("text gap to the best softmax (bits/byte)")
+        ax.set_xlim(-0.05, 0.3)
+        ax.set_ylim(-300, 160)
+    axes[0].set_ylabel("% of the paper's EA's ladder lead kept")
+    axes[0].scatter([], [], color="k", label="screen (300 steps, seed 0)")
+    axes[0].scatter([], [], facecolors="white", edgecolors="k", label="1200 steps, 3 seeds")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle("Issue #21: text gap vs ladder lead (red: EA candidates, blue: softmax, gray: odd control)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def table(res: dict) -> list[str]:
     """The Pareto table: screen bits/byte per corpus (selected lr), mean gap to the best softmax, ladder
     token accuracy (mean ± std over seeds) and the kept fraction of the paper's EA's lead."""
@@ -336,6 +373,7 @@ def main(argv=None) -> None:
     ap.add_argument("step", choices=("stage1", "select", "final", "report", "size"))
     ap.add_argument("queue", nargs="?", help="the queue folder (stage1, final)")
     ap.add_argument("--out", default="runs/levers")
+    ap.add_argument("--plot", metavar="PNG", help="report: also draw the Pareto table to PNG (needs matplotlib)")
     a = ap.parse_args(argv)
     if a.step == "select":
         res = select(Path(a.out))
@@ -354,6 +392,9 @@ def main(argv=None) -> None:
             print("\nsize step (d_model 256, 1200 steps):\n" + "\n".join(size_table(res, sz)))
             print(f"\nsize step complete: {sz['complete']}")
         print("\nPareto table:\n" + "\n".join(pareto_table(res, fin, sz)))
+        if a.plot:
+            plot_pareto(res, fin, Path(a.plot))
+            print(f"\nwrote {a.plot}")
         return
     if a.queue is None:
         ap.error(f"{a.step} needs the queue folder")

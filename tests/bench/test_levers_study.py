@@ -23,9 +23,10 @@ LADDER = {  # label -> token accuracy on pointer and lagged_digits (DPA 0.6, the
 }
 
 
-def _write(path: Path, recs: list[dict]) -> None:
+def _write(path: Path, recs: list[dict], append: bool = False) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with open(path / "results.jsonl", "a" if append else "w") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in recs))
 
 
 def _records(tmp_path: Path, drop: str | None = None) -> Path:
@@ -80,7 +81,8 @@ def _final_records(tmp_path: Path, res: dict, drop_seed: int | None = None) -> N
             _write(tmp_path / f"{c}-{steps}", [
                 {"kind": m, "lr": res["lr"][c][m], "seed": s, "val_bpb": base + d + 0.002 * (s - 1)}
                 for m, d in behind.items() for s in study.SEEDS if s != drop_seed] + [
-                {"kind": "dpa", "lr": 4e-3, "seed": 0, "val_bpb": 9.9}])  # another lr: not the selected one
+                {"kind": "dpa", "lr": 4e-3, "seed": 0, "val_bpb": 9.9}],  # another lr: not the selected one
+                append=True)  # the 300-step runs land beside the screen's, as in runs/levers/<corpus>-300
 
 
 def test_final_stage_table_target_and_size_step(tmp_path):
@@ -203,3 +205,13 @@ def test_the_docs_final_size_and_pareto_tables_are_the_committed_records():
     pareto = "\n".join(study.pareto_table(res, fin, sz))
     assert pareto in levers
     assert pareto in (root / "docs" / "real-text.md").read_text()
+
+
+def test_report_draws_the_pareto_figure(tmp_path, capsys):
+    out = _records(tmp_path / "runs")
+    _final_records(out, study.select(out))
+    png = tmp_path / "pareto.png"
+    study.main(["report", "--out", str(out), "--plot", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "size-step candidate: ea-power6" in printed and "Pareto table:" in printed
