@@ -137,6 +137,17 @@ def stage_runs(out: Path, folder: str, res: dict) -> dict:
     return runs
 
 
+def _summary(got: dict) -> dict:
+    """One row of a table: the bits/byte per seed {seed: value} as values (in seed order), n, mean and sample std."""
+    vals = [got[s] for s in SEEDS if s in got]
+    return {"vals": vals, "n": len(vals), "mean": statistics.mean(vals) if vals else None,
+            "std": statistics.stdev(vals) if len(vals) > 1 else None, "gap": None}
+
+
+def _fmt_bpb(r: dict) -> str:
+    return "-" if r["mean"] is None else f"{r['mean']:.3f}" + ("" if r["std"] is None else f" ± {r['std']:.3f}")
+
+
 def final(out: Path, res: dict | None = None) -> dict:
     """The final stage: per corpus and step count, each finalist's 3-seed bits/byte and its gap to the best
     softmax (Welch 95% interval); the target check per finalist; the size step's finalist (smallest mean
@@ -150,15 +161,12 @@ def final(out: Path, res: dict | None = None) -> dict:
     for steps in (300, 1200):
         runs = stage_runs(out, str(steps), res)
         for c in CORPORA:
-            bar = runs[c].get(res["best_softmax"][c], {})
+            bar = _summary(runs[c].get(res["best_softmax"][c], {}))["vals"]
             for m in [*names, res["best_softmax"][c]]:
-                got = runs[c].get(m, {})
-                complete &= len(got) == len(SEEDS)
-                vals = [got[s] for s in SEEDS if s in got]
-                row = {"n": len(vals), "mean": statistics.mean(vals) if vals else None,
-                       "std": statistics.stdev(vals) if len(vals) > 1 else None, "gap": None}
-                if m in names and len(vals) > 1 and len(bar) > 1:
-                    row["gap"] = gap_interval(vals, [bar[s] for s in SEEDS if s in bar])
+                row = _summary(runs[c].get(m, {}))
+                complete &= row["n"] == len(SEEDS)
+                if m in names and row["n"] > 1 and len(bar) > 1:
+                    row["gap"] = gap_interval(row["vals"], bar)
                 rows[(steps, c, m)] = row
     target = {}
     for m in names:
@@ -198,7 +206,7 @@ def final_table(res: dict, fin: dict) -> list[str]:
         for steps in (300, 1200):
             for m in [*res["finalists"], res["best_softmax"][c]]:
                 r = fin["rows"][(steps, c, m)]
-                bpb = "-" if r["mean"] is None else f"{r['mean']:.3f}" + ("" if r["std"] is None else f" ± {r['std']:.3f}")
+                bpb = _fmt_bpb(r)
                 gap = "(the bar)" if m == res["best_softmax"][c] else ("-" if r["gap"] is None else r["gap"].fmt())
                 lines.append(f"| {c} | {steps} | {m} | {res['lr'][c][m]:g} | {r['n']} | {bpb} | {gap} |")
     lines += ["", f"| candidate | text: within {WITHIN:g} at 1200 steps, both corpora | ladder: >= {KEEP:.0%} kept on "
@@ -220,31 +228,23 @@ def size_step(out: Path, res: dict, fin: dict) -> dict:
     m0 = fin["size_candidate"]
     if m0 is None:
         return {"candidate": None, "rows": {}, "complete": False}
-    runs, small = stage_runs(out, "1200-d256", res), stage_runs(out, "1200", res)
+    runs = stage_runs(out, "1200-d256", res)
     rows, complete = {}, True
     for c in CORPORA:
-        bar = runs[c].get(res["best_softmax"][c], {})
-        for m in (m0, res["best_softmax"][c]):
-            got = runs[c].get(m, {})
-            complete &= len(got) == len(SEEDS)
-            vals = [got[s] for s in SEEDS if s in got]
-            row = {"n": len(vals), "mean": statistics.mean(vals) if vals else None,
-                   "std": statistics.stdev(vals) if len(vals) > 1 else None, "gap": None, "gap128": None,
-                   "change": None}
+        m1 = res["best_softmax"][c]
+        bar = _summary(runs[c].get(m1, {}))["vals"]
+        for m in (m0, m1):
+            row = {**_summary(runs[c].get(m, {})), "gap128": None, "change": None}
+            complete &= row["n"] == len(SEEDS)
             if m == m0:
-                row["gap128"] = fin["rows"][(1200, c, m)]["gap"]
-                if len(vals) > 1 and len(bar) > 1:
-                    bars = [bar[s] for s in SEEDS if s in bar]
-                    row["gap"] = gap_interval(vals, bars)
-                    row["change"] = contrast_interval([vals, bars, list(small[c][m].values()),
-                                                       list(small[c][res["best_softmax"][c]].values())],
+                small = fin["rows"][(1200, c, m)]  # the final stage's 1200-step rows (d_model 128)
+                row["gap128"] = small["gap"]
+                if row["n"] > 1 and len(bar) > 1:
+                    row["gap"] = gap_interval(row["vals"], bar)
+                    row["change"] = contrast_interval([row["vals"], bar, small["vals"], fin["rows"][(1200, c, m1)]["vals"]],
                                                       [1.0, -1.0, -1.0, 1.0])
             rows[(c, m)] = row
     return {"candidate": m0, "rows": rows, "complete": complete}
-
-
-def _fmt_bpb(r: dict) -> str:
-    return "-" if r["mean"] is None else f"{r['mean']:.3f}" + ("" if r["std"] is None else f" ± {r['std']:.3f}")
 
 
 def size_table(res: dict, sz: dict) -> list[str]:
@@ -287,22 +287,18 @@ def pareto_table(res: dict, fin: dict, sz: dict | None = None) -> list[str]:
         vals = [get(c) for c in CORPORA]
         return "-" if all(v is None for v in vals) else " / ".join("-" if v is None else f"{v:+.3f}" for v in vals)
 
+    def gap(row):  # a row's gap estimate, None where there is no row or no gap
+        return row["gap"].estimate if row and row["gap"] else None
+
+    fin_rows, sz_rows = fin.get("rows", {}), (sz or {}).get("rows", {})
     for i, m, _ in MECHANISMS:
         scr = pair(lambda c: res["bpb"][c][m] - res["bpb"][c][res["best_softmax"][c]]
                    if m in res["bpb"][c] and res["best_softmax"][c] else None)
-        staged = []
-        for steps in (300, 1200):
-            if m in SOFTMAX and all(res["best_softmax"][c] == m for c in CORPORA):
-                staged.append("(the bar)" if fin.get("rows") else "-")
-                continue
-            staged.append(pair(lambda c: (fin.get("rows", {}).get((steps, c, m)) or {}).get("gap") and
-                               fin["rows"][(steps, c, m)]["gap"].estimate))
-        if sz and sz.get("candidate") == m:
-            staged.append(pair(lambda c: sz["rows"][(c, m)]["gap"] and sz["rows"][(c, m)]["gap"].estimate))
-        elif sz and sz.get("candidate") and all(res["best_softmax"][c] == m for c in CORPORA):
-            staged.append("(the bar)")
+        if all(res["best_softmax"][c] == m for c in CORPORA):  # the bar of every stage that has run
+            staged = ["(the bar)" if fin_rows else "-"] * 2 + ["(the bar)" if sz_rows else "-"]
         else:
-            staged.append("-")
+            staged = [pair(lambda c: gap(fin_rows.get((steps, c, m)))) for steps in (300, 1200)]
+            staged.append(pair(lambda c: gap(sz_rows.get((c, m)))))
         kept = ["-" if res["kept"].get(m, {}).get(f) is None else f"{res['kept'][m][f]:.0%}" for f in TARGET_RUNGS]
         lines.append(f"| {i} | {m} | {scr} | " + " | ".join(staged) + " | " + " | ".join(kept) +
                      f" | {'yes' if m in front else ''} |")
